@@ -1,0 +1,119 @@
+"""A layer cache that compression methods can shrink: query window, live mask, scores, compaction.
+
+:class:`CompressedLayerCache` extends :class:`~keepkv.cache.kv_cache.LayerKVCache` with
+
+- ``window_queries [batch, heads, w, head_dim]`` and ``window_positions [batch, w]``: each row's last ``w`` real
+  queries (rotated), in order, oldest first; empty rows have position -1. They are the *observation window* of
+  SnapKV / PyramidKV and the reference queries of KeepKV's merge and score predictor. Updated inside the
+  forward (compile-friendly: a stable sort puts each row's newest real queries last, no host sync).
+- :meth:`window_log_scores`: ``ln s_{t,i} = q_t·k_i / sqrt(d)`` for every window query ``t`` and slot ``i``,
+  ``-inf`` where ``i`` is invisible to ``t`` (later position, empty slot, outside the sliding window).
+- :meth:`compact`: keep the given slots (in slot order), pack them at ``0 .. n-1``, empty the rest and move the
+  cursor to ``n``. Slots stay in position order, so ties broken by slot are ties broken by position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from keepkv.cache.kv_cache import POSITION_DTYPE, LayerKVCache
+
+
+class CompressedLayerCache(LayerKVCache):
+    def __init__(
+        self, batch_size: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+        device: torch.device | str | None = None, *, num_heads: int, window: int, sliding_window: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, kv_heads, capacity, head_dim, dtype, device)
+        self.sliding_window = sliding_window
+        # oracle mode (tests, fidelity studies): a callable compressing this cache inside the forward, after the
+        # current queries joined the window and before they attend (eager only)
+        self.inline_compression: Callable[[CompressedLayerCache], None] | None = None
+        self.register_buffer(
+            "window_queries", torch.zeros(batch_size, num_heads, window, head_dim, dtype=dtype, device=device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "window_positions", torch.full((batch_size, window), -1, dtype=POSITION_DTYPE, device=device),
+            persistent=False,
+        )
+
+    @property
+    def group_size(self) -> int:
+        return self.window_queries.shape[1] // self.keys.shape[1]
+
+    def reset(self) -> None:
+        super().reset()
+        self.window_queries.zero_()
+        self.window_positions.fill_(-1)
+
+    def observe_queries(self, queries: Tensor, positions: Tensor, valid: Tensor) -> None:
+        """Append this forward's real queries to each row's window, keeping the newest ``w``."""
+        window = self.window_queries.shape[2]
+        all_queries = torch.cat((self.window_queries, queries.to(self.window_queries.dtype)), dim=2)
+        all_positions = torch.cat((self.window_positions, positions.to(POSITION_DTYPE)), dim=1)
+        present = torch.cat((self.window_positions >= 0, valid), dim=1)
+        # stable sort on "present": absent entries first, present ones after in their original (time) order
+        order = torch.sort(present.to(torch.int8), dim=1, stable=True).indices[:, -window:]
+        kept_present = present.gather(1, order)
+        self.window_positions.copy_(torch.where(kept_present, all_positions.gather(1, order), -1))
+        heads, dim = all_queries.shape[1], all_queries.shape[3]
+        gathered = all_queries.gather(2, order[:, None, :, None].expand(-1, heads, -1, dim))
+        self.window_queries.copy_(gathered * kept_present[:, None, :, None])
+        if self.inline_compression is not None:
+            self.inline_compression(self)
+
+    def visible_from_window(self) -> Tensor:
+        """``[batch, 1, w, capacity]`` bool: slot ``i`` is visible to window query ``t``."""
+        q_pos = self.window_positions[:, None, :, None]
+        kv_pos = self.positions[:, :, None, :]
+        visible = (kv_pos <= q_pos) & (q_pos >= 0) & torch.isfinite(self.log_votes)[:, :, None, :]
+        if self.sliding_window is not None:
+            visible = visible & (q_pos - kv_pos < self.sliding_window)
+        return visible
+
+    def window_log_scores(self) -> Tensor:
+        """``[batch, kv_heads, group, w, capacity]`` float32 logits ``q_t·k_i/sqrt(d)`` (``-inf`` if invisible)."""
+        batch, kv_heads, capacity, dim = self.keys.shape
+        group, window = self.group_size, self.window_queries.shape[2]
+        queries = self.window_queries.float().view(batch, kv_heads, group * window, dim)
+        logits = torch.matmul(queries, self.keys.float().transpose(-1, -2)) / math.sqrt(dim)
+        logits = logits.view(batch, kv_heads, group, window, capacity)
+        return logits.masked_fill(~self.visible_from_window()[:, :, None], -float("inf"))
+
+    def window_attention(self) -> Tensor:
+        """``[batch, kv_heads, group, w, capacity]`` vote-weighted attention probabilities of the window queries
+        (rows of absent queries are 0)."""
+        logits = self.window_log_scores() + self.log_votes[:, :, None, None, :]
+        row_max = logits.amax(dim=-1, keepdim=True)
+        weights = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))
+        return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+    def compact(self, kept_slots: Tensor, kept_valid: Tensor) -> None:
+        """Keep ``kept_slots [batch, kv_heads, n]`` (where ``kept_valid``) and drop every other slot.
+
+        The kept entries are packed into slots ``0 .. n-1`` in increasing slot order; slots whose ``kept_valid``
+        is False become empty (``-inf`` votes), which is how per-head budgets of different sizes are stored.
+        """
+        count = kept_slots.shape[2]
+        order = torch.sort(torch.where(kept_valid, kept_slots, self.capacity), dim=2).indices
+        kept_slots, kept_valid = kept_slots.gather(2, order), kept_valid.gather(2, order)
+        index = kept_slots.clamp_max(self.capacity - 1)
+        dim = self.keys.shape[3]
+        packed_keys = self.keys.gather(2, index[..., None].expand(-1, -1, -1, dim))
+        packed_values = self.values.gather(2, index[..., None].expand(-1, -1, -1, dim))
+        packed_votes = torch.where(kept_valid, self.log_votes.gather(2, index), -float("inf"))
+        packed_positions = torch.where(kept_valid, self.positions.gather(2, index), -1)
+        self.keys[:, :, :count] = packed_keys * kept_valid[..., None]
+        self.values[:, :, :count] = packed_values * kept_valid[..., None]
+        self.log_votes[:, :, :count] = packed_votes
+        self.positions[:, :, :count] = packed_positions
+        self.keys[:, :, count:] = 0
+        self.values[:, :, count:] = 0
+        self.log_votes[:, :, count:] = -float("inf")
+        self.positions[:, :, count:] = -1
+        self.cursor.fill_(count)

@@ -1,0 +1,125 @@
+"""KeepKV (Tian et al., "KeepKV: Eliminating Output Perturbation in KV Cache Compression for Efficient LLMs
+Inference", arXiv 2504.09936; AAAI-26): merge instead of evict, with electoral votes and ZIP merging.
+
+At each compression of a layer, per batch row and KV head (spec ``shared/spec/keepkv.md`` §3):
+
+1. **Base selection** splits the live entries into kept ``C`` and evicted ``E``: sinks (4) and the recent window
+   (``window``, 32) are protected; the rest is ranked by the paper's PyramidInfer-style recent-query attention
+   ``score_i = mean over the window queries t and the group's query heads g of A_{g,t,i}``
+   (vote-weighted attention probabilities: an entry holding ``p`` votes counts ``p`` times).
+2. **Matching**: each evicted key ``k_e`` goes to ``c* = argmax_{c in C} cos(k_e, k_c)``; it is merged only if
+   that cosine exceeds ``similarity_threshold`` (``T = 0.8``), otherwise it is simply evicted.
+3. **Merging**: all evicted entries sharing a target are merged into it in one N-way step
+   (:func:`keepkv.ops.merge.merge_into_kept`) with the chosen ``variant`` (``zip`` = the paper's rule, ``convex``
+   = the official code, ``keep-key``, ``minnorm``); votes add: ``p_r = p_c + sum_e p_e``.
+
+Reference scores for the merge (spec §4): ``reference="ema"`` (default) predicts each entry's future
+unnormalised score with the paper's exponential moving average over the observation window (the last ``window``
+queries, oldest first) ``S_t = alpha S_{t-1} + (1 - alpha) s_t``, bias-corrected by ``1 / (1 - alpha^m)`` where
+``m`` is the number of window queries that saw the entry; kept in log space. keepkv computes it lazily, from the
+stored window queries, at each compression — the same numbers as a per-step EMA truncated to the window
+(``alpha^w = 0.9^32 = 0.034``), with no extra work in the decode step. ``reference="last"`` uses the newest
+query alone, for which ``zip`` is exact (single-step losslessness, Theorem 3).
+
+GQA (spec §6): scores of a KV head are the group mean ``s_i = mean_g exp(q_g·k_i/sqrt(d))``, i.e. the reference
+log-score is ``logsumexp_g(l_{g,i}) - ln G``; ``zip`` is exact for that reference, ``minnorm`` additionally
+keeps every query head's softmax denominator (see :mod:`keepkv.ops.merge`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.cache.policy import CompressionMethod
+from keepkv.errors import KeepKVError
+from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept
+
+REFERENCES = ("ema", "last")
+
+
+def group_log_scores(cache: CompressedLayerCache) -> Tensor:
+    """``[batch, kv_heads, w, capacity]``: ``ln mean_g exp(q_{g,t}·k_i/sqrt(d))`` (``-inf`` if not visible)."""
+    logits = cache.window_log_scores()  # [B, Hkv, G, w, C]
+    return torch.logsumexp(logits, dim=2) - math.log(logits.shape[2])
+
+
+def ema_log_scores(log_scores: Tensor, visible: Tensor, alpha: float) -> Tensor:
+    """Bias-corrected EMA of ``exp(log_scores)`` over axis -2 (queries, oldest first), in log space.
+
+    ``S = sum_j (1 - alpha) alpha^(m - j) s_j / (1 - alpha^m)`` over the ``m`` queries that saw the entry
+    (``visible``); ``-inf`` where no query saw it. Shapes ``[..., w, capacity]`` -> ``[..., capacity]``.
+    """
+    later = visible.flip(-2).cumsum(-2).flip(-2) - visible.to(torch.int64)  # visible queries after j
+    terms = math.log1p(-alpha) + later * math.log(alpha) + log_scores
+    terms = terms.masked_fill(~visible, -float("inf"))
+    seen = visible.sum(dim=-2)
+    correction = torch.log1p(-torch.pow(torch.full_like(terms[..., 0, :], alpha), seen.clamp_min(1)))
+    return torch.where(seen > 0, torch.logsumexp(terms, dim=-2) - correction, -float("inf"))
+
+
+@dataclass
+class KeepKV(CompressionMethod):
+    """Options: ``variant`` (zip | convex | keep-key | minnorm), ``similarity_threshold`` (T, 0.8),
+    ``reference`` (ema | last), ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32)."""
+
+    name = "keepkv"
+    variant: str = "zip"
+    similarity_threshold: float = 0.8
+    reference: str = "ema"
+    alpha: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in MERGE_VARIANTS:
+            raise KeepKVError(f"keepkv: unknown variant {self.variant!r}; allowed: {', '.join(MERGE_VARIANTS)}")
+        if self.reference not in REFERENCES:
+            raise KeepKVError(f"keepkv: unknown reference {self.reference!r}; allowed: {', '.join(REFERENCES)}")
+        if not -1.0 <= float(self.similarity_threshold) <= 1.0:
+            raise KeepKVError(f"keepkv: similarity_threshold must lie in [-1, 1], got {self.similarity_threshold}")
+        if not 0.0 < float(self.alpha) < 1.0:
+            raise KeepKVError(f"keepkv: alpha must lie in (0, 1), got {self.alpha}")
+        self.stats = MergeStats()
+
+    def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
+        attention = cache.window_attention()  # [B, Hkv, G, w, C]
+        present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
+        return attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
+
+    def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor:
+        """``[batch, kv_heads, capacity]`` float32 predicted ``ln s_i`` used as the merge reference."""
+        log_scores = group_log_scores(cache)  # [B, Hkv, w, C]
+        if self.reference == "last":
+            return log_scores[:, :, -1]
+        visible = cache.visible_from_window().expand_as(log_scores)
+        return ema_log_scores(log_scores, visible, float(self.alpha))
+
+    def match(self, cache: CompressedLayerCache, kept_slots: Tensor, kept_valid: Tensor, evicted_slots: Tensor,
+              evicted_valid: Tensor) -> tuple[Tensor, Tensor]:
+        """``(target_slots, merge_mask)`` ``[batch, kv_heads, E]``: each evicted entry's most cosine-similar kept
+        entry, and whether it is merged (similarity above the threshold; both entries live)."""
+        dim = cache.keys.shape[-1]
+        kept_keys = F.normalize(cache.keys.gather(2, kept_slots[..., None].expand(-1, -1, -1, dim)).float(), dim=-1)
+        evicted_keys = F.normalize(
+            cache.keys.gather(2, evicted_slots[..., None].expand(-1, -1, -1, dim)).float(), dim=-1
+        )
+        similarity = torch.matmul(evicted_keys, kept_keys.transpose(-1, -2))
+        similarity = similarity.masked_fill(~kept_valid[:, :, None, :], -float("inf"))
+        best_similarity, best = similarity.max(dim=-1)
+        merge_mask = evicted_valid & (best_similarity > float(self.similarity_threshold))
+        return kept_slots.gather(2, best), merge_mask
+
+    def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
+              evicted_slots: Tensor, evicted_valid: Tensor) -> None:
+        if evicted_slots.shape[-1] == 0:
+            return
+        target_slots, merge_mask = self.match(cache, kept_slots, kept_valid, evicted_slots, evicted_valid)
+        merge_into_kept(
+            cache.keys, cache.values, cache.log_votes, evicted_slots, target_slots, merge_mask,
+            self.reference_log_scores(cache), cache.window_queries, self.variant, stats=self.stats,
+        )

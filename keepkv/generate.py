@@ -1,0 +1,215 @@
+"""Prefill (chunked) -> decode loop over fixed-capacity caches, with one compiled decode step.
+
+The :class:`GenerationEngine` owns the per-layer caches of a :class:`~keepkv.models.transformer.Transformer`
+and two code paths:
+
+- **prefill**: the prompt runs through the network in chunks of ``prefill_chunk_size`` tokens (the last chunk is
+  padded to that size when the compiled FlexAttention kernel is used, so its graph is compiled once per
+  (chunk, capacity)); peak activation memory is one chunk's, never a prompt x prompt score matrix;
+- **decode**: one token per row per step through ``torch.compile(fullgraph=True, dynamic=False)``. Every shape in
+  the step is fixed (capacity-sized buffers, a tensor cursor, tensor positions), so the step compiles once per
+  (model, dtype, batch, capacity) and never recompiles as the context grows.
+
+How big the caches are and when they are compressed is the cache manager's business
+(:mod:`keepkv.cache.manager`): the engine asks it to make room before every forward and tells it when prefill ends.
+All that bookkeeping uses Python integers mirroring the tensor cursors, so the compiled step never syncs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from keepkv.cache import LayerKVCache
+from keepkv.cache.manager import FullCacheManager, round_up
+from keepkv.errors import KeepKVError
+from keepkv.models.transformer import Transformer
+from keepkv.sampling import SamplingConfig, sample_next_token
+
+def positions_from_valid(valid: Tensor) -> Tensor:
+    """Token positions ``[batch, T]``: each row counts only its real tokens (padding gets position 0)."""
+    return (valid.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did and how long it took (wall-clock seconds)."""
+
+    batch_size: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    first_step_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    cache_capacity: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Steady-state decode steps per second (per sequence): the first decode step, which includes any
+        compilation, is timed apart in ``first_step_seconds``."""
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class GenerationEngine:
+    """Runs a :class:`Transformer` over its caches. ``compile=True`` compiles the decode step and uses the
+    FlexAttention kernel; ``compile=False`` runs everything eagerly with the dense reference attention."""
+
+    def __init__(
+        self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int = 512,
+        cache_manager: FullCacheManager | None = None,
+    ) -> None:
+        if prefill_chunk_size < 1:
+            raise KeepKVError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size}")
+        self.network = network
+        self.config = network.config
+        self.compile = compile
+        self.prefill_chunk_size = prefill_chunk_size
+        self.kernel = "flex" if compile else "reference"
+        network.set_attention_kernel(self.kernel)
+        self.cache_manager = cache_manager or FullCacheManager(self.config, self.dtype, self.device)
+        self._decode_compiled = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.inv_freq.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.model.embed_tokens.weight.dtype
+
+    @property
+    def caches(self) -> list[LayerKVCache]:
+        return self.cache_manager.caches
+
+    # ---- caches -------------------------------------------------------------------------------------------
+    def prepare_caches(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Allocate (or reuse and clear) the caches for a batch and attach them to the network."""
+        padded = round_up(prompt_tokens, self.prefill_chunk_size) if self.compile else prompt_tokens
+        self.network.attach_caches(
+            self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_chunk_size, prompt_tokens)
+        )
+
+    def cache_bytes(self) -> int:
+        return self.cache_manager.resident_bytes()
+
+    # ---- forward passes -----------------------------------------------------------------------------------
+    def _forward_chunk(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        if self.cache_manager.make_room(input_ids.shape[1]):
+            self.network.attach_caches(self.caches)
+        hidden = self.network(input_ids, positions, valid)
+        self.cache_manager.wrote(input_ids.shape[1])
+        return hidden
+
+    def _run_chunks(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+        """Feed the sequence chunk by chunk; yield ``(start, real width, hidden [B, chunk, hidden])``.
+
+        With the compiled kernel the last chunk is padded (``valid = False``) to the full chunk size, so every
+        chunk has the same shape and the attention kernel compiles once.
+        """
+        chunk = self.prefill_chunk_size
+        for start in range(0, input_ids.shape[1], chunk):
+            # fresh standard strides: a view of the prompt would trip the compiled kernel's stride guards
+            ids, pos, ok = (
+                t[:, start : start + chunk].clone(memory_format=torch.contiguous_format)
+                for t in (input_ids, positions, valid)
+            )
+            width = ids.shape[1]
+            if self.compile and width < chunk:
+                pad = (0, chunk - width)
+                ids, pos = F.pad(ids, pad), F.pad(pos, pad)
+                ok = F.pad(ok, pad, value=False)
+            yield start, width, self._forward_chunk(ids, pos, ok)
+
+    def prefill(self, input_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the prompt; return ``(logits of each row's last real token [B, vocab], next positions [B])``."""
+        batch, prompt_len = input_ids.shape
+        positions = positions_from_valid(valid)
+        lengths = valid.sum(dim=1)
+        last_index = torch.where(lengths > 0, valid.long().cumsum(1).argmax(1), 0)
+        last_hidden = torch.zeros(batch, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for start, width, hidden in self._run_chunks(input_ids, positions, valid):
+            in_chunk = (last_index >= start) & (last_index < start + width)
+            picked = hidden[torch.arange(batch, device=self.device), (last_index - start).clamp(0, width - 1)]
+            last_hidden = torch.where(in_chunk[:, None], picked, last_hidden)
+        return self.network.project(last_hidden), lengths
+
+    def _decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        valid = torch.ones_like(tokens, dtype=torch.bool)
+        hidden = self.network(tokens, positions, valid)
+        return self.network.project(hidden[:, -1])
+
+    def decode_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Logits ``[B, vocab]`` for one new token per row (``tokens``, ``positions``: ``[B]``)."""
+        if self.cache_manager.make_room(1):
+            self.network.attach_caches(self.caches)
+        step = self._decode_compiled if self._decode_compiled is not None else self._decode
+        logits = step(tokens[:, None], positions[:, None])
+        self.cache_manager.wrote(1)
+        return logits
+
+    def end_prefill(self) -> None:
+        if self.cache_manager.end_prefill():
+            self.network.attach_caches(self.caches)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def generate_tokens(
+        self, input_ids: Tensor, valid: Tensor, max_new_tokens: int, sampling: SamplingConfig,
+        stop_token_ids: tuple[int, ...] = (), stats: GenerationStats | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield ``[B]`` token tensors, one per step, until ``max_new_tokens`` or every row hit a stop token.
+
+        Rows that already stopped keep receiving their stop token (ignored by the caller).
+        """
+        stats = stats if stats is not None else GenerationStats()
+        batch, prompt_len = input_ids.shape
+        self.prepare_caches(batch, prompt_len, max_new_tokens)
+        stats.batch_size, stats.prompt_tokens = batch, prompt_len
+        generator = sampling.make_generator(self.device)
+        stop = torch.tensor(stop_token_ids or (-1,), device=self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            logits, positions = self.prefill(input_ids, valid)
+            self.end_prefill()
+            stats.cache_capacity = self.caches[0].capacity
+            token = sample_next_token(logits, sampling, generator)
+            stats.prefill_seconds = time.perf_counter() - started
+            finished = torch.isin(token, stop)
+            stats.new_tokens = 1
+            yield token
+            all_finished = bool(finished.all())
+            for step in range(max_new_tokens - 1):
+                if all_finished:
+                    break
+                step_started = time.perf_counter()
+                logits = self.decode_step(token, positions)
+                positions = positions + 1
+                next_token = sample_next_token(logits, sampling, generator)
+                token = torch.where(finished, token, next_token)
+                finished = finished | torch.isin(token, stop)
+                all_finished = bool(finished.all())  # host read: the step has really finished when it returns
+                step_seconds = time.perf_counter() - step_started
+                if step == 0:
+                    stats.first_step_seconds = step_seconds
+                else:
+                    stats.decode_seconds += step_seconds
+                    stats.decode_steps += 1
+                stats.new_tokens += 1
+                yield token
+
+    def teacher_forced_logits(self, input_ids: Tensor, valid: Tensor) -> Tensor:
+        """Logits ``[B, T, vocab]`` (float32) at every position of ``input_ids``, computed chunk by chunk."""
+        batch, length = input_ids.shape
+        self.prepare_caches(batch, length, 0)
+        positions = positions_from_valid(valid)
+        with torch.inference_mode():
+            pieces = [
+                self.network.project(hidden[:, :width])
+                for _, width, hidden in self._run_chunks(input_ids, positions, valid)
+            ]
+        return torch.cat(pieces, dim=1)

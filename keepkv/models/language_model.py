@@ -1,0 +1,213 @@
+"""What ``keepkv.models.load`` returns: network + tokenizer + generation engine behind a small text API."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.policy import CompressionMethod
+from keepkv.errors import KeepKVError
+from keepkv.generate import GenerationEngine, GenerationStats
+from keepkv.models.config import ModelConfig
+from keepkv.models.tokenizer import Tokenizer
+from keepkv.models.transformer import Transformer
+from keepkv.sampling import SamplingConfig
+
+PADDING_SIDES = ("left", "right")
+
+
+class LanguageModel:
+    """A loaded model. Generate text with :meth:`generate` / :meth:`stream`, score tokens with :meth:`logits`.
+
+    Attributes:
+        config: the :class:`ModelConfig`.
+        tokenizer: ``encode(str) -> list[int]``, ``decode(list[int]) -> str``.
+        network: the :class:`Transformer` (weights).
+        engine: the :class:`GenerationEngine` (caches, compiled decode step).
+        last_stats: :class:`GenerationStats` of the most recent generation.
+    """
+
+    def __init__(
+        self, network: Transformer, tokenizer: Tokenizer, *, name: str, source: str, method: str,
+        kv_budget: float | int | None, compile: bool, prefill_chunk_size: int,
+        method_object: CompressionMethod | None = None, decode_slack: int = 64,
+    ) -> None:
+        self.network = network
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = network.config
+        self.name, self.source = name, source
+        self.method, self.kv_budget = method, kv_budget
+        self.method_object = method_object
+        cache_manager = None
+        if method_object is not None:
+            cache_manager = CompressedCacheManager(
+                self.config, network.model.embed_tokens.weight.dtype, network.inv_freq.device, method_object,
+                kv_budget, decode_slack,
+            )
+        self.engine = GenerationEngine(
+            network, compile=compile, prefill_chunk_size=prefill_chunk_size, cache_manager=cache_manager
+        )
+        self.last_stats = GenerationStats()
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine.dtype
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LanguageModel({self.name!r}, arch={c.arch}, layers={c.num_layers}, heads={c.num_heads}/"
+            f"{c.num_kv_heads}, dtype={self.dtype}, device={self.device}, method={self.method!r}, "
+            f"kv_budget={self.kv_budget})"
+        )
+
+    # ---- input ----------------------------------------------------------------------------------------------
+    def encode_prompts(
+        self, prompts: Sequence[str], *, chat: bool = False, padding_side: str = "left", max_new_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Token ids ``[B, T]`` and validity mask ``[B, T]`` for a batch of prompts, padded on one side."""
+        if padding_side not in PADDING_SIDES:
+            raise KeepKVError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
+        encoded = []
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise KeepKVError(f"a prompt must be a str, got {type(prompt).__name__}")
+            if not prompt.strip():
+                raise KeepKVError("the prompt is empty: give at least one non-blank character")
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+            ids = self.tokenizer.encode(text)
+            limit = self.config.max_position_embeddings
+            if len(ids) + max_new_tokens > limit:
+                raise KeepKVError(
+                    f"the prompt has {len(ids)} tokens and {max_new_tokens} new tokens were asked for, "
+                    f"more than the model's context of {limit} tokens"
+                )
+            encoded.append(ids)
+        width = max(len(ids) for ids in encoded)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        valid = torch.zeros((len(encoded), width), dtype=torch.bool)
+        for row, ids in enumerate(encoded):
+            span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            valid[row, span] = True
+        return input_ids.to(self.device), valid.to(self.device)
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    def _token_stream(
+        self, prompts: Sequence[str], max_new_tokens: int, sampling: SamplingConfig, chat: bool, padding_side: str
+    ) -> Iterator[Tensor]:
+        if max_new_tokens < 1:
+            raise KeepKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        input_ids, valid = self.encode_prompts(
+            prompts, chat=chat, padding_side=padding_side, max_new_tokens=max_new_tokens
+        )
+        self.last_stats = GenerationStats()
+        return self.engine.generate_tokens(
+            input_ids, valid, max_new_tokens, sampling, tuple(self.tokenizer.eos_token_ids), self.last_stats
+        )
+
+    def generate(
+        self, prompt: str | Sequence[str], max_new_tokens: int = 128, *, temperature: float = 0.0,
+        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+        stop: Sequence[str] = (), chat: bool = False, padding_side: str = "left",
+    ) -> str | list[str]:
+        """The continuation of ``prompt`` (text only, prompt excluded); a list of prompts gives a list.
+
+        ``temperature=0`` is greedy. Generation ends at an end-of-sequence token, at the first of the ``stop``
+        strings (cut from the output), or after ``max_new_tokens``. ``chat=True`` wraps the prompt as a user
+        message with the checkpoint's chat template.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise KeepKVError("no prompt given: pass a string or a non-empty list of strings")
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        generated: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        eos = set(self.tokenizer.eos_token_ids)
+        for token in self._token_stream(prompts, max_new_tokens, sampling, chat, padding_side):
+            for row, token_id in enumerate(token.tolist()):
+                if done[row]:
+                    continue
+                if token_id in eos:
+                    done[row] = True
+                    continue
+                generated[row].append(token_id)
+                if stop and any(s in self.tokenizer.decode(generated[row][-32:]) for s in stop):
+                    done[row] = True
+            if all(done):
+                break
+        texts = [_cut_at_stop(self.tokenizer.decode(ids), stop) for ids in generated]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(
+        self, prompt: str, max_new_tokens: int = 128, *, temperature: float = 0.0, top_k: int | None = None,
+        top_p: float | None = None, seed: int | None = None, chat: bool = False,
+    ) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece as tokens arrive (a piece may span tokens when a
+        character needs several byte-level tokens)."""
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        eos = set(self.tokenizer.eos_token_ids)
+        generated: list[int] = []
+        emitted = ""
+        for token in self._token_stream([prompt], max_new_tokens, sampling, chat, "left"):
+            token_id = int(token[0])
+            if token_id in eos:
+                break
+            generated.append(token_id)
+            text = self.tokenizer.decode(generated)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for its next byte
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+    # ---- scoring --------------------------------------------------------------------------------------------
+    def logits(self, token_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits ``[batch, seq, vocab]`` (float32) for ``token_ids [batch, seq]``.
+
+        ``attention_mask`` (1 = real token, 0 = padding) defaults to all ones.
+        """
+        if token_ids.dim() != 2 or token_ids.dtype not in (torch.int32, torch.int64):
+            raise KeepKVError(f"token_ids must be an integer tensor [batch, seq], got {tuple(token_ids.shape)} "
+                              f"{token_ids.dtype}")
+        if token_ids.numel() == 0:
+            raise KeepKVError("token_ids is empty")
+        if int(token_ids.max()) >= self.config.vocab_size or int(token_ids.min()) < 0:
+            raise KeepKVError(f"token ids must lie in [0, {self.config.vocab_size})")
+        if token_ids.shape[1] > self.config.max_position_embeddings:
+            raise KeepKVError(
+                f"{token_ids.shape[1]} tokens exceed the model's context of {self.config.max_position_embeddings}"
+            )
+        valid = torch.ones_like(token_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        return self.engine.teacher_forced_logits(token_ids.long().to(self.device), valid.to(self.device))
+
+    # ---- facts ----------------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Model shape, parameter count and cache bytes per token (what ``keepkv info`` prints)."""
+        c = self.config
+        dtype_bytes = torch.empty((), dtype=self.dtype).element_size()
+        parameters = sum(p.numel() for p in self.network.parameters())
+        return {
+            "name": self.name, "source": self.source, "arch": c.arch, "layers": c.num_layers,
+            "hidden_size": c.hidden_size, "heads": c.num_heads, "kv_heads": c.num_kv_heads,
+            "head_dim": c.head_dim, "vocab_size": c.vocab_size, "context": c.max_position_embeddings,
+            "sliding_window": c.sliding_window, "parameters": parameters, "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device), "weight_bytes": parameters * dtype_bytes,
+            "kv_cache_bytes_per_token": c.kv_bytes_per_token(dtype_bytes),
+            "cache_overhead_bytes_per_token": 2 * c.num_layers * c.num_kv_heads * 4,  # log_votes f32 + positions i32
+            "method": self.method, "kv_budget": self.kv_budget,
+        }
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text

@@ -1,0 +1,113 @@
+"""``load()``: a model name, a Hugging Face folder or a GGUF file -> a ready :class:`LanguageModel`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keepkv.cache.budget import is_full_budget, validate_budget
+from keepkv.cache.methods import make_method
+
+from keepkv.errors import KeepKVError
+from keepkv.models.checkpoint import load_gguf, load_hf_folder
+from keepkv.models.language_model import LanguageModel
+from keepkv.models.registry import resolve
+from keepkv.models.tokenizer import Tokenizer
+from keepkv.models.transformer import build_transformer
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32 | bfloat16 | float16`` or one of their names (``"bf16"`` ...)."""
+    if isinstance(dtype, torch.dtype) and dtype in SUPPORTED_DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise KeepKVError(f"unsupported dtype {dtype!r}; allowed: float32, bfloat16, float16")
+
+
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """A usable ``torch.device``; ``None`` picks ``cuda`` when available, else ``cpu``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+        torch.empty(1, device=parsed)
+    except (RuntimeError, AssertionError) as err:
+        raise KeepKVError(f"device {str(device)!r} is not available here ({err}); try 'cpu'") from None
+    return parsed
+
+
+def resolve_method(method: str | None, kv_budget: float | int | None, options: dict) -> tuple[str, object | None]:
+    """``(method name, method object or None for the full cache)``.
+
+    ``kv_budget`` with no method means KeepKV; no budget (or ``1.0``) means the full cache.
+    """
+    kv_budget = validate_budget(kv_budget)
+    if method is None:
+        method = "full" if is_full_budget(kv_budget) else "keepkv"
+    method_object = make_method(method, **options)
+    if method_object is not None and kv_budget is None:
+        raise KeepKVError(f"method {method!r} needs a kv_budget: a fraction in (0, 1] or an integer >= 1")
+    if is_full_budget(kv_budget):
+        method_object = None  # keeping the whole prompt is the full cache, whatever the method
+    return method.lower(), method_object
+
+
+def load(
+    name_or_path: str | Path, kv_budget: float | int | None = None, method: str | None = None, *,
+    dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None, compile: bool = True,
+    prefill_chunk_size: int = 512, decode_slack: int = 64, revision: str | None = None,
+    local_files_only: bool | None = None, **method_options: Any,
+) -> LanguageModel:
+    """Load a model for generation and scoring.
+
+    Args:
+        name_or_path: a known model name (``keepkv info --list``; e.g. ``"SmolLM2-135M-Instruct"``,
+            ``"Qwen2-7B"``), a hub repo id, a local Hugging Face folder (``config.json`` + ``*.safetensors`` +
+            ``tokenizer.json``) or a ``.gguf`` file (llama / qwen2 architectures).
+        kv_budget: fraction of the prompt kept in the KV cache, in (0, 1], or an absolute number of entries per
+            KV head (int >= 1); ``None`` keeps everything.
+        method: KV compression method; ``None`` means ``"keepkv"`` when a budget is given, else ``"full"``.
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``; weights are cast straight into it.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: cuda if available).
+        compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
+        prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory).
+        decode_slack: ``W``, new tokens a compressed cache takes before it is compressed back to the budget
+            (``1`` = every step, as in the papers; larger amortises the compression cost).
+        method_options: the method's hyper-parameters (e.g. ``window=32``, ``variant="zip"``); unknown ones
+            are an error that lists the allowed ones.
+        revision: hub revision to pin when downloading; ``local_files_only``: never touch the network.
+    Nothing is half-loaded: every check (config, tensor names and shapes, tokenizer) passes before a model is
+    returned, or an error says what is wrong.
+    """
+    method, method_object = resolve_method(method, kv_budget, method_options)
+    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    resolved = resolve(name_or_path, revision=revision, local_files_only=local_files_only)
+    if resolved.kind == "gguf":
+        config, state, tokenizer_data = load_gguf(resolved.path, torch_dtype, torch_device)
+        tokenizer = Tokenizer.from_gguf(tokenizer_data)
+    else:
+        config, state = load_hf_folder(resolved.path, torch_dtype, torch_device)
+        tokenizer_json = resolved.path / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            raise KeepKVError(f"{resolved.path} has no tokenizer.json; keepkv needs the fast-tokenizer file")
+        tokenizer_config = resolved.path / "tokenizer_config.json"
+        tokenizer = Tokenizer.from_file(tokenizer_json, tokenizer_config if tokenizer_config.is_file() else None)
+    if resolved.config_overrides:
+        config = config.replace(**resolved.config_overrides)
+    network = build_transformer(config, state, torch_device)
+    name = resolved.entry.name if resolved.entry is not None else Path(name_or_path).name
+    return LanguageModel(
+        network, tokenizer, name=name, source=str(resolved.path), method=method, kv_budget=kv_budget,
+        compile=compile, prefill_chunk_size=prefill_chunk_size, method_object=method_object,
+        decode_slack=decode_slack,
+    )

@@ -1,0 +1,211 @@
+"""The one decoder behind Llama, Mistral and Qwen2 (gpt-fast style: one readable, compile-friendly file).
+
+``x -> embed -> N x [x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x))] -> RMSNorm -> lm_head``, with
+- RMSNorm (Zhang & Sennrich 2019): ``w * x / sqrt(mean(x^2) + eps)``, statistics in float32;
+- rotary position embedding (Su et al. 2021), rotate-half layout, optional ``linear`` / ``llama3`` frequency
+  scaling (Llama-3.1 ``rope_scaling``);
+- grouped-query attention (Ainslie et al. 2023) over a :class:`~keepkv.cache.LayerKVCache`, through
+  :func:`keepkv.ops.attention.vote_attention` (FlexAttention + vote ``score_mod``); optional q/k/v bias (Qwen2)
+  and sliding window (Mistral);
+- SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.
+
+Parameter names are exactly Hugging Face's (``model.layers.0.self_attn.q_proj.weight`` ...), so a safetensors
+checkpoint loads without renaming. The only state besides weights is each attention layer's ``kv_cache``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keepkv.cache import LayerKVCache
+from keepkv.models.config import ModelConfig
+from keepkv.ops.attention import vote_attention
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
+    """``inv_freq_j = theta^(-2j/d)``, rescaled per ``config.rope_scaling`` (float32, ``[head_dim // 2]``).
+
+    ``linear``: ``inv_freq / factor``. ``llama3`` (Llama-3.1): wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are divided by ``factor``, shorter than
+    ``... / high_freq_factor`` kept, and the band between interpolated smoothly.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        original_context = float(scaling["original_max_position_embeddings"])
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > original_context / low, inv_freq / factor, inv_freq)
+        smooth = (original_context / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelength >= original_context / high) & (wavelength <= original_context / low)
+        return torch.where(in_band, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``cos, sin`` of shape ``[batch, 1, T, head_dim]`` for integer ``positions [batch, T]``."""
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: ``x * cos + rotate_half(x) * sin``, ``rotate_half([a, b]) = [-b, a]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.sliding_window = config.sliding_window
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.kv_cache: LayerKVCache | None = None
+        self.kernel = "flex"
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        batch, q_len, _ = x.shape
+        q = self.q_proj(x).view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache = self.kv_cache
+        if cache is None:
+            raise RuntimeError("no KV cache attached: call Transformer.attach_caches() before forward()")
+        cache.write(k, v, positions, valid)
+        cache.observe_queries(q, positions, valid)  # may compress in place (oracle mode) before we attend
+        out = vote_attention(
+            q, cache.keys, cache.values, cache.log_votes, cache.positions, positions, self.sliding_window,
+            kernel=self.kernel,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, valid)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, blocks and final norm: Hugging Face's ``model.*`` sub-module."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward`` returns final hidden states; :meth:`project` turns them into logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [block.self_attn for block in self.model.layers]
+
+    def attach_caches(self, caches: list[LayerKVCache]) -> None:
+        """Give each attention layer its cache (one per layer, in order)."""
+        if len(caches) != self.config.num_layers:
+            raise ValueError(f"need {self.config.num_layers} layer caches, got {len(caches)}")
+        for attention, cache in zip(self.attention_layers, caches):
+            attention.kv_cache = cache
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        for attention in self.attention_layers:
+            attention.kernel = kernel
+
+    def forward(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        """Hidden states ``[batch, T, hidden]`` after the final norm.
+
+        Args:
+            input_ids: ``[batch, T]`` token ids (any id for padding).
+            positions: ``[batch, T]`` token positions (RoPE and causal visibility).
+            valid: ``[batch, T]`` bool, False marks padding.
+        Writes the T new keys/values of every layer into its cache.
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, positions, valid)
+        return self.model.norm(x)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Logits in float32 for hidden states of any leading shape."""
+        return self.lm_head(hidden).float()
+
+
+def build_transformer(config: ModelConfig, state_dict: dict[str, Tensor], device: torch.device) -> Transformer:
+    """A :class:`Transformer` whose parameters *are* the given tensors (no random init, no extra copy).
+
+    The module is built on the meta device and the checkpoint tensors are assigned in; ``strict`` loading means a
+    missing or unexpected name is an error. Tied embeddings are re-tied after assignment.
+    """
+    with torch.device("meta"):
+        network = Transformer(config)
+    state = dict(state_dict)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    network.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        network.lm_head.weight = network.model.embed_tokens.weight
+    network.inv_freq = rope_inverse_frequencies(config).to(device)
+    return network.eval().requires_grad_(False)

@@ -1,0 +1,73 @@
+"""Budgets, method names and method options: what is allowed, and the errors for what is not."""
+
+from __future__ import annotations
+
+import pytest
+
+from keepkv.cache.budget import entries_for_budget, is_full_budget, validate_budget
+from keepkv.cache.methods import available_methods, make_method
+from keepkv.errors import KeepKVError
+from keepkv.models.loading import resolve_method
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.5, 1.5, 0, -3, "0.1", True])
+def test_bad_budgets_are_refused(budget):
+    with pytest.raises(KeepKVError, match="kv_budget"):
+        validate_budget(budget)
+
+
+@pytest.mark.parametrize("budget,prompt,expected", [(0.1, 2000, 200), (0.1, 2001, 201), (256, 2000, 256), (1.0, 50, 50)])
+def test_entries_for_budget(budget, prompt, expected):
+    assert entries_for_budget(budget, prompt, protected=36) == expected
+
+
+def test_budget_below_protected_entries_names_the_minimum():
+    with pytest.raises(KeepKVError, match="at least 36 entries"):
+        entries_for_budget(0.01, 1000, protected=36)
+    with pytest.raises(KeepKVError, match="at least 36 entries"):
+        entries_for_budget(20, 1000, protected=36)
+
+
+def test_full_budget_means_no_compression():
+    assert is_full_budget(None) and is_full_budget(1.0) and not is_full_budget(0.99) and not is_full_budget(1)
+    assert resolve_method(None, None, {}) == ("full", None)
+    name, method = resolve_method("keepkv", 1.0, {})
+    assert name == "keepkv" and method is None
+
+
+def test_a_budget_without_a_method_means_keepkv():
+    name, method = resolve_method(None, 0.1, {})
+    assert name == "keepkv" and method.name == "keepkv"
+
+
+def test_unknown_method_lists_the_registry():
+    with pytest.raises(KeepKVError) as error:
+        make_method("keep-kv")
+    message = str(error.value)
+    assert all(name in message for name in available_methods())
+    assert "Did you mean: keepkv" in message
+
+
+def test_unknown_option_names_it_and_the_allowed_ones():
+    with pytest.raises(KeepKVError, match=r"does not take option\(s\) alpha_decay.*alpha"):
+        make_method("keepkv", alpha_decay=0.5)
+    with pytest.raises(KeepKVError, match="takes no options"):
+        make_method("full", window=3)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(variant="zipp"), "allowed: zip, convex, keep-key, minnorm"),
+    (dict(reference="oracle"), "allowed: ema, last"),
+    (dict(similarity_threshold=1.5), r"\[-1, 1\]"),
+    (dict(alpha=1.0), r"\(0, 1\)"),
+    (dict(window=-1), "non-negative integer"),
+    (dict(sinks=2.5), "non-negative integer"),
+])
+def test_bad_keepkv_options(options, match):
+    with pytest.raises(KeepKVError, match=match):
+        make_method("keepkv", **options)
+
+
+def test_method_without_budget_is_refused():
+    with pytest.raises(KeepKVError, match="needs a kv_budget"):
+        resolve_method("streamingllm", None, {})
