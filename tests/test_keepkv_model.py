@@ -1,0 +1,121 @@
+"""KeepKV on the real SmolLM2-135M-Instruct GGUF.
+
+- Oracle mode: every layer compresses *inside* the attention call, with the current query as the merge
+  reference (``reference="last"``, every evicted entry merged: ``similarity_threshold=-1``). ZIP keeps each
+  layer's attention output for that query exactly, so the logits of that step equal the full cache's through all
+  30 layers. ZIP's exactness is per query; SmolLM2 shares each KV head between 3 query heads (GQA), for which no
+  shared merged value can be exact for all three (keepkv.ops.merge explains why), so the oracle runs on the same
+  network with its KV heads expanded to one per query head (``k_proj``/``v_proj`` rows repeated: mathematically
+  the same model, checked below).
+- Compressed generation at ``kv_budget=0.1`` over a ~2k-token prompt: runs, holds at most budget + W entries
+  per head, and matches expectations on what was kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.methods import make_method
+from keepkv.generate import GenerationEngine
+from keepkv.models.transformer import build_transformer
+
+pytestmark = pytest.mark.real_model
+TEXT = (Path(__file__).parent / "data" / "jargon_ch4-6.txt").read_text()
+
+
+def expand_kv_heads(network):
+    """The same network with one KV head per query head (GQA -> MHA): k/v projection rows repeated G times."""
+    config = network.config
+    group, dim = config.group_size, config.head_dim
+    state = dict(network.state_dict())
+    for layer in range(config.num_layers):
+        for name in ("k_proj", "v_proj"):
+            key = f"model.layers.{layer}.self_attn.{name}.weight"
+            weight = state[key].view(config.num_kv_heads, dim, -1)
+            state[key] = weight.repeat_interleave(group, dim=0).reshape(config.num_heads * dim, -1)
+    return build_transformer(config.replace(num_kv_heads=config.num_heads), state, network.inv_freq.device)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smollm2_eager):
+    return torch.tensor([smollm2_eager.tokenizer.encode(TEXT)[:600]])
+
+
+@pytest.fixture(scope="module")
+def mha_network(smollm2_eager):
+    return expand_kv_heads(smollm2_eager.network)
+
+
+def next_logits(engine, ids):
+    """Prefill all but the last token, then one decode step with it: that step's logits ``[B, vocab]``."""
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    engine.prepare_caches(ids.shape[0], ids.shape[1] - 1, 1)
+    with torch.inference_mode():
+        _, positions = engine.prefill(ids[:, :-1], valid[:, :-1])
+        engine.end_prefill()
+        return engine.decode_step(ids[:, -1], positions)
+
+
+def test_gqa_to_mha_expansion_is_the_same_model(smollm2_eager, mha_network, prompt_ids):
+    ids = prompt_ids[:, :64]
+    gqa = next_logits(GenerationEngine(smollm2_eager.network, compile=False), ids)
+    mha = next_logits(GenerationEngine(mha_network, compile=False), ids)
+    torch.testing.assert_close(mha, gqa, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["zip", "minnorm"])
+def test_oracle_compression_leaves_that_steps_logits_unchanged(mha_network, prompt_ids, variant):
+    """Compress 600 entries to 60 per head inside every layer's attention call: logits equal the full cache's
+    (float32, 1e-4) at that step."""
+    full = next_logits(GenerationEngine(mha_network, compile=False), prompt_ids)
+
+    method = make_method("keepkv", variant=variant, reference="last", similarity_threshold=-1.0)
+    manager = CompressedCacheManager(mha_network.config, torch.float32, torch.device("cpu"), method, kv_budget=1000)
+    engine = GenerationEngine(mha_network, compile=False, cache_manager=manager)
+    budget = 60
+    valid = torch.ones_like(prompt_ids, dtype=torch.bool)
+    engine.prepare_caches(1, prompt_ids.shape[1] - 1, 1)
+    with torch.inference_mode():
+        _, positions = engine.prefill(prompt_ids[:, :-1], valid[:, :-1])
+        engine.end_prefill()
+        for layer, cache in enumerate(engine.caches):
+            cache.inline_compression = lambda c, layer=layer: method.compress(c, layer, budget)
+        oracle = engine.decode_step(prompt_ids[:, -1], positions)
+    live = torch.stack([cache.live_entries() for cache in engine.caches])
+    assert int(live.max()) <= budget
+    votes = torch.stack([cache.log_votes.exp().sum(-1) for cache in engine.caches])
+    torch.testing.assert_close(votes, torch.full_like(votes, float(prompt_ids.shape[1])))  # all merged: sum = N
+    assert int(method.stats.fallbacks.sum()) == 0
+    torch.testing.assert_close(oracle, full, rtol=0, atol=1e-4)
+
+
+def test_oracle_is_not_trivial_eviction_differs(mha_network, prompt_ids):
+    """The same compression by plain eviction (StreamingLLM) changes the logits: the oracle test can fail."""
+    full = next_logits(GenerationEngine(mha_network, compile=False), prompt_ids)
+    method = make_method("streamingllm")
+    manager = CompressedCacheManager(mha_network.config, torch.float32, torch.device("cpu"), method, kv_budget=60)
+    evicted = next_logits(GenerationEngine(mha_network, compile=False, cache_manager=manager), prompt_ids)
+    assert (evicted - full).abs().max() > 1e-2
+
+
+def test_generation_at_ten_percent_budget(smollm2_gguf):
+    """A ~2k-token prompt at kv_budget=0.1: completes, holds <= budget + W entries per head, votes add up."""
+    from keepkv.models import load
+
+    model = load(smollm2_gguf, kv_budget=0.1, compile=False, decode_slack=16)
+    prompt = model.tokenizer.decode(model.tokenizer.encode(TEXT)[:2000])
+    text = model.generate(prompt + "\n\nIn summary,", max_new_tokens=40)
+    manager = model.engine.cache_manager
+    prompt_tokens = model.last_stats.prompt_tokens
+    assert manager.budget == -(-prompt_tokens // 10)
+    live = manager.entries_per_head()
+    assert int(live.max()) <= manager.budget + manager.decode_slack
+    assert manager.compressions >= 2
+    seen = prompt_tokens + model.last_stats.new_tokens - 1
+    votes = torch.stack([cache.log_votes.exp().sum(-1) for cache in manager.caches])
+    assert bool((votes <= seen + 1e-3).all()) and bool((votes >= live - 1e-3).all())
+    assert len(text.split()) >= 5
