@@ -35,6 +35,7 @@ class CompressionMethod:
 
     name: ClassVar[str] = "base"
     compresses_during_decode: ClassVar[bool] = True
+    use_compiled_ops = False  # not an option: set when the model runs compiled (ops such as the merge compile too)
     sinks: int = 4
     window: int = 32
 

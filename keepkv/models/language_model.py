@@ -44,6 +44,7 @@ class LanguageModel:
         self.method_object = method_object
         cache_manager = None
         if method_object is not None:
+            method_object.use_compiled_ops = compile
             cache_manager = CompressedCacheManager(
                 self.config, network.model.embed_tokens.weight.dtype, network.inv_freq.device, method_object,
                 kv_budget, decode_slack,

@@ -23,7 +23,8 @@ query alone, for which ``zip`` is exact (single-step losslessness, Theorem 3).
 
 GQA (spec §6): scores of a KV head are the group mean ``s_i = mean_g exp(q_g·k_i/sqrt(d))``, i.e. the reference
 log-score is ``logsumexp_g(l_{g,i}) - ln G``; ``zip`` is exact for that reference, ``minnorm`` additionally
-keeps every query head's softmax denominator (see :mod:`keepkv.ops.merge`).
+keeps the softmax denominator of every query head of the group, using each head's newest query (see
+:mod:`keepkv.ops.merge`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import Tensor
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.policy import CompressionMethod
 from keepkv.errors import KeepKVError
-from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept
+from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept, merge_into_kept_compiled
 
 REFERENCES = ("ema", "last")
 
@@ -119,7 +120,10 @@ class KeepKV(CompressionMethod):
         if evicted_slots.shape[-1] == 0:
             return
         target_slots, merge_mask = self.match(cache, kept_slots, kept_valid, evicted_slots, evicted_valid)
-        merge_into_kept(
+        batch, kv_heads, _, dim = cache.keys.shape
+        newest_queries = cache.window_queries[:, :, -1].reshape(batch, kv_heads, cache.group_size, dim)
+        merge = merge_into_kept_compiled if self.use_compiled_ops else merge_into_kept
+        merge(
             cache.keys, cache.values, cache.log_votes, evicted_slots, target_slots, merge_mask,
-            self.reference_log_scores(cache), cache.window_queries, self.variant, stats=self.stats,
+            self.reference_log_scores(cache), newest_queries, self.variant, stats=self.stats,
         )
