@@ -22,6 +22,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool =
                         "given, else full)")
     parser.add_argument("--kv-budget", type=_budget, default=None, help="KV budget: a fraction of the prompt in "
                         "(0, 1] (0.1 keeps 10%%) or an integer number of entries per KV head")
+    parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", type=_method_option,
+                        help="a method hyper-parameter, repeatable (e.g. --method-option variant=minnorm "
+                        "--method-option window=64); unknown keys are refused with the allowed list")
+    parser.add_argument("--decode-slack", type=int, default=64, help="W: new tokens a compressed cache takes "
+                        "before it is compressed back to its budget (1 = every step; default 64)")
     parser.add_argument("--no-compile", action="store_true", help="run eagerly (no torch.compile); slower decode "
                         "but no compile time")
     parser.add_argument("--prefill-chunk-size", type=int, default=512, help="prompt tokens per prefill forward "
@@ -34,12 +39,28 @@ def _budget(text: str) -> float | int:
     return int(value) if value.is_integer() and value > 1 else value
 
 
+def _method_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE parsed as int, float, bool or kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key.replace("-", "_"), parse(raw)
+        except ValueError:
+            pass
+    if raw.lower() in ("true", "false"):
+        return key.replace("-", "_"), raw.lower() == "true"
+    return key.replace("-", "_"), raw
+
+
 def _load(args: argparse.Namespace):
     from keepkv.models import load
 
     started = time.perf_counter()
     model = load(args.model, kv_budget=args.kv_budget, method=args.method, dtype=args.dtype, device=args.device,
-                 compile=not args.no_compile, prefill_chunk_size=args.prefill_chunk_size, revision=args.revision)
+                 compile=not args.no_compile, prefill_chunk_size=args.prefill_chunk_size, revision=args.revision,
+                 decode_slack=args.decode_slack, **dict(args.method_option))
     print(f"loaded {model!r} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return model
 
@@ -66,6 +87,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"cache capacity {stats.cache_capacity} slots, {model.engine.cache_bytes() / 2**20:.1f} MiB",
         file=sys.stderr,
     )
+    report = model.cache_report()
+    if report["method"] != "full":
+        print(
+            f"[keepkv] {report['method']} kept {report['entries_per_head_mean']:.1f} entries per head on average "
+            f"(max {report['entries_per_head_max']}, budget {report['budget']}); "
+            f"{report['compressions']} compressions; merge stats {report.get('merge_stats', {})}",
+            file=sys.stderr,
+        )
     return 0
 
 

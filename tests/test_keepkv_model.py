@@ -128,3 +128,23 @@ def test_compiled_generation_at_ten_percent_budget(smollm2_gguf):
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = model.generate(prompt, max_new_tokens=40)
     assert again == text
+
+
+def test_budget_one_is_exactly_the_full_cache(smollm2_gguf, smollm2_eager, prompt_ids):
+    from keepkv.models import load
+
+    compressed = load(smollm2_gguf, kv_budget=1.0, method="keepkv", compile=False)
+    assert compressed.method_object is None
+    assert torch.equal(compressed.logits(prompt_ids[:, :128]), smollm2_eager.logits(prompt_ids[:, :128]))
+
+
+def test_cache_report_counts_what_was_kept(smollm2_gguf):
+    from keepkv.models import load
+
+    model = load(smollm2_gguf, kv_budget=64, method="keepkv", compile=False, decode_slack=8)
+    model.generate(TEXT[:3000], max_new_tokens=12)
+    report = model.cache_report()
+    assert report["budget"] == 64 and 64 <= report["entries_per_head_max"] <= 64 + 8
+    assert len(report["entries_per_layer_and_head"]) == 30
+    assert report["merge_stats"]["merged"] > 0 and report["compressions"] >= 2
+    assert report["resident_bytes"] == model.engine.cache_bytes()

@@ -191,6 +191,25 @@ class LanguageModel:
         valid = torch.ones_like(token_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         return self.engine.teacher_forced_logits(token_ids.long().to(self.device), valid.to(self.device))
 
+    def cache_report(self) -> dict[str, Any]:
+        """What the cache actually holds after the last generation: entries per layer and KV head (real counts,
+        not the asked budget), resident bytes, compressions, and the merge counters of merging methods."""
+        manager = self.engine.cache_manager
+        report: dict[str, Any] = {"method": self.method, "kv_budget": self.kv_budget}
+        if not manager.caches:
+            return report
+        entries = manager.entries_per_head()  # [layers, batch, kv_heads]
+        report.update(
+            entries_per_layer_and_head=entries.tolist(), entries_per_head_mean=float(entries.float().mean()),
+            entries_per_head_max=int(entries.max()), resident_bytes=manager.resident_bytes(),
+            capacity=manager.caches[0].capacity, budget=getattr(manager, "budget", None),
+            compressions=getattr(manager, "compressions", 0),
+        )
+        stats = getattr(self.method_object, "stats", None)
+        if stats is not None:
+            report["merge_stats"] = stats.as_dict()
+        return report
+
     # ---- facts ----------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Model shape, parameter count and cache bytes per token (what ``keepkv info`` prints)."""
