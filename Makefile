@@ -36,7 +36,7 @@ demo: $(VENV)/.installed
 	  --prompt "Explain in three sentences why a smaller KV cache makes long-context decoding faster."
 
 test: $(VENV)/.installed-test
-	$(BIN)/keepkv download --offline-assets all
+	$(BIN)/keepkv download --offline-assets all --eval-data
 	$(BIN)/python -m pytest -q
 
 clean:

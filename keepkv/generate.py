@@ -73,6 +73,7 @@ class GenerationEngine:
         self.kernel = "flex" if compile else "reference"
         network.set_attention_kernel(self.kernel)
         self.cache_manager = cache_manager or FullCacheManager(self.config, self.dtype, self.device)
+        self.cache_manager.bind_network(network)  # methods that read weights (CriticalKV's W_O) get the model
         self._decode_compiled = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else None
 
     @property

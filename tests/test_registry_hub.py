@@ -557,8 +557,15 @@ def test_tools_download_script_reports_errors_plainly():
     assert completed.stderr.startswith("error: unknown model 'Qwen2-8B'") and "Traceback" not in completed.stderr
 
 
-def test_hub_exposes_the_download_command_for_the_cli(monkeypatch, tmp_path):
-    parser = hub.add_download_arguments(argparse.ArgumentParser())
+def test_download_command_parses_and_runs_a_model_download(monkeypatch, tmp_path):
+    parser = download_cli.add_download_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["Qwen2.5-7B", "--revision", "v1"])
-    monkeypatch.setattr(download_cli.hub, "download", lambda repo, **kw: tmp_path)
-    assert hub.run_download(args) == 0
+    seen = {}
+
+    def fake_download(repo, **kw):
+        seen.update(repo=repo, **kw)
+        return tmp_path
+
+    monkeypatch.setattr(download_cli.hub, "download", fake_download)
+    assert download_cli.run_download(args) == 0
+    assert seen["repo"] == "Qwen/Qwen2.5-7B" and seen["revision"] == "v1"

@@ -10,6 +10,12 @@
   ``-inf`` where ``i`` is invisible to ``t`` (later position, empty slot, outside the sliding window).
 - :meth:`compact`: keep the given slots (in slot order), pack them at ``0 .. n-1``, empty the rest and move the
   cursor to ``n``. Slots stay in position order, so ties broken by slot are ties broken by position.
+- optional per-slot *accumulated attention* (``accumulate_attention=True``, for H2O / D2O / WeightedKV):
+  ``accumulated_attention [batch, kv_heads, capacity]`` float32 ``sum_q A[q, i]`` over every real query that saw
+  slot ``i`` (the vote-weighted attention probabilities the model uses; a KV head's value is the mean over its
+  group's query heads) and ``attention_queries [batch, kv_heads, capacity]`` float32, how many queries saw it.
+  Both are updated in :meth:`observe_queries` for every forward (a whole prefill chunk eagerly, one token inside
+  the compiled decode step: fixed shapes, in place, no host sync) and travel with their slot in :meth:`compact`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class CompressedLayerCache(LayerKVCache):
     def __init__(
         self, batch_size: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
         device: torch.device | str | None = None, *, num_heads: int, window: int, sliding_window: int | None = None,
+        accumulate_attention: bool = False,
     ) -> None:
         super().__init__(batch_size, kv_heads, capacity, head_dim, dtype, device)
         self.sliding_window = sliding_window
@@ -41,6 +48,14 @@ class CompressedLayerCache(LayerKVCache):
             "window_positions", torch.full((batch_size, window), -1, dtype=POSITION_DTYPE, device=device),
             persistent=False,
         )
+        self.accumulate_attention = accumulate_attention
+        state_shape = (batch_size, kv_heads, capacity) if accumulate_attention else (batch_size, kv_heads, 0)
+        self.register_buffer(
+            "accumulated_attention", torch.zeros(state_shape, dtype=torch.float32, device=device), persistent=False
+        )
+        self.register_buffer(
+            "attention_queries", torch.zeros(state_shape, dtype=torch.float32, device=device), persistent=False
+        )
 
     @property
     def group_size(self) -> int:
@@ -50,6 +65,8 @@ class CompressedLayerCache(LayerKVCache):
         super().reset()
         self.window_queries.zero_()
         self.window_positions.fill_(-1)
+        self.accumulated_attention.zero_()
+        self.attention_queries.zero_()
 
     def observe_queries(self, queries: Tensor, positions: Tensor, valid: Tensor) -> None:
         """Append this forward's real queries to each row's window, keeping the newest ``w``."""
@@ -64,8 +81,43 @@ class CompressedLayerCache(LayerKVCache):
         heads, dim = all_queries.shape[1], all_queries.shape[3]
         gathered = all_queries.gather(2, order[:, None, :, None].expand(-1, heads, -1, dim))
         self.window_queries.copy_(gathered * kept_present[:, None, :, None])
+        if self.accumulate_attention:
+            self.accumulate_query_attention(queries, positions, valid)
         if self.inline_compression is not None:
             self.inline_compression(self)
+
+    def query_attention(self, queries: Tensor, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Vote-weighted attention of arbitrary rotated ``queries [batch, heads, T, dim]`` (at ``positions
+        [batch, T]``, real where ``valid``) over the current slots, exactly as the model computes it:
+
+        ``A[g, t, i] = p_i exp(q_{g,t}·k_i/sqrt(d)) / sum_j p_j exp(q_{g,t}·k_j/sqrt(d))`` over the slots visible
+        to ``t``. Returns ``(attention [batch, kv_heads, group, T, capacity] float32, visible [batch, kv_heads, 1,
+        T, capacity] bool)``; rows of padding queries are 0.
+        """
+        batch, kv_heads, capacity, dim = self.keys.shape
+        num_queries = queries.shape[2]
+        group = queries.shape[1] // kv_heads
+        grouped = queries.float().reshape(batch, kv_heads, group * num_queries, dim)
+        logits = torch.matmul(grouped, self.keys.float().transpose(-1, -2)) / math.sqrt(dim)
+        logits = logits.view(batch, kv_heads, group, num_queries, capacity)
+        q_pos = positions.to(POSITION_DTYPE)[:, None, None, :, None]
+        kv_pos = self.positions[:, :, None, None, :]
+        live = torch.isfinite(self.log_votes)[:, :, None, None, :]
+        visible = (kv_pos <= q_pos) & valid[:, None, None, :, None] & live
+        if self.sliding_window is not None:
+            visible = visible & (q_pos - kv_pos < self.sliding_window)
+        logits = (logits + self.log_votes[:, :, None, None, :]).masked_fill(~visible, -float("inf"))
+        row_max = logits.amax(dim=-1, keepdim=True)
+        weights = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))
+        attention = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return attention, visible
+
+    def accumulate_query_attention(self, queries: Tensor, positions: Tensor, valid: Tensor) -> None:
+        """Add this forward's attention column sums to ``accumulated_attention`` and its visibility counts to
+        ``attention_queries`` (in place; group mean over the KV head's query heads)."""
+        attention, visible = self.query_attention(queries, positions, valid)
+        self.accumulated_attention.add_(attention.sum(dim=3).mean(dim=2))
+        self.attention_queries.add_(visible.sum(dim=3).squeeze(2).to(torch.float32))
 
     def visible_from_window(self) -> Tensor:
         """``[batch, 1, w, capacity]`` bool: slot ``i`` is visible to window query ``t``."""
@@ -93,6 +145,19 @@ class CompressedLayerCache(LayerKVCache):
         weights = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))
         return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
+    def window_mean_attention(self) -> Tensor:
+        """``[batch, kv_heads, group, capacity]``: each query head's attention averaged over the row's present
+        window queries (:meth:`window_attention`; 0 for rows without queries)."""
+        present = (self.window_positions >= 0).sum(dim=1).clamp_min(1).to(torch.float32)  # [B]
+        return self.window_attention().sum(dim=3) / present[:, None, None, None]
+
+    def newest_query_attention(self) -> Tensor:
+        """``[batch, kv_heads, group, capacity]``: attention of each row's newest window query (TOVA, CaM)."""
+        newest_queries = self.window_queries[:, :, -1:]
+        newest_positions = self.window_positions[:, -1:]
+        attention, _ = self.query_attention(newest_queries, newest_positions, newest_positions >= 0)
+        return attention[:, :, :, 0]
+
     def compact(self, kept_slots: Tensor, kept_valid: Tensor) -> None:
         """Keep ``kept_slots [batch, kv_heads, n]`` (where ``kept_valid``) and drop every other slot.
 
@@ -108,6 +173,13 @@ class CompressedLayerCache(LayerKVCache):
         packed_values = self.values.gather(2, index[..., None].expand(-1, -1, -1, dim))
         packed_votes = torch.where(kept_valid, self.log_votes.gather(2, index), -float("inf"))
         packed_positions = torch.where(kept_valid, self.positions.gather(2, index), -1)
+        if self.accumulate_attention:
+            packed_attention = torch.where(kept_valid, self.accumulated_attention.gather(2, index), 0.0)
+            packed_queries = torch.where(kept_valid, self.attention_queries.gather(2, index), 0.0)
+            self.accumulated_attention[:, :, :count] = packed_attention
+            self.attention_queries[:, :, :count] = packed_queries
+            self.accumulated_attention[:, :, count:] = 0
+            self.attention_queries[:, :, count:] = 0
         self.keys[:, :, :count] = packed_keys * kept_valid[..., None]
         self.values[:, :, :count] = packed_values * kept_valid[..., None]
         self.log_votes[:, :, :count] = packed_votes
@@ -117,3 +189,16 @@ class CompressedLayerCache(LayerKVCache):
         self.log_votes[:, :, count:] = -float("inf")
         self.positions[:, :, count:] = -1
         self.cursor.fill_(count)
+
+    def copy_into(self, other: CompressedLayerCache) -> None:
+        """Copy this cache's entries, window and score state into ``other`` (same batch, heads and window; any
+        capacity that holds every slot below this cache's cursor). Used when the manager re-sizes a cache."""
+        kept = min(self.capacity, other.capacity)
+        for name in ("keys", "values", "log_votes", "positions"):
+            getattr(other, name)[:, :, :kept] = getattr(self, name)[:, :, :kept]
+        if self.accumulate_attention and other.accumulate_attention:
+            other.accumulated_attention[:, :, :kept] = self.accumulated_attention[:, :, :kept]
+            other.attention_queries[:, :, :kept] = self.attention_queries[:, :, :kept]
+        other.window_queries.copy_(self.window_queries)
+        other.window_positions.copy_(self.window_positions)
+        other.cursor.copy_(self.cursor.clamp_max(other.capacity))

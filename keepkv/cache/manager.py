@@ -14,6 +14,9 @@
     the cache grow by the new tokens instead.
 
   Peak cache memory is therefore ``max(B + chunk, B + W)`` slots per head, whatever the prompt length.
+  With per-layer budgets ``B_l`` (PyramidKV, D2O; their mean is ``B``) each layer has its own ``B_l + chunk`` /
+  ``B_l + W`` buffer, so the total is unchanged; head-adaptive budgets (Ada-KV) need ``slots_l > B_l`` slots per
+  head (see :mod:`keepkv.cache.budgets`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from keepkv.cache.policy import CompressionMethod
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from keepkv.models.config import ModelConfig
 
 CAPACITY_QUANTUM = 256
@@ -77,6 +82,9 @@ class FullCacheManager:
     def end_prefill(self) -> bool:
         return False
 
+    def bind_network(self, network: nn.Module) -> None:
+        """Give the compression method (if any) the model it compresses; the full cache needs nothing."""
+
     def entries_per_head(self) -> Tensor:
         """``[layers, batch, kv_heads]`` live entries (reads the device: for reports, not the hot path)."""
         return torch.stack([cache.live_entries() for cache in self.caches])
@@ -86,7 +94,14 @@ class FullCacheManager:
 
 
 class CompressedCacheManager(FullCacheManager):
-    """Budgeted caches driven by a :class:`CompressionMethod` (see the module docstring for the schedule)."""
+    """Budgeted caches driven by a :class:`CompressionMethod` (see the module docstring for the schedule).
+
+    Layers may have different budgets (``method.plan_layer_budgets``: PyramidKV; ``method.measure_layer_budgets``
+    at the first compression: D2O) and need ``method.slots_for_budget(B_l)`` slots after compression (more than
+    ``B_l`` with Ada-KV head budgets). Each layer's buffer is sized ``slots_l + chunk`` in prefill and
+    ``slots_l + W`` in decode, so every layer has the same room for new tokens; ``layer_budgets``,
+    ``layer_slots`` and ``cursors`` (host mirrors of the tensor cursors) are per layer.
+    """
 
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod,
@@ -98,55 +113,120 @@ class CompressedCacheManager(FullCacheManager):
         self.method, self.kv_budget, self.decode_slack = method, kv_budget, decode_slack
         self.budget = 0
         self.compressions = 0
+        self.layer_budgets: list[int] = []
+        self.layer_slots: list[int] = []
+        self.cursors: list[int] = []
+        self.budgets_measured = False
+        self.room = 0
 
-    def _new_caches(self, batch_size: int, capacity: int) -> list[CompressedLayerCache]:
+    def bind_network(self, network: nn.Module) -> None:
+        """Give the method the model it compresses (CriticalKV reads each layer's ``o_proj`` weight)."""
+        self.method.bind_model(network)
+
+    def _new_caches(self, batch_size: int, capacity: int | list[int]) -> list[CompressedLayerCache]:
         c = self.config
+        capacities = capacity if isinstance(capacity, list) else [capacity] * c.num_layers
         return [
             CompressedLayerCache(
-                batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device, num_heads=c.num_heads,
-                window=max(self.method.window, 1), sliding_window=c.sliding_window,
+                batch_size, c.num_kv_heads, layer_capacity, c.head_dim, self.dtype, self.device,
+                num_heads=c.num_heads, window=self.method.query_window, sliding_window=c.sliding_window,
+                accumulate_attention=self.method.needs_accumulated_attention,
             )
-            for _ in range(c.num_layers)
+            for layer_capacity in capacities
         ]
+
+    def _set_layer_budgets(self, layer_budgets: list[int]) -> None:
+        if len(layer_budgets) != self.config.num_layers:
+            raise RuntimeError(f"{self.method.name}: {len(layer_budgets)} layer budgets for "
+                               f"{self.config.num_layers} layers")
+        self.layer_budgets = list(layer_budgets)
+        self.layer_slots = [self.method.slots_for_budget(b) for b in self.layer_budgets]
+
+    def _resize(self, room: int) -> bool:
+        """Give each layer ``slots_l + room`` slots (copying its entries); True if any cache was replaced."""
+        capacities = [slots + room for slots in self.layer_slots]
+        if [cache.capacity for cache in self.caches] == capacities:
+            return False
+        batch = self.caches[0].keys.shape[0]
+        resized = []
+        for layer, (old, capacity) in enumerate(zip(self.caches, capacities)):
+            if old.capacity == capacity:
+                resized.append(old)
+                continue
+            new = self._new_caches(batch, [capacity])[0]
+            old.copy_into(new)
+            self.cursors[layer] = min(self.cursors[layer], capacity)
+            resized.append(new)
+        self.caches = resized
+        return True
 
     def allocate(self, batch_size: int, padded_prompt_tokens: int, max_new_tokens: int, chunk: int,
                  prompt_tokens: int | None = None) -> list[LayerKVCache]:
         prompt_tokens = padded_prompt_tokens if prompt_tokens is None else prompt_tokens
         self.budget = entries_for_budget(self.kv_budget, prompt_tokens, self.method.protected_entries)
         self.max_new_tokens = max_new_tokens
-        self.caches = self._new_caches(batch_size, self.budget + chunk)
+        self.method.reset_state()
+        self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
+        self.budgets_measured = False
+        self.room = chunk
+        self.caches = self._new_caches(batch_size, [slots + chunk for slots in self.layer_slots])
+        self.cursors = [0] * self.config.num_layers
         self.filled = 0
         self.compressions = 0
         return self.caches
 
+    def wrote(self, new_tokens: int) -> None:
+        self.cursors = [cursor + new_tokens for cursor in self.cursors]
+        self.filled = max(self.cursors)
+
+    def _measure_budgets(self) -> None:
+        """Once per generation, before the first compression: budgets the method measures from the caches."""
+        if self.budgets_measured:
+            return
+        self.budgets_measured = True
+        with torch.inference_mode():
+            measured = self.method.measure_layer_budgets(self.budget, self.caches)
+        if measured is not None:
+            self._set_layer_budgets(measured)
+
     def compress_all(self) -> None:
+        self._measure_budgets()
         with torch.inference_mode():
             for layer, cache in enumerate(self.caches):
-                self.method.compress(cache, layer, self.budget)
-        self.filled = min(self.filled, self.budget)
+                self.method.compress(cache, layer, self.layer_budgets[layer])
+        self.cursors = [min(slots, cache.capacity) for slots, cache in zip(self.layer_slots, self.caches)]
+        self.filled = max(self.cursors)
         self.compressions += 1
 
+    def _fits(self, new_tokens: int) -> bool:
+        return all(cursor + new_tokens <= cache.capacity for cursor, cache in zip(self.cursors, self.caches))
+
     def make_room(self, new_tokens: int) -> bool:
-        """Compress to the budget when ``new_tokens`` would not fit; the buffers stay the same objects."""
-        if self.filled + new_tokens > self.caches[0].capacity:
-            self.compress_all()
-            if self.filled + new_tokens > self.caches[0].capacity:
-                raise RuntimeError(f"cache overflow after compression: {self.filled} + {new_tokens} slots")
-        return False
+        """Compress every layer to its budget when ``new_tokens`` would not fit in some layer. Returns True when
+        the caches were replaced (only when measured layer budgets re-size them at the first compression)."""
+        if self._fits(new_tokens):
+            return False
+        self.compress_all()
+        with torch.inference_mode():
+            replaced = self._resize(self.room)
+        if not self._fits(new_tokens):
+            raise RuntimeError(f"cache overflow after compression: {self.cursors} + {new_tokens} slots")
+        return replaced
 
     def end_prefill(self) -> bool:
-        """Compress to the budget and move into the decode buffer (``B + W`` slots, or ``B + max_new`` for
-        methods that compress only once). Returns True: the caches were replaced."""
-        if self.filled > self.budget:
+        """Compress to the budgets and move into the decode buffers (``slots_l + W`` slots, or
+        ``slots_l + max_new`` for methods that compress only once). Returns True: the caches were replaced."""
+        self._measure_budgets()
+        if any(cursor > budget for cursor, budget in zip(self.cursors, self.layer_budgets)):
             self.compress_all()
-        slack = self.decode_slack if self.method.compresses_during_decode else max(self.max_new_tokens, 1)
-        decode_caches = self._new_caches(self.caches[0].keys.shape[0], self.budget + slack)
-        for old, new in zip(self.caches, decode_caches):
-            kept = min(old.capacity, new.capacity)
-            for name in ("keys", "values", "log_votes", "positions"):
-                getattr(new, name)[:, :, :kept] = getattr(old, name)[:, :, :kept]
-            new.window_queries.copy_(old.window_queries)
-            new.window_positions.copy_(old.window_positions)
-            new.cursor.copy_(old.cursor.clamp_max(new.capacity))
+        self.room = self.decode_slack if self.method.compresses_during_decode else max(self.max_new_tokens, 1)
+        decode_caches = self._new_caches(
+            self.caches[0].keys.shape[0], [slots + self.room for slots in self.layer_slots]
+        )
+        with torch.inference_mode():
+            for old, new in zip(self.caches, decode_caches):
+                old.copy_into(new)
+        self.cursors = [min(cursor, cache.capacity) for cursor, cache in zip(self.cursors, decode_caches)]
+        self.filled = max(self.cursors)
         self.caches = decode_caches
         return True

@@ -11,6 +11,21 @@ here does what every method needs:
 3. :meth:`CompressionMethod.merge` — optional: fold evicted entries into kept ones (merging methods);
 4. :meth:`CompressionMethod.compress` — select, merge, then compact the cache to the kept entries.
 
+Hooks with neutral defaults, for methods that need more than one score per slot (all optional):
+
+- budgets: :meth:`~CompressionMethod.plan_layer_budgets` (per-layer budgets known in advance, e.g. PyramidKV),
+  :meth:`~CompressionMethod.measure_layer_budgets` (per-layer budgets measured at the first compression, e.g.
+  D2O), :meth:`~CompressionMethod.slots_for_budget` (slots per head a layer needs: more than its budget when heads
+  get different lengths, Ada-KV) and :meth:`~CompressionMethod.plan_head_budgets` (per-head entry counts);
+- :meth:`~CompressionMethod.recent_window`: the protected recent window may depend on the budget (H2O's 50/50);
+- ``accumulates_attention``: the cache keeps per-slot accumulated attention (see
+  :class:`~keepkv.cache.compressed.CompressedLayerCache`);
+- :meth:`~CompressionMethod.bind_model`: methods that read model weights (CriticalKV's ``W_O``) get the network;
+- :meth:`~CompressionMethod.reset_state`: forget per-generation state (D2O's similarity threshold);
+- :meth:`~CompressionMethod.with_selector`: a merging method (KeepKV) takes its kept / evicted split from another
+  method (``snapkv+keepkv``): ``select`` and every budget / protection hook are then the selector's, ``merge`` is
+  the merging method's own.
+
 Compression runs per layer (all batch rows and heads at once, no Python loop over heads or tokens), at the end of
 prefill and whenever the cache has no room left (see :mod:`keepkv.cache.manager`).
 """
@@ -18,14 +33,18 @@ prefill and whenever the cache has no room left (see :mod:`keepkv.cache.manager`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.errors import KeepKVError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -35,6 +54,8 @@ class CompressionMethod:
 
     name: ClassVar[str] = "base"
     compresses_during_decode: ClassVar[bool] = True
+    accumulates_attention: ClassVar[bool] = False  # the cache must keep per-slot accumulated attention
+    is_eviction_selector: ClassVar[bool] = True  # may pick the evicted set for a merging method (X+keepkv)
     use_compiled_ops = False  # not an option: set when the model runs compiled (ops such as the merge compile too)
     sinks: int = 4
     window: int = 32
@@ -45,11 +66,77 @@ class CompressionMethod:
             if isinstance(field.default, int) and not isinstance(field.default, bool):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise KeepKVError(f"{self.name}: option {field.name} must be a non-negative integer, got {value!r}")
+        self.selector: CompressionMethod | None = None
 
     @property
     def protected_entries(self) -> int:
         """Entries a budget must at least hold: sinks + recent window (which includes the newest token)."""
+        if self.selector is not None:
+            return self.selector.protected_entries
         return self.sinks + max(self.window, 1)
+
+    # ---- composition ------------------------------------------------------------------------------------------
+    def with_selector(self, selector: CompressionMethod) -> CompressionMethod:
+        """Take the kept / evicted split (and budgets, protection, score state) from ``selector``; keep this
+        method's ``merge``. Returns ``self``. Used for ``X+keepkv``."""
+        if not selector.is_eviction_selector or selector.selector is not None:
+            raise KeepKVError(f"{selector.name!r} cannot select for {self.name!r}: it is not a plain eviction method")
+        self.selector = selector
+        return self
+
+    @property
+    def needs_accumulated_attention(self) -> bool:
+        """Whether caches for this method must accumulate attention (its own need or its selector's)."""
+        return self.accumulates_attention or (self.selector is not None and self.selector.accumulates_attention)
+
+    @property
+    def query_window(self) -> int:
+        """Rows of the caches' observation window: this method's ``window`` and its selector's, at least 1."""
+        own = max(self.window, 1)
+        return own if self.selector is None else max(own, self.selector.query_window)
+
+    # ---- budgets and model hooks (neutral defaults) -----------------------------------------------------------
+    def plan_layer_budgets(self, budget: int, num_layers: int) -> list[int]:
+        """Entries per KV head of each layer for a requested ``budget`` (default: ``budget`` everywhere)."""
+        if self.selector is not None:
+            return self.selector.plan_layer_budgets(budget, num_layers)
+        return [budget] * num_layers
+
+    def measure_layer_budgets(self, budget: int, caches: Sequence[CompressedLayerCache]) -> list[int] | None:
+        """Per-layer budgets decided from the caches' contents at the first compression of a generation, or
+        ``None`` to keep :meth:`plan_layer_budgets` (default)."""
+        if self.selector is not None:
+            return self.selector.measure_layer_budgets(budget, caches)
+        return None
+
+    def slots_for_budget(self, layer_budget: int) -> int:
+        """Slots per KV head a layer with ``layer_budget`` needs after compression (default: the budget)."""
+        if self.selector is not None:
+            return self.selector.slots_for_budget(layer_budget)
+        return layer_budget
+
+    def plan_head_budgets(self, cache: CompressedLayerCache, layer: int, budget: int, keep_priority: Tensor,
+                          protected: Tensor, live: Tensor) -> Tensor | None:
+        """``[batch, kv_heads]`` int64 entries each head keeps, or ``None`` for ``budget`` per head (default).
+
+        ``keep_priority [batch, kv_heads, capacity]`` is the ranking :meth:`select` sorts by (``+inf`` protected,
+        ``-inf`` empty)."""
+        return None
+
+    def recent_window(self, budget: int | None) -> int:
+        """Newest positions protected at a compression to ``budget`` (default: ``window``, at least 1)."""
+        return max(self.window, 1)
+
+    def bind_model(self, network: nn.Module) -> None:
+        """Called once with the model (a :class:`~keepkv.models.transformer.Transformer`) for methods that read
+        its weights; default: nothing."""
+        if self.selector is not None:
+            self.selector.bind_model(network)
+
+    def reset_state(self) -> None:
+        """Forget per-generation state; called when the manager allocates caches for a new generation."""
+        if self.selector is not None:
+            self.selector.reset_state()
 
     # ---- what a method defines --------------------------------------------------------------------------------
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
@@ -61,23 +148,60 @@ class CompressionMethod:
         """Fold evicted entries into kept ones, in place (default: nothing, i.e. plain eviction)."""
 
     # ---- shared machinery -------------------------------------------------------------------------------------
-    def protected_mask(self, cache: CompressedLayerCache) -> Tensor:
+    def protected_mask(self, cache: CompressedLayerCache, budget: int | None = None) -> Tensor:
         """``[batch, kv_heads, capacity]``: sinks and the recent window of each row (live slots only)."""
+        if self.selector is not None:
+            return self.selector.protected_mask(cache, budget)
         live = torch.isfinite(cache.log_votes)
         newest = cache.positions.masked_fill(~live, -1).amax(dim=(1, 2), keepdim=True)
-        recent = cache.positions > newest - max(self.window, 1)
+        recent = cache.positions > newest - self.recent_window(budget)
         return live & ((cache.positions < self.sinks) | recent)
 
-    def select(self, cache: CompressedLayerCache, layer: int, budget: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(kept_slots, kept_valid, evicted_slots, evicted_valid)``, each ``[batch, kv_heads, n]``."""
-        live = torch.isfinite(cache.log_votes)
+    def keep_priority(self, cache: CompressedLayerCache, layer: int, budget: int, protected: Tensor,
+                      live: Tensor) -> Tensor:
+        """``[batch, kv_heads, capacity]`` float32 ranking: ``+inf`` protected, ``-inf`` empty, else the scores
+        (NaN and infinities of the scores clamped to finite values)."""
         ranking = self.scores(cache, layer).float().nan_to_num(nan=-torch.finfo(torch.float32).max)
         ranking = ranking.clamp(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
-        ranking = torch.where(self.protected_mask(cache), float("inf"), ranking)
-        ranking = torch.where(live, ranking, -float("inf"))
+        ranking = torch.where(protected, float("inf"), ranking)
+        return torch.where(live, ranking, -float("inf"))
+
+    def select(self, cache: CompressedLayerCache, layer: int, budget: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(kept_slots, kept_valid, evicted_slots, evicted_valid)``, each ``[batch, kv_heads, n]``.
+
+        With per-head budgets (:meth:`plan_head_budgets`) ``kept_slots`` has :meth:`slots_for_budget` columns of
+        which each head's first ``head_budget`` are valid, and ``evicted_slots`` has one column per slot: the
+        evicted ones valid, the rest padding that points at a slot that is empty or evicted (never a kept one)."""
+        if self.selector is not None:
+            return self.selector.select(cache, layer, budget)
+        live = torch.isfinite(cache.log_votes)
+        protected = self.protected_mask(cache, budget)
+        ranking = self.keep_priority(cache, layer, budget, protected, live)
         order = torch.sort(ranking, dim=-1, descending=True, stable=True).indices
-        kept_slots, evicted_slots = order[..., :budget], order[..., budget:]
-        return kept_slots, live.gather(2, kept_slots), evicted_slots, live.gather(2, evicted_slots)
+        head_budgets = self.plan_head_budgets(cache, layer, budget, ranking, protected, live)
+        return self.split_by_order(cache, order, live, budget, head_budgets)
+
+    def split_by_order(self, cache: CompressedLayerCache, order: Tensor, live: Tensor, budget: int,
+                       head_budgets: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Keep the first ``budget`` slots of ``order [batch, kv_heads, capacity]`` (each head's first
+        ``head_budgets`` when given); see :meth:`select` for the returned tensors."""
+        if head_budgets is None:
+            kept_slots, evicted_slots = order[..., :budget], order[..., budget:]
+            return kept_slots, live.gather(2, kept_slots), evicted_slots, live.gather(2, evicted_slots)
+        # per-head budgets: a head never keeps the whole buffer, so every head has a slot that is not kept
+        width = min(self.slots_for_budget(budget), cache.capacity)
+        rank = torch.arange(cache.capacity, device=order.device)
+        head_budgets = head_budgets.clamp(0, min(width, cache.capacity - 1))
+        kept_by_rank = live.gather(2, order) & (rank < head_budgets[..., None])
+        kept = torch.zeros_like(live).scatter(2, order, kept_by_rank)
+        # evicted list of fixed width (every slot): empty slots, then evicted ones, in slot order; the kept slots'
+        # places are filled with the head's first non-kept slot (invalid), so a merge that empties every listed
+        # slot (keepkv.ops.merge.merge_into_kept) never touches a kept entry
+        category = torch.where(kept, 2, torch.where(live, 1, 0))
+        listing = torch.sort(category, dim=-1, stable=True).indices
+        listed_category = category.gather(2, listing)
+        evicted_slots = torch.where(listed_category == 2, listing[..., :1], listing)
+        return order[..., :width], kept_by_rank[..., :width], evicted_slots, listed_category == 1
 
     def compress(self, cache: CompressedLayerCache, layer: int, budget: int) -> None:
         """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head)."""
@@ -86,4 +210,7 @@ class CompressionMethod:
         cache.compact(kept_slots, kept_valid)
 
     def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        options = dataclasses.asdict(self)
+        if self.selector is not None:
+            options["selector"] = {"name": self.selector.name, **self.selector.options()}
+        return options

@@ -202,7 +202,7 @@ class LanguageModel:
         report.update(
             entries_per_layer_and_head=entries.tolist(), entries_per_head_mean=float(entries.float().mean()),
             entries_per_head_max=int(entries.max()), resident_bytes=manager.resident_bytes(),
-            capacity=manager.caches[0].capacity, budget=getattr(manager, "budget", None),
+            capacity_per_layer=[cache.capacity for cache in manager.caches], budget=getattr(manager, "budget", None),
             compressions=getattr(manager, "compressions", 0),
         )
         stats = getattr(self.method_object, "stats", None)

@@ -1,220 +1,419 @@
 """The merge op: fold evicted KV entries into kept ones, in place, for every KeepKV variant.
 
 Paper: Tian et al., "KeepKV: Eliminating Output Perturbation in KV Cache Compression for Efficient LLMs
-Inference", arXiv 2504.09936 (spec ``shared/spec/keepkv.md`` §2 and §5).
+Inference", arXiv 2504.09936 (electoral votes, ZIP-merging and its exactness, Theorem 3); spec
+``shared/spec/keepkv.md`` §1 (votes), §2 (ZIP), §5 (variants), §6 (GQA).
 
-Notation per (batch row, KV head): a *group* is a kept target slot ``c`` plus every evicted slot ``e`` merged
-into it (many-to-one). Each member ``i`` has votes ``p_i`` (``ln p_i = log_votes``) and a reference log-score
-``ln s_i`` (``q·k_i/sqrt(d)`` for a reference query ``q``, or a prediction of it such as KeepKV's EMA), so its
-vote-weighted mass is ``w_i = p_i s_i`` and ``pi_i = w_i / W`` with ``W = sum_i w_i``, ``P = sum_i p_i``.
-The merged entry ``r`` gets
+**Groups.** Per (batch row, KV head), a *group* is one kept target slot ``c`` plus every evicted slot ``e``
+merged into it (many-to-one, all in one N-way step). Each member ``i`` has votes ``p_i`` (``ln p_i =
+log_votes``) and a reference log-score ``ln s_i``; ``w_i = p_i s_i`` is its vote-weighted mass,
+``W = sum_i w_i``, ``P = sum_i p_i`` and ``pi_i = w_i / W``. The merged entry ``r`` gets
 
-- votes ``p_r = P`` (votes add: their sum is conserved),
+- votes ``p_r = P`` (votes add: their sum over the cache is conserved),
 - value ``v_r = sum_i pi_i v_i``,
-- key, by variant:
+- a key chosen by the variant (below).
 
-  ========== ==================================================================================================
-  zip        ``k_r = lambda * kbar``, ``kbar = sum_i pi_i k_i``, ``lambda = (ln W - ln P) / sum_i pi_i ln s_i``
-             (the paper's Eq. for ZIP-merging, Theorem 3). When ``ln s_i = q·k_i/sqrt(d)`` the denominator is
-             ``q·kbar/sqrt(d)``, so ``p_r exp(q·k_r/sqrt(d)) = W`` and ``p_r s_r v_r = sum_i w_i v_i``: the
-             softmax numerator and denominator for ``q`` are unchanged, the output for ``q`` is exactly the same.
-  convex     ``k_r = kbar`` (the official code; not exact in general).
-  keep-key   ``k_r = k_c``, the target's own key (not exact in general).
-  minnorm    ``k_r = kbar + delta``, ``delta`` the least-norm correction with ``q_j·k_r/sqrt(d) = ln(sum_i p_i
-             exp(q_j·k_i/sqrt(d))) - ln P`` for every reference query ``q_j`` at once (``ref_queries``, e.g. the
-             ``G`` query heads of a GQA group): ``delta = Q^T (Q Q^T + eps I)^-1 (sqrt(d) t - Q kbar)``. Each
-             query's softmax *denominator* is then unchanged (exact for ``R <= d`` independent queries). The
-             output is exact for a query whose weights ``pi`` are the ones used for ``v_r`` — with one reference
-             query (``G = 1``) that is every output; with ``G > 1`` heads sharing one value no single ``v_r`` can
-             reproduce ``G`` different convex combinations, so only the denominators are exact per head.
-  ========== ==================================================================================================
+**The reference** (what ``ln s_i`` is). Two ways, one meaning each:
 
-Guards: zip's scale is ill-conditioned when ``|sum_i pi_i ln s_i|`` is tiny (0/0) or ``lambda <= 0`` or
-``lambda > max_scale`` (reference log-scores of mixed sign: ~6% of groups on SmolLM2's real activations). Such a
-group takes the ``minnorm`` key for the same reference queries instead — the same logit target, reached by the
-smallest key change, so the merge stays exact for the reference query — or, without reference queries, the
-``convex`` key. A non-finite key (after the cast to the cache dtype) falls back to ``convex``. Every fallback
-is counted in :class:`MergeStats`. No NaN or inf is ever written: keys/values are finite, ``log_votes`` is ``-inf`` only for
-empty slots. Maths in float32 (float64 for float64 caches) and log space; cast back at the end.
+- ``ref_log_scores [B, H_kv, C]`` given: any per-slot numbers, e.g. KeepKV's EMA prediction of future scores
+  (spec §4). zip applies the paper's formula as it stands, ``lambda = (ln W - ln P) / sum_i pi_i ln s_i``. This
+  is exact (Theorem 3) when ``ln s`` is linear in the key, i.e. one query and ``ln s_i = q·k_i/sqrt(d)``; for a
+  prediction it is the paper's rule and exact for no particular query.
+- ``ref_log_scores=None``: the scores of the real queries ``ref_queries [B, H_kv, G, D]``, the group mean-score of
+  spec §6, ``ln s(k) = ln mean_g exp(q_g·k/sqrt(d)) = logsumexp_g(q_g·k/sqrt(d)) - ln G``
+  (:func:`keepkv.ops.scores.group_log_scores`); zip then solves ``ln s(lambda kbar) = ln W - ln P`` exactly.
 
-Everything is vectorised over batch, heads and merges (group sums via ``scatter_add`` / ``scatter_reduce``), with
-no host sync, so :data:`merge_into_kept_compiled` compiles to one fused graph (``fullgraph=True``).
+With ``G = 1`` and ``ref_log_scores = q·k/sqrt(d)`` both ways are the same rule. The other variants use the
+reference only for the weights ``pi`` (minnorm's key targets always come from ``ref_queries``). A group whose
+reference mass ``W`` is 0 (every ``ln s_i = -inf``) weighs its members by votes.
+
+**Variants** (``kbar = sum_i pi_i k_i``; ``l_g(k) = q_g·k/sqrt(d)``; ``Z_g = sum_i p_i exp(l_g(k_i))`` is head
+``g``'s softmax denominator, ``o_g`` its output):
+
+========== ==========================================================================================================
+zip        ``k_r = lambda kbar`` (ZIP-merging). Then ``p_r s(k_r) = W`` and ``p_r s(k_r) v_r = sum_i w_i v_i``: the
+           numerator and denominator of the vote-weighted softmax *for the reference* are unchanged, so the
+           reference output ``o_ref = sum_i p_i s_i v_i / sum_i p_i s_i`` is exactly unchanged (Theorem 3).
+           ``G = 1``: that is the query's attention output. ``G > 1`` (queries as reference): ``s_i`` is the mean
+           score, ``o_ref = sum_g Z_g o_g / sum_g Z_g`` (the denominator-weighted mean of the group's head outputs)
+           and ``sum_g Z_g`` are exact; no single head's ``o_g`` or ``Z_g`` is. ``ln s(lambda kbar)`` is convex in
+           ``lambda``: Newton's method from the linear estimate ``(ln W - ln P) / sum_i pi_i ln s_i`` (exact after
+           one step for ``G = 1``), ``NEWTON_STEPS`` iterations, then a residual check.
+convex     ``k_r = kbar`` (the official code). Not exact in general.
+keep-key   ``k_r = k_c``, the target's own key (an empty target takes ``kbar``). Not exact in general.
+minnorm    ``k_r = kbar + delta``, ``delta`` the least-norm solution of ``l_g(k_r) = t_g`` for every reference
+           query at once, ``t_g = ln(sum_i p_i exp(l_g(k_i))) - ln P``:
+           ``delta = Q^T (Q Q^T + eps I)^-1 (sqrt(d) t - Q kbar)`` (``Q = [G, D]``; ``eps`` = 16 machine epsilons
+           times the mean ``|q_g|^2``). Then ``p_r exp(l_g(k_r)) = Z_g``: **every head's softmax denominator is
+           unchanged** (``G <= d`` independent queries, or dependent ones with consistent targets). Numerators: one
+           value cannot equal ``G`` different convex combinations ``sum_i pi^g_i v_i``, so the per-head outputs are
+           exact only for ``G = 1``, identical queries or identical values. With the group mean-score as reference
+           (``ref_log_scores=None`` or equal to it) ``v_r`` makes ``o_ref`` exact too, since the per-head
+           denominators sum to the group one. So minnorm keeps what zip keeps plus every ``Z_g``; for ``G = 1``
+           both are output-exact.
+========== ==========================================================================================================
+
+Merging identical entries (same ``k`` and ``v``) is exact for every query with every variant (``k_r = k``).
+
+**Guards and fallbacks** (counted per reason in :class:`MergeStats`; a group counts once, under its first reason):
+
+- ``zero_denominator``: zip's ``|sum_i pi_i ln s_i|`` (queries as reference: every ``|q_g·kbar|/sqrt(d)``) is
+  below ``MIN_DENOMINATOR`` (0/0), or the group's reference mass ``W`` is 0.
+- ``bad_scale``: zip's ``lambda`` is non-finite, ``<= 0`` or ``> max_scale``, or Newton did not converge (no
+  positive root). With ``ref_log_scores`` given, ``lambda < 0`` exactly when ``ln(W / P) < 0 < sum_i pi_i ln s_i``
+  (reference log-scores of mixed sign).
+- ``bad_correction``: minnorm's key is non-finite or longer than ``max_scale`` times the group's longest key
+  (nearly dependent queries with inconsistent targets).
+- ``non_finite_key``: the key overflows when cast to the cache dtype (e.g. float16).
+
+An ill-conditioned zip group takes ``zip_fallback``: ``"minnorm"`` (default; when ``ref_queries`` is given: the
+logit targets of ``ref_queries`` reached by the smallest key change, so a single-query reference stays exact) or
+``"convex"`` (``kbar``: the paper-faithful choice). Any key still unusable becomes ``kbar``, which is always finite
+(a convex combination of cache keys). Nothing non-finite is written; ``log_votes`` is ``-inf`` only in empty slots.
+
+**Cost.** Vectorised over batch, heads and merges, ``O(M log M + M (G + D))`` in the number ``M`` of evicted
+entries and independent of the capacity ``C``: groups come from sorting the targets, group reductions are
+``torch.segment_reduce`` over the members sorted by group, only member rows are read and cast, and each buffer is
+written by index assignment (``keys[b, h, slot] = rows``). No host sync: :data:`merge_into_kept_compiled` traces
+to one graph with ``fullgraph=True``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from keepkv.ops.scores import compute_dtype
+
 MERGE_VARIANTS = ("zip", "convex", "keep-key", "minnorm")
-MAX_SCALE = 16.0  # zip: a key rescaled by more than this is treated as ill-conditioned
-MIN_DENOMINATOR = 1e-4  # zip: |sum_i pi_i ln s_i| below this is 0/0
+ZIP_FALLBACKS = ("minnorm", "convex")
+FALLBACK_REASONS = ("zero_denominator", "bad_scale", "bad_correction", "non_finite_key")
+MAX_SCALE = 16.0  # a merged key scaled by more than this (zip's lambda; minnorm's length ratio) is ill-conditioned
+MIN_DENOMINATOR = 1e-4  # zip: a reference log-score of kbar below this in magnitude is 0/0
+NEWTON_STEPS = 12  # zip with G > 1 queries: Newton iterations on the (convex) group log-score of lambda * kbar
+
+
+def _zeros_counter() -> Tensor:
+    return torch.zeros((), dtype=torch.int64)
 
 
 @dataclass
 class MergeStats:
     """Counters accumulated on the device (read them for reports, not in the hot path).
 
-    ``merged``: evicted entries folded into a kept one; ``dropped``: evicted entries dropped without a merge;
-    ``groups``: targets that received at least one merge; ``fallbacks``: groups whose zip / minnorm key was
-    ill-conditioned (0/0, negative or huge scale, non-finite) and that used the convex key instead.
+    - ``merged``: evicted live entries folded into a kept one;
+    - ``dropped``: evicted live entries dropped without a merge (``merge_mask`` False);
+    - ``groups``: targets that received at least one merge;
+    - ``fallbacks``: ``int64 [len(FALLBACK_REASONS)]``, groups that did not get their variant's own key, per
+      reason (``zero_denominator``, ``bad_scale``, ``bad_correction``, ``non_finite_key``; see the module doc).
+      Each group counts under its first reason only, so ``fallbacks.sum()`` is the number of groups that fell back.
     """
 
-    merged: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    dropped: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    groups: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    fallbacks: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    merged: Tensor = field(default_factory=_zeros_counter)
+    dropped: Tensor = field(default_factory=_zeros_counter)
+    groups: Tensor = field(default_factory=_zeros_counter)
+    fallbacks: Tensor = field(default_factory=lambda: torch.zeros(len(FALLBACK_REASONS), dtype=torch.int64))
 
     def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name in ("merged", "dropped", "groups", "fallbacks")}
+        """Host-side summary: ``merged``, ``dropped``, ``groups``, ``fallbacks`` (total) and one
+        ``fallbacks_<reason>`` entry per reason."""
+        report = {name: int(getattr(self, name)) for name in ("merged", "dropped", "groups")}
+        per_reason = self.fallbacks.tolist()
+        report["fallbacks"] = int(sum(per_reason))
+        for reason, count in zip(FALLBACK_REASONS, per_reason):
+            report[f"fallbacks_{reason}"] = int(count)
+        return report
 
 
-def _group_logsumexp(values: Tensor, member_of: Tensor, is_member: Tensor, size: int) -> Tensor:
-    """``out[..., c] = logsumexp(values[..., i] for members i of group c)`` (``-inf`` for empty groups).
+@dataclass(frozen=True)
+class _Segments:
+    """Members sorted by group: group ``j`` owns a contiguous run of ``lengths[..., j]`` rows (dim 2), the last
+    segment ``M`` collects the non-members. ``group [B, H, L]`` is each row's group clamped to ``[0, M)`` (for
+    gathers; non-member rows must be masked by ``is_member``).
 
-    ``values [..., N, *rest]``, ``member_of [..., N]`` group index of each item, ``is_member [..., N]``.
+    Group reductions are ``torch.segment_reduce`` calls, which return new tensors. (A first version used
+    ``scatter_add`` / ``scatter_reduce(amax)``; Inductor in torch 2.13 CPU lowers those as in-place fallback
+    kernels and fused one of their readers — the cache write — into a kernel that ran before the scatter.)
     """
-    rest = values.shape[member_of.dim():]
-    index = member_of.reshape(*member_of.shape, *([1] * len(rest))).expand_as(values)
-    masked = values.masked_fill(~is_member.reshape(*is_member.shape, *([1] * len(rest))), -float("inf"))
-    shape = (*member_of.shape[:-1], size, *rest)
-    peak = torch.full(shape, -float("inf"), dtype=values.dtype, device=values.device)
-    peak = peak.scatter_reduce(member_of.dim() - 1, index, masked, reduce="amax", include_self=True)
-    shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    total = total.scatter_add(member_of.dim() - 1, index, torch.exp(masked - shift.gather(member_of.dim() - 1, index)))
-    return torch.where(total > 0, shift + torch.log(total), -float("inf"))
+
+    lengths: Tensor  # [B, H, M + 1]
+    group: Tensor  # [B, H, L]
+    is_member: Tensor  # [B, H, L]
+    groups: int
+
+    def sum(self, values: Tensor) -> Tensor:
+        """``[B, H, L, *rest]`` -> ``[B, H, M, *rest]``: per-group sums (0 for an empty group)."""
+        total = torch.segment_reduce(values.contiguous(), "sum", lengths=self.lengths, axis=2, unsafe=True,
+                                     initial=0.0)
+        return total[:, :, : self.groups]
+
+    def amax(self, values: Tensor) -> Tensor:
+        """Per-group maxima over members (``-inf`` for an empty group)."""
+        member = self.is_member.reshape(*self.is_member.shape, *([1] * (values.dim() - 3)))
+        masked = values.masked_fill(~member, -float("inf")).contiguous()
+        peak = torch.segment_reduce(masked, "max", lengths=self.lengths, axis=2, unsafe=True, initial=-float("inf"))
+        return peak[:, :, : self.groups]
+
+    def spread(self, per_group: Tensor) -> Tensor:
+        """``[B, H, M, *rest]`` -> ``[B, H, L, *rest]``: each row gets its group's value."""
+        index = self.group.reshape(*self.group.shape, *([1] * (per_group.dim() - 3)))
+        return per_group.gather(2, index.expand(*self.group.shape, *per_group.shape[3:]))
+
+    def logsumexp(self, values: Tensor) -> Tensor:
+        """Per-group ``logsumexp`` over members (``-inf`` for an empty group), shifted by the group maximum."""
+        member = self.is_member.reshape(*self.is_member.shape, *([1] * (values.dim() - 3)))
+        masked = values.masked_fill(~member, -float("inf"))
+        peak = self.amax(masked)
+        shift = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        total = self.sum(torch.exp(masked - self.spread(shift)))
+        return torch.where(total > 0, shift + torch.log(total), torch.full_like(total, -float("inf")))
+
+
+def _form_groups(target_idx: Tensor, merging: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Compact group ids in ``[0, M)`` by sorting the targets (``O(M log M)``, independent of the capacity).
+
+    Returns ``(group_of [B, H, M]`` the group of each entry, ``group_slot [B, H, M]`` the target slot of group
+    ``j``, ``group_valid [B, H, M]``). Non-merging entries share a sentinel group (slot ``capacity``), never valid.
+    """
+    merges = target_idx.shape[-1]
+    sort_key = torch.where(merging, target_idx, torch.full_like(target_idx, capacity))
+    sorted_key, order = torch.sort(sort_key, dim=-1, stable=True)
+    starts = torch.cat((torch.ones_like(sorted_key[..., :1]), (sorted_key[..., 1:] != sorted_key[..., :-1]).long()), -1)
+    run = torch.cumsum(starts, dim=-1) - 1  # group id along the sorted order, non-decreasing
+    group_of = run.gather(2, torch.argsort(order, dim=-1))
+    wanted = torch.arange(merges, device=target_idx.device).expand_as(run).contiguous()
+    first = torch.searchsorted(run.contiguous(), wanted)  # first sorted position of group j (M if none)
+    group_slot = sorted_key.gather(2, first.clamp(max=merges - 1))
+    group_slot = torch.where(first < merges, group_slot, torch.full_like(group_slot, capacity))
+    return group_of, group_slot, group_slot < capacity
+
+
+def _segments(member_group: Tensor, is_member: Tensor, groups: int) -> tuple[Tensor, _Segments]:
+    """Sort members by group (non-members last): ``(order [B, H, L], segments)``; apply ``order`` along dim 2 to
+    every per-member tensor before using ``segments``."""
+    key = torch.where(is_member, member_group, torch.full_like(member_group, groups))
+    sorted_key, order = torch.sort(key, dim=-1, stable=True)
+    edges = torch.arange(groups + 2, device=key.device).expand(*key.shape[:2], groups + 2).contiguous()
+    bounds = torch.searchsorted(sorted_key.contiguous(), edges)
+    lengths = bounds[..., 1:] - bounds[..., :-1]
+    segments = _Segments(lengths, sorted_key.clamp(max=groups - 1), is_member.gather(2, order), groups)
+    return order, segments
 
 
 def _minnorm_keys(
-    key_mean: Tensor, member_keys: Tensor, log_p: Tensor, log_P: Tensor, member_of: Tensor, is_member: Tensor,
-    queries: Tensor, capacity: int,
+    key_mean: Tensor, member_logits: Tensor, log_p: Tensor, log_P: Tensor, segments: _Segments, queries: Tensor,
+    longest: Tensor, max_scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """``kbar + delta`` with the least-norm ``delta`` such that for every reference query ``q_j``
-    ``q_j·k_r/sqrt(d) = ln(sum_i p_i exp(q_j·k_i/sqrt(d))) - ln P`` (per group), and whether it is finite.
+    """``kbar + delta``, ``delta`` least-norm with ``q_g·k_r/sqrt(d) = ln(sum_i p_i exp(l_{g,i})) - ln P`` for all
+    ``g``, and whether it is usable (finite, not longer than ``max_scale * longest``). ``[B, H, M, D]``, ``[B, H, M]``.
 
-    ``delta = Q^T (Q Q^T + eps I)^-1 (sqrt(d) t - Q kbar)``; ``eps`` is a ridge of 16 machine epsilons (relative to
-    the queries' squared norm) so that dependent queries (e.g. identical heads) stay solvable without costing
-    exactness. Returns ``([B, H, C, D], [B, H, C] bool)``.
+    The Gram matrix ``Q Q^T`` is shared by all groups of a (batch, head): one ``G x G`` solve per head, with a
+    ridge of 16 machine epsilons (relative to the mean ``|q_g|^2``) so that dependent queries stay solvable.
     """
-    dim = key_mean.shape[-1]
-    scale = dim ** 0.5
-    member_logits = torch.matmul(member_keys, queries.transpose(-1, -2)) / scale  # [B, H, C+M, R]
-    log_targets = _group_logsumexp(log_p[..., None] + member_logits, member_of, is_member, capacity)
-    log_targets = log_targets - log_P[..., None]  # [B, H, C, R]
-    residual = scale * log_targets - torch.matmul(key_mean, queries.transpose(-1, -2))
-    gram = torch.matmul(queries, queries.transpose(-1, -2))
-    ridge = 16 * torch.finfo(gram.dtype).eps * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    scale = math.sqrt(key_mean.shape[-1])
+    log_targets = segments.logsumexp(log_p[..., None] + member_logits)
+    log_targets = log_targets - log_P[..., None]  # [B, H, M, G]
+    queries_t = queries.transpose(-1, -2)
+    residual = scale * log_targets - torch.matmul(key_mean, queries_t)  # [B, H, M, G]
+    residual = torch.where(torch.isfinite(residual), residual, torch.zeros_like(residual))
+    gram = torch.matmul(queries, queries_t)  # [B, H, G, G]
+    ridge = 16 * torch.finfo(gram.dtype).eps * gram.diagonal(dim1=-2, dim2=-1).mean(-1)
+    ridge = ridge.clamp_min(torch.finfo(gram.dtype).tiny)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    coefficients = torch.linalg.solve(gram + ridge[..., None, None] * eye, residual.transpose(-1, -2))
+    coefficients, info = torch.linalg.solve_ex(gram + ridge[..., None, None] * eye, residual.transpose(-1, -2))
     corrected = key_mean + torch.matmul(coefficients.transpose(-1, -2), queries)
-    finite = torch.isfinite(corrected).all(-1) & torch.isfinite(log_targets).all(-1)
-    return corrected, finite
+    usable = torch.isfinite(corrected).all(-1) & torch.isfinite(log_targets).all(-1) & (info == 0)[..., None]
+    usable = usable & (torch.linalg.vector_norm(corrected, dim=-1) <= max_scale * longest)
+    return corrected, usable
+
+
+def _zip_scale_from_queries(
+    key_mean: Tensor, queries: Tensor, log_target: Tensor, linear_estimate: Tensor, max_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve ``logsumexp_g(lambda a_g) - ln G = t`` (``a_g = q_g·kbar/sqrt(d)``) for ``lambda > 0``.
+
+    ``f(lambda) = logsumexp_g(lambda a_g)`` is convex, so Newton's method from any start with ``f' != 0`` lands on
+    the side ``f >= t`` after one step and then converges monotonically (quadratically near the root); for
+    ``G = 1`` it is exact after one step. Returns ``(lambda, converged, zero_denominator)`` ``[B, H, M]``.
+    """
+    dtype = key_mean.dtype
+    group = queries.shape[2]
+    a = torch.matmul(key_mean, queries.transpose(-1, -2)) / math.sqrt(key_mean.shape[-1])  # [B, H, M, G]
+    zero_denominator = a.abs().amax(-1) < MIN_DENOMINATOR
+    target = log_target + math.log(group)
+    start_ok = torch.isfinite(linear_estimate) & (linear_estimate > 0) & (linear_estimate <= max_scale)
+    lam = torch.where(start_ok, linear_estimate, torch.ones_like(linear_estimate))
+    bound = 4 * max_scale
+    for _ in range(NEWTON_STEPS):
+        z = lam[..., None] * a
+        residual = torch.logsumexp(z, dim=-1) - target
+        slope = (torch.softmax(z, dim=-1) * a).sum(-1)
+        step = torch.where(slope != 0, residual / torch.where(slope != 0, slope, torch.ones_like(slope)), 0.0)
+        lam = (lam - step).clamp(-bound, bound)
+    z = lam[..., None] * a
+    residual = torch.logsumexp(z, dim=-1) - target
+    tolerance = 64 * torch.finfo(dtype).eps * (1 + target.abs() + z.abs().amax(-1))
+    converged = residual.abs() <= tolerance
+    return lam, converged, zero_denominator
 
 
 def merge_into_kept(
     keys: Tensor, values: Tensor, log_votes: Tensor, evicted_idx: Tensor, target_idx: Tensor, merge_mask: Tensor,
-    ref_log_scores: Tensor, ref_queries: Tensor | None, variant: str = "zip", *, stats: MergeStats | None = None,
-    max_scale: float = MAX_SCALE,
+    ref_log_scores: Tensor | None, ref_queries: Tensor | None, variant: str = "zip", *,
+    stats: MergeStats | None = None, max_scale: float = MAX_SCALE, zip_fallback: str = "minnorm",
 ) -> None:
-    """Merge ``keys/values/log_votes`` entries ``evicted_idx`` into ``target_idx`` in place (see module doc).
+    """Merge the entries at ``evicted_idx`` into those at ``target_idx``, in place (see the module doc).
 
     Args:
-        keys, values: ``[B, H_kv, C, D]`` cache buffers (any float dtype); log_votes ``[B, H_kv, C]`` float32.
-        evicted_idx, target_idx: ``[B, H_kv, M]`` slots; targets must not be evicted. Many-to-one allowed.
-        merge_mask: ``[B, H_kv, M]`` bool; False = drop that evicted entry without merging.
-        ref_log_scores: ``[B, H_kv, C]`` ``ln s_i`` of every slot for the reference (weights ``pi``, zip's scale).
-        ref_queries: ``[B, H_kv, R, D]`` reference queries for ``minnorm`` (ignored by the other variants).
+        keys, values: ``[B, H_kv, C, D]`` cache buffers (float32 / bfloat16 / float16 / float64; keys RoPE-rotated).
+        log_votes: ``[B, H_kv, C]`` float32 (float64 allowed), ``ln p`` (``-inf`` = empty slot).
+        evicted_idx: ``[B, H_kv, M]`` slots to empty (every one, merged or not). A slot may be listed more than
+            once (padding of ``M``) as long as at most one of its occurrences has ``merge_mask`` True.
+        target_idx: ``[B, H_kv, M]`` the kept slot each evicted entry merges into; never an evicted slot. Many
+            evicted entries may share a target (one N-way merge per target). Ignored where ``merge_mask`` is False.
+        merge_mask: ``[B, H_kv, M]`` bool; False = drop that evicted entry without merging (below the cosine
+            threshold, or padding of ``M``). An evicted slot that is already empty merges nothing.
+        ref_log_scores: ``[B, H_kv, C]`` reference ``ln s_i`` per slot (e.g. predicted by the EMA), or ``None`` to
+            use the group mean-score of ``ref_queries``. Sets the weights ``pi`` of every variant and zip's scale.
+        ref_queries: ``[B, H_kv, G, D]`` the reference queries of each KV head's group (RoPE-rotated like the
+            keys). Needed by ``minnorm``, by ``ref_log_scores=None`` and by zip's ``"minnorm"`` fallback.
         variant: one of :data:`MERGE_VARIANTS`.
-    Evicted slots (merged or dropped) become empty: ``log_votes = -inf``, zero key and value.
+        stats: optional :class:`MergeStats` to accumulate into (device tensors, no host sync).
+        max_scale: bound on zip's ``lambda`` and on minnorm's key length relative to the group's longest key.
+        zip_fallback: key of an ill-conditioned zip group, one of :data:`ZIP_FALLBACKS`.
+
+    After the call every target that received a merge holds the merged key, value and ``ln P``; every evicted
+    slot is empty (``log_votes = -inf``, zero key and value); all other slots are untouched.
     """
     if variant not in MERGE_VARIANTS:
         raise ValueError(f"unknown merge variant {variant!r}; allowed: {', '.join(MERGE_VARIANTS)}")
+    if zip_fallback not in ZIP_FALLBACKS:
+        raise ValueError(f"unknown zip fallback {zip_fallback!r}; allowed: {', '.join(ZIP_FALLBACKS)}")
     if variant == "minnorm" and ref_queries is None:
-        raise ValueError("the minnorm variant needs ref_queries [batch, kv_heads, R, head_dim]")
-    compute = torch.float64 if keys.dtype == torch.float64 else torch.float32
+        raise ValueError("the minnorm variant needs ref_queries [batch, kv_heads, G, head_dim]")
+    if ref_log_scores is None and ref_queries is None:
+        raise ValueError("merge_into_kept needs ref_log_scores [batch, kv_heads, capacity] or ref_queries")
     batch, heads, capacity, dim = keys.shape
+    merges = evicted_idx.shape[-1]
+    if merges == 0:
+        return
+    device = keys.device
+    compute = compute_dtype(keys, log_votes)
+    neg_inf = -float("inf")
 
-    # members: every slot is the "target" of itself; merged evicted slots are members of their target's group
-    slots = torch.arange(capacity, device=keys.device).expand(batch, heads, capacity)
-    member_of = torch.cat((slots, target_idx), dim=-1)  # [B, H, C + M]
-    member_slot = torch.cat((slots, evicted_idx), dim=-1)
-    is_member = torch.cat((torch.isfinite(log_votes), merge_mask), dim=-1)
-    merges_received = torch.zeros(batch, heads, capacity, dtype=torch.int32, device=keys.device)
-    receives = merges_received.scatter_add(2, target_idx, merge_mask.to(torch.int32)) > 0  # [B, H, C]
+    # groups: one per distinct target that receives at least one live evicted entry
+    evicted_log_p = log_votes.gather(2, evicted_idx)
+    evicted_live = torch.isfinite(evicted_log_p)
+    merging = merge_mask & evicted_live
+    if stats is not None:  # live evicted slots, each counted once (evicted_idx may repeat a slot as padding)
+        listed = torch.sort(evicted_idx, dim=-1).values
+        first = torch.cat((torch.ones_like(listed[..., :1], dtype=torch.bool), listed[..., 1:] != listed[..., :-1]), -1)
+        live_listed = (first & torch.isfinite(log_votes.gather(2, listed))).sum()
+    group_of, group_slot, group_valid = _form_groups(target_idx, merging, capacity)
+    target_slot = torch.where(group_valid, group_slot, torch.zeros_like(group_slot))
+    target_log_p = log_votes.gather(2, target_slot)
+    target_live = group_valid & torch.isfinite(target_log_p)
 
-    evicted_live = torch.isfinite(log_votes.gather(2, evicted_idx))
-    log_p = log_votes.to(compute).gather(2, member_slot)
-    log_s = ref_log_scores.to(compute).gather(2, member_slot)
-    log_s = torch.nan_to_num(log_s, nan=-float("inf"))
+    # members: the M evicted entries and the M group targets, sorted by group (non-members last)
+    member_slot = torch.cat((evicted_idx, target_slot), dim=-1)  # [B, H, 2M]
+    member_group = torch.cat((group_of, torch.arange(merges, device=device).expand(batch, heads, merges)), dim=-1)
+    order, segments = _segments(member_group, torch.cat((merging, target_live), dim=-1), merges)
+    member_slot = member_slot.gather(2, order)
+    is_member = segments.is_member
+    log_p = log_votes.gather(2, member_slot).to(compute).masked_fill(~is_member, neg_inf)
+    row_index = member_slot[..., None].expand(batch, heads, 2 * merges, dim)
+    member_keys = keys.gather(2, row_index).to(compute)
+    member_values = values.gather(2, row_index).to(compute)
+    member_keys = torch.where(is_member[..., None], member_keys, torch.zeros_like(member_keys))
+    member_values = torch.where(is_member[..., None], member_values, torch.zeros_like(member_values))
+
+    queries = ref_queries.to(compute) if ref_queries is not None else None
+    member_logits = None
+    if queries is not None:
+        member_logits = torch.matmul(member_keys, queries.transpose(-1, -2)) / math.sqrt(dim)  # [B, H, 2M, G]
+    if ref_log_scores is not None:
+        log_s = ref_log_scores.gather(2, member_slot).to(compute)
+    else:
+        log_s = torch.logsumexp(member_logits, dim=-1) - math.log(member_logits.shape[-1])
+    log_s = torch.nan_to_num(log_s, nan=neg_inf, posinf=torch.finfo(compute).max / 4, neginf=neg_inf)
+
+    # pi_i = w_i / W (log space); a group with W = 0 (every reference score 0) weighs by votes instead
     log_w = log_p + log_s
-    log_P = _group_logsumexp(log_p, member_of, is_member, capacity)  # [B, H, C]
-    log_W = _group_logsumexp(log_w, member_of, is_member, capacity)
-    weight = torch.exp(log_w - log_W.gather(2, member_of)).masked_fill(~is_member, 0.0)  # pi_i, [B, H, C+M]
-    weight = torch.nan_to_num(weight, nan=0.0)
-    # a group whose reference mass is 0 (every score -inf) weighs its members by votes instead
+    log_P = segments.logsumexp(log_p)  # [B, H, M]
+    log_W = segments.logsumexp(log_w)
     massless = ~torch.isfinite(log_W)
-    vote_weight = torch.exp(log_p - log_P.gather(2, member_of)).masked_fill(~is_member, 0.0)
-    weight = torch.where(massless.gather(2, member_of), torch.nan_to_num(vote_weight, nan=0.0), weight)
+    by_mass = torch.exp(log_w - segments.spread(log_W))
+    by_votes = torch.exp(log_p - segments.spread(log_P))
+    weight = torch.where(segments.spread(massless), by_votes, by_mass)
+    weight = torch.where(is_member, weight, torch.zeros_like(weight))  # pi_i, [B, H, 2M]
 
-    member_keys = keys.to(compute).gather(2, member_slot[..., None].expand(-1, -1, -1, dim))
-    member_values = values.to(compute).gather(2, member_slot[..., None].expand(-1, -1, -1, dim))
-    group_index = member_of[..., None].expand(-1, -1, -1, dim)
-    zeros = torch.zeros(batch, heads, capacity, dim, dtype=compute, device=keys.device)
-    key_mean = zeros.scatter_add(2, group_index, weight[..., None] * member_keys)  # kbar
-    value_mean = zeros.scatter_add(2, group_index, weight[..., None] * member_values)  # v_r
+    key_mean = segments.sum(weight[..., None] * member_keys)  # kbar [B, H, M, D]
+    value_mean = segments.sum(weight[..., None] * member_values)  # v_r
 
-    minnorm_keys, minnorm_ok = None, None
-    if variant == "minnorm" or (variant == "zip" and ref_queries is not None):
+    false = torch.zeros_like(group_valid)
+    zero_denominator, bad_scale, bad_correction = false, false, false
+    need_minnorm = variant == "minnorm" or (variant == "zip" and zip_fallback == "minnorm" and queries is not None)
+    if need_minnorm:
+        longest = segments.amax(torch.linalg.vector_norm(member_keys, dim=-1))
         minnorm_keys, minnorm_ok = _minnorm_keys(
-            key_mean, member_keys, log_p, log_P, member_of, is_member, ref_queries.to(compute), capacity
+            key_mean, member_logits, log_p, log_P, segments, queries, longest, max_scale
         )
-    fallback = torch.zeros_like(receives)
     if variant == "zip":
-        denominator = torch.zeros(batch, heads, capacity, dtype=compute, device=keys.device)
+        log_target = log_W - log_P  # ln(W / P): the merged entry's reference log-score
         finite_log_s = torch.where(torch.isfinite(log_s), log_s, torch.zeros_like(log_s))
-        denominator = denominator.scatter_add(2, member_of, weight * finite_log_s)
-        safe = denominator.abs() >= MIN_DENOMINATOR
-        lam = (log_W - log_P) / torch.where(safe, denominator, torch.ones_like(denominator))
-        good = safe & torch.isfinite(lam) & (lam > 0) & (lam <= max_scale) & ~massless
-        if minnorm_keys is not None:
-            second_choice = torch.where(minnorm_ok[..., None], minnorm_keys, key_mean)
+        linear_denominator = segments.sum(weight * finite_log_s)  # sum_i pi_i ln s_i
+        linear_ok = linear_denominator.abs() >= MIN_DENOMINATOR
+        lam = log_target / torch.where(linear_ok, linear_denominator, torch.ones_like(linear_denominator))
+        if ref_log_scores is None:
+            lam, converged, queries_zero = _zip_scale_from_queries(key_mean, queries, log_target, lam, max_scale)
+            zero_denominator = massless | queries_zero
         else:
-            second_choice = key_mean
+            converged = torch.ones_like(linear_ok)
+            zero_denominator = massless | ~linear_ok
+        good = torch.isfinite(lam) & (lam > 0) & (lam <= max_scale) & converged & ~zero_denominator
+        bad_scale = ~good & ~zero_denominator
+        second_choice = torch.where(minnorm_ok[..., None], minnorm_keys, key_mean) if need_minnorm else key_mean
         new_keys = torch.where(good[..., None], lam[..., None] * key_mean, second_choice)
-        fallback = ~good
     elif variant == "minnorm":
+        bad_correction = ~minnorm_ok
         new_keys = torch.where(minnorm_ok[..., None], minnorm_keys, key_mean)
-        fallback = ~minnorm_ok
     elif variant == "keep-key":
-        new_keys = keys.to(compute)
+        target_keys = keys.gather(2, target_slot[..., None].expand(batch, heads, merges, dim)).to(compute)
+        new_keys = torch.where(target_live[..., None], target_keys, key_mean)
     else:
         new_keys = key_mean
 
     cast_keys = new_keys.to(keys.dtype)
     bad_cast = ~torch.isfinite(cast_keys).all(-1)
     cast_keys = torch.where(bad_cast[..., None], key_mean.to(keys.dtype), cast_keys)
-    fallback = (fallback | bad_cast) & receives
-    cast_values = value_mean.to(values.dtype)
 
-    write = receives[..., None]
-    keys.copy_(torch.where(write, cast_keys, keys))
-    values.copy_(torch.where(write, cast_values, values))
-    log_votes.copy_(torch.where(receives, log_P.to(log_votes.dtype), log_votes))
-    # evicted slots (merged or dropped) become empty
-    batch_index = torch.arange(batch, device=keys.device)[:, None, None].expand_as(evicted_idx)
-    head_index = torch.arange(heads, device=keys.device)[None, :, None].expand_as(evicted_idx)
+    # index assignments (O(M)): group rows to their targets, then the empty state to every evicted slot. An
+    # invalid group row j writes the empty state to evicted slot j, which is emptied anyway (same value).
+    destination = torch.where(group_valid, target_slot, evicted_idx)
+    batch_index = torch.arange(batch, device=device)[:, None, None].expand_as(destination)
+    head_index = torch.arange(heads, device=device)[None, :, None].expand_as(destination)
+    write = group_valid[..., None]
+    key_rows = torch.where(write, cast_keys, torch.zeros((), dtype=keys.dtype, device=device))
+    value_rows = torch.where(write, value_mean.to(values.dtype), torch.zeros((), dtype=values.dtype, device=device))
+    vote_rows = torch.where(group_valid, log_P.to(log_votes.dtype), neg_inf)
+    keys[batch_index, head_index, destination] = key_rows
+    values[batch_index, head_index, destination] = value_rows
+    log_votes[batch_index, head_index, destination] = vote_rows
     keys[batch_index, head_index, evicted_idx] = 0
     values[batch_index, head_index, evicted_idx] = 0
-    log_votes[batch_index, head_index, evicted_idx] = -float("inf")
+    log_votes[batch_index, head_index, evicted_idx] = neg_inf
 
     if stats is not None:
-        stats.merged = stats.merged.to(keys.device) + merge_mask.sum()
-        stats.dropped = stats.dropped.to(keys.device) + (evicted_live & ~merge_mask).sum()
-        stats.groups = stats.groups.to(keys.device) + receives.sum()
-        stats.fallbacks = stats.fallbacks.to(keys.device) + fallback.sum()
+        reasons = torch.stack((zero_denominator, bad_scale, bad_correction, bad_cast), dim=0) & group_valid
+        first = reasons & (torch.cumsum(reasons.to(torch.int64), dim=0) == 1)
+        stats.merged = stats.merged.to(device) + merging.sum()
+        stats.dropped = stats.dropped.to(device) + live_listed - merging.sum()
+        stats.groups = stats.groups.to(device) + group_valid.sum()
+        stats.fallbacks = stats.fallbacks.to(device) + first.flatten(1).sum(-1)
 
 
 merge_into_kept_compiled = torch.compile(merge_into_kept, fullgraph=True, dynamic=False)
+"""``torch.compile(merge_into_kept, fullgraph=True, dynamic=False)``: one graph per (shapes, variant, options)."""

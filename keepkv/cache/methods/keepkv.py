@@ -70,6 +70,7 @@ class KeepKV(CompressionMethod):
     ``reference`` (ema | last), ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32)."""
 
     name = "keepkv"
+    is_eviction_selector = False  # KeepKV merges; as a selector for X+keepkv use a plain eviction scorer
     variant: str = "zip"
     similarity_threshold: float = 0.8
     reference: str = "ema"

@@ -1,0 +1,539 @@
+"""Each method against a small independent reference computation written here (plain loops over heads, queries
+and positions; float64 where it matters), not keepkv's vectorised code path:
+
+SnapKV pooling and window - H2O accumulation over decode steps - TOVA's single eviction per step - PyramidKV's
+layer budget sequence (mean = requested) - Ada-KV's 20% floor per head - CriticalKV's two stages and
+``||v W_O^h||_1`` - WeightedKV's value merge (key gone, convex weights) - CaM's seeded Bernoulli spread over 32
+values - D2O's threshold EMA and similarity-weighted merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keepkv.cache.budgets import adakv_head_budgets, pyramid_layer_budgets
+from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.methods import make_method
+from keepkv.cache.methods.cam import counter_uniform
+from keepkv.cache.methods.criticalkv import value_output_norms
+from keepkv.cache.methods.d2o import variance_layer_budgets
+from keepkv.cache.methods.weightedkv import neighbour_slots
+from keepkv.generate import GenerationEngine
+from keepkv.sampling import SamplingConfig
+from tests.conftest import TINY_VOCAB, tiny_config, tiny_network
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- helpers: a cache filled with known tokens, and dense per-query attention ---------------------------------
+def filled_cache(method, batch=1, kv_heads=2, group=2, dim=8, tokens=20, capacity=None, seed=0, equal_keys=False):
+    """A cache holding ``tokens`` random tokens at positions ``0..tokens-1`` whose queries were all observed.
+    Returns ``(cache, queries [batch, heads, tokens, dim])``."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = CompressedLayerCache(
+        batch, kv_heads, capacity or tokens, dim, torch.float32, num_heads=kv_heads * group,
+        window=method.query_window, accumulate_attention=method.needs_accumulated_attention,
+    )
+    keys = torch.ones(batch, kv_heads, tokens, dim) if equal_keys else torch.randn(batch, kv_heads, tokens, dim,
+                                                                                 generator=generator)
+    values = torch.randn(batch, kv_heads, tokens, dim, generator=generator)
+    queries = torch.randn(batch, kv_heads * group, tokens, dim, generator=generator)
+    positions = torch.arange(tokens).repeat(batch, 1)
+    valid = torch.ones(batch, tokens, dtype=torch.bool)
+    cache.write(keys, values, positions, valid)
+    cache.observe_queries(queries, positions, valid)
+    return cache, queries
+
+
+def append_token(cache, generator, position):
+    """Write one random token at ``position`` for every row and observe its query; returns the query."""
+    batch, kv_heads, _, dim = cache.keys.shape
+    heads = cache.window_queries.shape[1]
+    key = torch.randn(batch, kv_heads, 1, dim, generator=generator)
+    value = torch.randn(batch, kv_heads, 1, dim, generator=generator)
+    query = torch.randn(batch, heads, 1, dim, generator=generator)
+    positions = torch.full((batch, 1), position)
+    valid = torch.ones(batch, 1, dtype=torch.bool)
+    cache.write(key, value, positions, valid)
+    cache.observe_queries(query, positions, valid)
+    return query
+
+
+def entries(cache, b, h):
+    """``{position: (key, value, votes)}`` of the live entries of row ``b``, KV head ``h``."""
+    out = {}
+    for slot in range(cache.capacity):
+        if math.isfinite(float(cache.log_votes[b, h, slot])):
+            out[int(cache.positions[b, h, slot])] = (cache.keys[b, h, slot].double(), cache.values[b, h, slot].double(),
+                                                     math.exp(float(cache.log_votes[b, h, slot])))
+    return out
+
+
+def dense_attention(query, keyed):
+    """Attention of one query over ``keyed = {position: (key, value, votes)}`` (all visible):
+    ``{position: p_i exp(q·k_i/sqrt(d)) / sum_j p_j exp(q·k_j/sqrt(d))}`` in float64."""
+    q = query.double()
+    logits = {pos: float(q @ key) / math.sqrt(q.shape[0]) + math.log(votes) for pos, (key, _, votes) in keyed.items()}
+    peak = max(logits.values())
+    weights = {pos: math.exp(logit - peak) for pos, logit in logits.items()}
+    total = sum(weights.values())
+    return {pos: w / total for pos, w in weights.items()}
+
+
+def top_positions(scores: dict[int, float], count: int) -> set[int]:
+    """The ``count`` positions with the highest score, ties to the older position."""
+    return set(sorted(scores, key=lambda pos: (-scores[pos], pos))[:max(count, 0)])
+
+
+def kept_positions(cache, b, h) -> set[int]:
+    return set(entries(cache, b, h))
+
+
+# ---- SnapKV ---------------------------------------------------------------------------------------------------
+def snapkv_head_scores(cache_entries, queries, group, kv_head, window, kernel, pooling, tokens):
+    """Per query head ``g`` of ``kv_head``: window-mean attention over the prefix, zero on the window, pooled.
+    Returns ``{g: [score per position]}`` (float64)."""
+    pooled_by_head = {}
+    for g in range(group):
+        head = kv_head * group + g
+        attention = [0.0] * tokens
+        for t in range(tokens - window, tokens):
+            visible = {pos: e for pos, e in cache_entries.items() if pos <= t}
+            for pos, p in dense_attention(queries[head, t], visible).items():
+                attention[pos] += p / window
+        for pos in range(tokens - window, tokens):
+            attention[pos] = 0.0
+        half = kernel // 2
+        pooled = []
+        for i in range(tokens):
+            around = [attention[j] if 0 <= j < tokens else 0.0 for j in range(i - half, i + half + 1)]
+            pooled.append(max(around) if pooling == "maxpool" else sum(around) / kernel)
+        pooled_by_head[g] = pooled
+    return pooled_by_head
+
+
+@pytest.mark.parametrize("pooling,kernel", [("maxpool", 7), ("avgpool", 5), ("maxpool", 1)])
+def test_snapkv_pooling_and_window(pooling, kernel):
+    window, tokens, budget, group = 4, 24, 10, 2
+    method = make_method("snapkv", window=window, kernel_size=kernel, pooling=pooling)
+    cache, queries = filled_cache(method, batch=2, kv_heads=2, group=group, tokens=tokens, seed=3)
+    reference = {(b, h): entries(cache, b, h) for b in range(2) for h in range(2)}
+    method.compress(cache, 0, budget)
+    for (b, h), cache_entries in reference.items():
+        pooled = snapkv_head_scores(cache_entries, queries[b], group, h, window, kernel, pooling, tokens)
+        score = {pos: sum(pooled[g][pos] for g in range(group)) / group for pos in range(tokens - window)}
+        expected = set(range(tokens - window, tokens)) | top_positions(score, budget - window)
+        assert kept_positions(cache, b, h) == expected
+
+
+# ---- H2O ------------------------------------------------------------------------------------------------------
+def test_h2o_accumulates_attention_over_prefill_and_decode_steps():
+    group, budget = 2, 10
+    method = make_method("h2o")  # recent = floor(0.5 * 10) = 5, heavy hitters 5
+    cache, queries = filled_cache(method, batch=1, kv_heads=2, group=group, tokens=12, capacity=16, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    # reference: per KV head, position -> accumulated group-mean attention, from the prompt's column sums on
+    reference = {h: {pos: 0.0 for pos in range(12)} for h in range(2)}
+
+    def accumulate(query_by_head, position):
+        for h in range(2):
+            keyed = {pos: e for pos, e in entries(cache, 0, h).items() if pos <= position}
+            for g in range(group):
+                for pos, p in dense_attention(query_by_head[h * group + g], keyed).items():
+                    reference[h][pos] = reference[h].get(pos, 0.0) + p / group
+
+    for t in range(12):
+        accumulate(queries[0, :, t], t)
+    for step, position in enumerate(range(12, 18)):
+        if step == 3:  # a compression in the middle: H2O keeps 5 recent + the 5 heaviest others
+            before = {h: dict(reference[h]) for h in range(2)}
+            method.compress(cache, 0, budget)
+            for h in range(2):
+                newest = max(before[h])
+                recent = {pos for pos in before[h] if pos > newest - 5}
+                heavy = top_positions({p: s for p, s in before[h].items() if p not in recent}, budget - 5)
+                assert kept_positions(cache, 0, h) == recent | heavy
+                reference[h] = {pos: s for pos, s in before[h].items() if pos in recent | heavy}
+        query = append_token(cache, generator, position)
+        for h in range(2):
+            reference[h][position] = 0.0
+        accumulate(query[0, :, 0], position)
+    for h in range(2):
+        live = torch.isfinite(cache.log_votes[0, h])
+        got = dict(zip(cache.positions[0, h][live].tolist(), cache.accumulated_attention[0, h][live].tolist()))
+        assert set(got) == set(reference[h])
+        for pos, value in reference[h].items():
+            assert got[pos] == pytest.approx(value, rel=1e-5, abs=1e-6)
+
+
+# ---- TOVA -----------------------------------------------------------------------------------------------------
+def test_tova_evicts_exactly_one_entry_per_step_the_same_for_all_heads():
+    group, kv_heads, budget = 2, 2, 9
+    method = make_method("tova")
+    cache, queries = filled_cache(method, batch=2, kv_heads=kv_heads, group=group, tokens=10, capacity=10, seed=7)
+    generator = torch.Generator().manual_seed(8)
+    newest_query, position = queries[:, :, -1], 9
+    for _ in range(4):
+        before = {(b, h): entries(cache, b, h) for b in range(2) for h in range(kv_heads)}
+        method.compress(cache, 0, budget)
+        for b in range(2):
+            # mean over all query heads of the layer of the newest query's attention; the newest token stays
+            layer_mean = {pos: 0.0 for pos in before[(b, 0)]}
+            for h in range(kv_heads):
+                for g in range(group):
+                    for pos, p in dense_attention(newest_query[b, h * group + g], before[(b, h)]).items():
+                        layer_mean[pos] += p / (kv_heads * group)
+            candidates = {pos: s for pos, s in layer_mean.items() if pos != position}
+            dropped = min(candidates, key=lambda pos: (candidates[pos], -pos))
+            for h in range(kv_heads):
+                assert set(before[(b, h)]) - kept_positions(cache, b, h) == {dropped}
+        position += 1
+        newest_query = append_token(cache, generator, position)[:, :, 0]
+
+
+def test_tova_with_decode_slack_one_compresses_once_per_step():
+    network = tiny_network()
+    method = make_method("tova")
+    manager = CompressedCacheManager(network.config, torch.float32, torch.device("cpu"), method, kv_budget=12,
+                                     decode_slack=1)
+    engine = GenerationEngine(network, compile=False, prefill_chunk_size=8, cache_manager=manager)
+    ids = torch.randint(3, TINY_VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    engine.prepare_caches(2, 30, 8)
+    with torch.inference_mode():
+        logits, positions = engine.prefill(ids, valid)
+        engine.end_prefill()
+        token = logits.argmax(-1)
+        compressions = manager.compressions
+        for step in range(6):
+            engine.decode_step(token, positions)
+            positions = positions + 1
+            live = manager.entries_per_head()
+            assert (live == 12 + 1).all()  # B entries + the token just written
+            assert manager.compressions == compressions + step  # one eviction per step from the second step on
+
+
+# ---- PyramidKV ------------------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(budget=st.integers(1, 600), num_layers=st.integers(1, 40), protected=st.integers(0, 64),
+       beta=st.sampled_from([20, 5, 1]))
+def test_pyramid_budget_sequence(budget, num_layers, protected, beta):
+    layer_budgets = pyramid_layer_budgets(budget, num_layers, protected, beta)
+    assert len(layer_budgets) == num_layers
+    assert sum(layer_budgets) == budget * num_layers  # mean exactly the requested budget
+    selectable = budget - protected
+    if selectable <= 0 or num_layers == 1:
+        assert layer_budgets == [budget] * num_layers
+        return
+    assert all(a >= b for a, b in zip(layer_budgets, layer_budgets[1:]))  # shallow layers keep more
+    smallest, largest = selectable / beta, 2 * selectable - selectable / beta
+    for layer, kept in enumerate(layer_budgets):
+        exact = protected + largest - (largest - smallest) * layer / (num_layers - 1)
+        assert abs(kept - exact) < 1 and kept >= protected
+
+
+def test_pyramidkv_manager_sizes_each_layer():
+    config = tiny_config(num_layers=4)
+    network = tiny_network(config)
+    method = make_method("pyramidkv", window=4, kernel_size=3)
+    manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, kv_budget=20)
+    engine = GenerationEngine(network, compile=False, prefill_chunk_size=8, cache_manager=manager)
+    ids = torch.randint(3, TINY_VOCAB, (2, 60), generator=torch.Generator().manual_seed(1))
+    list(engine.generate_tokens(ids, torch.ones_like(ids, dtype=torch.bool), 4, SamplingConfig()))
+    assert manager.layer_budgets == pyramid_layer_budgets(20, 4, 4, 20) == [35, 25, 15, 5]
+    entries = manager.entries_per_head()
+    for layer, kept in enumerate(manager.layer_budgets):
+        assert (entries[layer] == kept + 3).all()  # the layer's budget plus the 3 decode tokens SnapKV lets grow
+        assert manager.caches[layer].capacity == kept + 4  # budget + max_new slots per layer
+
+
+# ---- Ada-KV ---------------------------------------------------------------------------------------------------
+def adakv_reference(scores, protected, live, budget, floor_fraction, head_slots):
+    """Greedy Ada-KV per batch row: floors first, then the best remaining candidates over all heads."""
+    batch, heads, capacity = scores.shape
+    counts = torch.zeros(batch, heads, dtype=torch.long)
+    for b in range(batch):
+        pools, remaining, kept = 0, [], {}
+        for h in range(heads):
+            protected_count = int((protected[b, h] & live[b, h]).sum())
+            candidates = sorted((slot for slot in range(capacity) if live[b, h, slot] and not protected[b, h, slot]),
+                                key=lambda slot: (-float(scores[b, h, slot]), slot))
+            selectable = max(budget - protected_count, 0)
+            room = max(head_slots - protected_count, 0)
+            floor = min(math.floor(floor_fraction * selectable + 1e-4), room, len(candidates))
+            kept[h] = protected_count + floor
+            pools += selectable - floor
+            remaining += [(-float(scores[b, h, slot]), h, rank, slot) for rank, slot in enumerate(candidates)
+                          if floor <= rank < room]
+        for _, h, _, _ in sorted(remaining)[:max(pools, 0)]:
+            kept[h] += 1
+        for h in range(heads):
+            counts[b, h] = kept[h]
+    return counts
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), heads=st.integers(1, 4), capacity=st.integers(4, 20), budget=st.integers(1, 16),
+       protect=st.integers(0, 3), cap=st.sampled_from([1.0, 1.5, 2.0]))
+def test_adakv_head_budgets_match_a_greedy_reference(seed, heads, capacity, budget, protect, cap):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(2, heads, capacity, generator=generator).round(decimals=1)  # ties on purpose
+    scores[:, 0] *= 0.05 if seed % 2 else 1.0  # sometimes one head loses every comparison (its floor matters)
+    live = torch.rand(2, heads, capacity, generator=generator) < 0.9
+    protected = live & (torch.arange(capacity) >= capacity - protect)
+    priority = torch.where(protected, float("inf"), torch.where(live, scores, -float("inf")))
+    head_slots = min(math.ceil(cap * budget), capacity)
+    got = adakv_head_budgets(priority, protected, live, budget, 0.2, head_slots)
+    assert torch.equal(got, adakv_reference(scores, protected, live, budget, 0.2, head_slots))
+
+
+def test_adakv_keeps_a_20_percent_floor_for_every_head():
+    # H2O's scores are the accumulated attention, which we set: head 1 loses every global comparison
+    method = make_method("adakv-h2o", window=4, recent_fraction=0.0)
+    cache, _ = filled_cache(method, batch=2, kv_heads=2, group=1, tokens=40, seed=2)
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(2, 2, 40, generator=generator)
+    scores[:, 0] += 1.0
+    cache.accumulated_attention.copy_(scores)
+    budget = 14  # R = 14 - 4 protected = 10 per head: floor 2, pool 2 * 10 - 2 * 2 = 16
+    method.compress(cache, 0, budget)
+    per_head = torch.isfinite(cache.log_votes).sum(-1)
+    assert per_head[:, 1].tolist() == [4 + 2, 4 + 2]  # the protected window and exactly its 20% floor
+    assert per_head[:, 0].tolist() == [4 + 2 + 16, 4 + 2 + 16]  # everything else (within the 2 x 14 cap)
+    for b in range(2):  # head 1 kept its own two best, not the globally best
+        kept = kept_positions(cache, b, 1) - set(range(36, 40))
+        assert kept == top_positions({pos: float(scores[b, 1, pos]) for pos in range(36)}, 2)
+
+
+# ---- CriticalKV -----------------------------------------------------------------------------------------------
+def test_value_output_norms_match_a_loop():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(2, 2, 5, 4, generator=generator)
+    weight = torch.randn(6, 2 * 3 * 4, generator=generator)  # hidden 6, heads 6 (group 3), head_dim 4
+    norms = value_output_norms(values, weight, group=3)
+    for b in range(2):
+        for k in range(2):
+            for g in range(3):
+                head = k * 3 + g
+                for i in range(5):
+                    expected = (weight[:, head * 4:(head + 1) * 4].double() @ values[b, k, i].double()).abs().sum()
+                    assert float(norms[b, k, g, i]) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("stage1_fraction,kernel,silent", [(0.5, 3, False), (0.0, 3, False), (1.0, 3, False),
+                                                           (0.5, 1, True)])
+def test_criticalkv_two_stages(stage1_fraction, kernel, silent):
+    window, tokens, budget, group, dim = 4, 24, 12, 2, 8
+    method = make_method("criticalkv", window=window, kernel_size=kernel, stage1_fraction=stage1_fraction)
+    cache, queries = filled_cache(method, batch=1, kv_heads=2, group=group, dim=dim, tokens=tokens, seed=11)
+    if silent:  # all but 4 prefix entries get ~zero attention: stage 2 ranks them by epsilon * ||v W_O||_1 alone
+        for h in range(2):
+            away = -queries[0, h * group:(h + 1) * group, tokens - window:].sum(dim=(0, 1))
+            cache.keys[0, h, 4:tokens - window] = 60 * away / away.norm()
+    weight = torch.randn(16, 2 * group * dim, generator=torch.Generator().manual_seed(12))
+    method.bind_output_projections([weight])
+    reference = {h: entries(cache, 0, h) for h in range(2)}
+    method.compress(cache, 0, budget)
+    selectable = budget - window
+    stage1_count = math.floor(stage1_fraction * selectable + 1e-4)
+    for h, cache_entries in reference.items():
+        pooled = snapkv_head_scores(cache_entries, queries[0], group, h, window, kernel, "maxpool", tokens)
+        prefix = range(tokens - window)
+        base = {pos: sum(pooled[g][pos] for g in range(group)) / group for pos in prefix}
+        stage1 = top_positions(base, stage1_count)
+        critical = {}
+        for pos in prefix:
+            value = cache_entries[pos][1]
+            total = 0.0
+            for g in range(group):
+                head = h * group + g
+                norm = float((weight[:, head * dim:(head + 1) * dim].double() @ value).abs().sum())
+                total += (pooled[g][pos] + 1e-4) * norm / group
+            critical[pos] = total
+        stage2 = top_positions({p: s for p, s in critical.items() if p not in stage1}, selectable - stage1_count)
+        assert kept_positions(cache, 0, h) == set(range(tokens - window, tokens)) | stage1 | stage2
+
+
+def test_criticalkv_without_weights_says_how_to_bind_them():
+    method = make_method("criticalkv", window=2)
+    cache, _ = filled_cache(method, tokens=8)
+    with pytest.raises(ValueError, match="bind_network"):
+        method.compress(cache, 0, 4)
+
+
+# ---- WeightedKV -----------------------------------------------------------------------------------------------
+def set_average_attention(cache, averages):
+    """Make slot ``i``'s average attention ``averages[i]`` (every row and head)."""
+    queries = cache.attention_queries.clamp_min(1.0)
+    cache.accumulated_attention.copy_(torch.tensor(averages, dtype=torch.float32) * queries)
+
+
+def test_weightedkv_merges_the_value_into_the_next_entry_and_drops_the_key():
+    method = make_method("weightedkv", sinks=2, window=2)
+    cache, _ = filled_cache(method, batch=1, kv_heads=1, group=1, dim=4, tokens=8, seed=4)
+    averages = [0.9, 0.8, 0.5, 0.3, 0.05, 0.2, 0.4, 0.6]  # position 4 is the lowest non-protected one
+    set_average_attention(cache, averages)
+    before = entries(cache, 0, 0)
+    count5 = float(cache.attention_queries[0, 0, 5])
+    method.compress(cache, 0, 7)
+    after = entries(cache, 0, 0)
+    assert set(after) == set(before) - {4}
+    a_j, a_n = averages[4], averages[5]
+    expected_value = (a_j * before[4][1] + a_n * before[5][1]) / (a_j + a_n)
+    torch.testing.assert_close(after[5][1], expected_value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[5][0], before[5][0])  # the neighbour keeps its own key
+    assert all(not torch.allclose(key, before[4][0]) for key, _, _ in after.values())  # the evicted key is gone
+    for pos in (0, 1, 2, 3, 6, 7):
+        torch.testing.assert_close(after[pos][1], before[pos][1])
+    slot5 = int((cache.positions[0, 0] == 5).nonzero())
+    merged_average = float(cache.accumulated_attention[0, 0, slot5]) / count5
+    assert merged_average == pytest.approx((a_j * a_j + a_n * a_n) / (a_j + a_n), rel=1e-5)
+    assert all(votes == 1.0 for _, _, votes in after.values())
+
+
+def test_weightedkv_two_evicted_entries_merge_into_one_neighbour_with_convex_weights():
+    method = make_method("weightedkv", sinks=1, window=2)
+    cache, _ = filled_cache(method, batch=1, kv_heads=1, group=1, dim=4, tokens=8, seed=9)
+    averages = [0.9, 0.7, 0.6, 0.1, 0.2, 0.5, 0.4, 0.6]  # positions 3 and 4 go, both into position 5
+    set_average_attention(cache, averages)
+    before = entries(cache, 0, 0)
+    method.compress(cache, 0, 6)
+    after = entries(cache, 0, 0)
+    weights = {3: 0.1, 4: 0.2, 5: 0.5}
+    expected = sum(w * before[p][1] for p, w in weights.items()) / sum(weights.values())
+    torch.testing.assert_close(after[5][1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weightedkv_neighbour_is_the_next_kept_entry_or_the_previous_one():
+    kept = torch.tensor([[[True, False, False, True, False, True, False, False]]])
+    assert neighbour_slots(kept)[0, 0].tolist() == [3, 3, 3, 5, 5, 5, 5, 5]
+
+
+# ---- CaM ------------------------------------------------------------------------------------------------------
+def test_cam_spreads_the_evicted_value_over_the_next_32_values_when_the_draw_says_so():
+    method = make_method("cam", sinks=4, window=2)  # merge_span 32
+    # equal keys and votes: uniform attention, so a_e / mean(a_window) = 1 and every draw merges
+    cache, _ = filled_cache(method, batch=1, kv_heads=2, group=2, dim=4, tokens=50, seed=1, equal_keys=True)
+    before = {h: entries(cache, 0, h) for h in range(2)}
+    method.compress(cache, 0, 49)  # StreamingLLM evicts position 4, the oldest non-sink token
+    for h in range(2):
+        after = entries(cache, 0, h)
+        assert set(after) == set(before[h]) - {4}
+        share = before[h][4][1] / 32
+        for pos, (key, value, votes) in after.items():
+            expected = before[h][pos][1] + share if 5 <= pos <= 36 else before[h][pos][1]
+            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(key, before[h][pos][0])  # keys untouched
+            assert votes == 1.0
+
+
+def test_cam_bernoulli_draws_are_seeded_per_token():
+    probability = 0.3
+    results = {}
+    for seed in (0, 0, 1):
+        method = make_method("cam", sinks=4, window=2, seed=seed)
+        cache, _ = filled_cache(method, batch=4, kv_heads=8, group=1, dim=4, tokens=50, seed=2, equal_keys=True)
+        slot4 = 4
+        cache.log_votes[:, :, slot4] = math.log(probability)  # attention to it = 0.3 x the others' (equal keys)
+        before = cache.values.clone()
+        method.compress(cache, 0, 49)
+        # position 5 (now slot 4) received v_4 / 32 exactly where the seeded draw was below p
+        merged = ~torch.isclose(cache.values[:, :, 4], before[:, :, 5]).all(-1)
+        draws = counter_uniform(seed, 0, torch.full((4, 8, 1), 4))[..., 0]
+        assert torch.equal(merged, draws < probability)
+        results.setdefault(seed, []).append(merged)
+        assert 0.05 < merged.float().mean() < 0.6
+    assert torch.equal(results[0][0], results[0][1])  # same seed, same draws
+    assert not torch.equal(results[0][0], results[1][0])  # another seed, other draws
+
+
+def test_cam_chains_evicted_entries_oldest_first():
+    method = make_method("cam", sinks=4, window=2, merge_span=3)
+    cache, _ = filled_cache(method, batch=1, kv_heads=1, group=1, dim=4, tokens=12, seed=3, equal_keys=True)
+    before = {pos: e[1] for pos, e in entries(cache, 0, 0).items()}
+    method.compress(cache, 0, 10)  # evicts positions 4 and 5
+    expected = dict(before)
+    for evicted in (4, 5):  # one step at a time, as the paper's per-step schedule would
+        for pos in range(evicted + 1, evicted + 4):
+            expected[pos] = expected[pos] + expected[evicted] / 3
+    after = entries(cache, 0, 0)
+    for pos in after:
+        torch.testing.assert_close(after[pos][1], expected[pos], rtol=1e-5, atol=1e-6)
+
+
+def test_counter_uniform_is_uniform_and_stable():
+    positions = torch.arange(4096).view(1, 1, -1)
+    draws = counter_uniform(0, 3, positions)
+    assert draws.min() >= 0 and draws.max() < 1
+    assert abs(float(draws.mean()) - 0.5) < 0.02
+    histogram = torch.histc(draws, bins=8, min=0, max=1)
+    assert (histogram > 4096 / 8 * 0.85).all()
+    assert torch.equal(draws, counter_uniform(0, 3, positions))
+    assert not torch.equal(draws, counter_uniform(0, 4, positions))
+
+
+# ---- D2O ------------------------------------------------------------------------------------------------------
+def d2o_reference(live, evicted, kept):
+    """Max cosine similarity of each evicted entry to the kept ones and its best target (float64);
+    ``live = {position: (key, value, votes)}`` before the compression."""
+    result = {}
+    for e in evicted:
+        sims = {c: float(torch.nn.functional.cosine_similarity(live[e][0], live[c][0], dim=0)) for c in kept}
+        best = max(sims, key=lambda c: (sims[c], -c))
+        result[e] = (sims[best], best)
+    return result
+
+
+def test_d2o_threshold_ema_and_similarity_weighted_merge():
+    method = make_method("d2o", sinks=1, window=1, layer_budgets="uniform")  # recent = floor(0.5 * 8) = 4
+    cache, _ = filled_cache(method, batch=1, kv_heads=2, group=1, dim=4, tokens=12, capacity=16, seed=21)
+    thresholds = {}
+    generator = torch.Generator().manual_seed(22)
+    for round_, budget in enumerate((8, 8)):
+        # heavy hitters by construction: accumulated attention falls with position (older = heavier)
+        live = torch.isfinite(cache.log_votes)
+        cache.accumulated_attention.copy_(torch.where(live, 100.0 - cache.positions.float(), 0.0))
+        before = {h: entries(cache, 0, h) for h in range(2)}
+        method.compress(cache, 0, budget)
+        for h in range(2):
+            positions = sorted(before[h])
+            recent = set(positions[-4:])
+            heavy = set([p for p in positions if p not in recent][:budget - 4])
+            kept, evicted = recent | heavy, [p for p in positions if p not in recent | heavy]
+            assert kept_positions(cache, 0, h) == kept
+            matches = d2o_reference(before[h], evicted, kept)
+            mean_sim = sum(s for s, _ in matches.values()) / len(matches)
+            tau = mean_sim if round_ == 0 else 0.5 * thresholds[h] + 0.5 * mean_sim
+            thresholds[h] = tau
+            assert float(method.thresholds[0][0, h]) == pytest.approx(tau, rel=1e-5)
+            after = entries(cache, 0, h)
+            for c in kept:
+                merged_in = [(s, e) for e, (s, target) in matches.items() if target == c and s >= tau]
+                total = math.e + sum(math.exp(s) for s, _ in merged_in)
+                for field in (0, 1):
+                    expected = (math.e * before[h][c][field] + sum(math.exp(s) * before[h][e][field]
+                                                                   for s, e in merged_in)) / total
+                    torch.testing.assert_close(after[c][field], expected, rtol=1e-4, atol=1e-5)
+                assert after[c][2] == 1.0  # no vote bias
+        for position in (12 + 2 * round_, 13 + 2 * round_):
+            append_token(cache, generator, position)
+
+
+def test_d2o_layer_budgets_from_variance():
+    budgets = variance_layer_budgets(20, 5, torch.tensor([0.3, 0.1, 0.9, 0.5]))
+    assert sum(budgets) == 80 and min(budgets) >= 5
+    assert budgets[1] == max(budgets) and budgets[2] == min(budgets)  # flatter attention keeps more
+    assert (budgets[1] - 5) <= math.e * (budgets[2] - 5) + 1
+    assert variance_layer_budgets(20, 5, torch.tensor([0.2, 0.2])) == [20, 20]
