@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Fetch a model's config, tokenizer and safetensors weights.")
     add_download_arguments(download)
     download.set_defaults(run=run_download)
+    from keepkv.eval.cli import add_eval_command
+    add_eval_command(commands)
+    from keepkv.bench import add_bench_command
+    add_bench_command(commands)
     return parser
 
 

@@ -158,6 +158,27 @@ class GenerationEngine:
         if self.cache_manager.end_prefill():
             self.network.attach_caches(self.caches)
 
+    def start_from_prefill(self, source: list[LayerKVCache], prompt_tokens: int, max_new_tokens: int,
+                           compress: bool = True) -> None:
+        """Continue from a prefill made elsewhere (evaluation: one full prefill shared by several methods): the
+        cache manager copies ``source`` (not modified), compresses it to the budget unless ``compress=False`` and
+        makes room for ``max_new_tokens`` more tokens; the copies are attached. Follow with :meth:`extend` (a
+        suffix such as a question) and :meth:`decode_step`. See ``CacheManager.start_from_prefill``."""
+        self.network.attach_caches(
+            self.cache_manager.start_from_prefill(source, prompt_tokens, max_new_tokens, compress=compress)
+        )
+
+    def extend(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        """Teacher-forced logits ``[B, T, vocab]`` (float32) of ``input_ids [B, T]`` at ``positions [B, T]``
+        appended to the current caches (no reset), in chunks of ``prefill_chunk_size``; the cache manager
+        compresses whenever a chunk would not fit, as in prefill. Used to feed a question after a compression."""
+        with torch.inference_mode():
+            pieces = [
+                self.network.project(hidden[:, :width])
+                for _, width, hidden in self._run_chunks(input_ids, positions, valid)
+            ]
+        return torch.cat(pieces, dim=1)
+
     # ---- generation ---------------------------------------------------------------------------------------
     def generate_tokens(
         self, input_ids: Tensor, valid: Tensor, max_new_tokens: int, sampling: SamplingConfig,

@@ -20,8 +20,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -49,6 +50,7 @@ class CompressedLayerCache(LayerKVCache):
             persistent=False,
         )
         self.accumulate_attention = accumulate_attention
+        self._window_scores_memo: list[Tensor] | None = None  # see reuse_window_scores
         state_shape = (batch_size, kv_heads, capacity) if accumulate_attention else (batch_size, kv_heads, 0)
         self.register_buffer(
             "accumulated_attention", torch.zeros(state_shape, dtype=torch.float32, device=device), persistent=False
@@ -128,8 +130,28 @@ class CompressedLayerCache(LayerKVCache):
             visible = visible & (q_pos - kv_pos < self.sliding_window)
         return visible
 
+    @contextlib.contextmanager
+    def reuse_window_scores(self) -> Iterator[None]:
+        """Within this block :meth:`window_log_scores` is computed once and reused (a compression asks for it
+        from its scorer and again for KeepKV's merge reference: the same ``[G*w, D] x [D, C]`` product twice).
+        Valid while keys, positions and window do not change: a compression scores everything before it merges."""
+        self._window_scores_memo = []
+        try:
+            yield
+        finally:
+            self._window_scores_memo = None
+
     def window_log_scores(self) -> Tensor:
         """``[batch, kv_heads, group, w, capacity]`` float32 logits ``q_t·k_i/sqrt(d)`` (``-inf`` if invisible)."""
+        memo = self._window_scores_memo
+        if memo:
+            return memo[0]
+        logits = self._window_log_scores()
+        if memo is not None:
+            memo.append(logits)
+        return logits
+
+    def _window_log_scores(self) -> Tensor:
         batch, kv_heads, capacity, dim = self.keys.shape
         group, window = self.group_size, self.window_queries.shape[2]
         queries = self.window_queries.float().view(batch, kv_heads, group * window, dim)
@@ -191,14 +213,19 @@ class CompressedLayerCache(LayerKVCache):
         self.cursor.fill_(count)
 
     def copy_into(self, other: CompressedLayerCache) -> None:
-        """Copy this cache's entries, window and score state into ``other`` (same batch, heads and window; any
-        capacity that holds every slot below this cache's cursor). Used when the manager re-sizes a cache."""
+        """Copy this cache's entries, window and score state into ``other`` (same batch and heads; any capacity
+        that holds every slot below this cache's cursor; a window no longer than this one's, which keeps the
+        newest queries). Used when the manager re-sizes a cache, and to hand one shared prefill to several
+        methods."""
         kept = min(self.capacity, other.capacity)
         for name in ("keys", "values", "log_votes", "positions"):
             getattr(other, name)[:, :, :kept] = getattr(self, name)[:, :, :kept]
         if self.accumulate_attention and other.accumulate_attention:
             other.accumulated_attention[:, :, :kept] = self.accumulated_attention[:, :, :kept]
             other.attention_queries[:, :, :kept] = self.attention_queries[:, :, :kept]
-        other.window_queries.copy_(self.window_queries)
-        other.window_positions.copy_(self.window_positions)
+        window = other.window_queries.shape[2]
+        if window > self.window_queries.shape[2]:
+            raise ValueError(f"cannot copy a window of {self.window_queries.shape[2]} queries into one of {window}")
+        other.window_queries.copy_(self.window_queries[:, :, -window:])  # time order: the newest are last
+        other.window_positions.copy_(self.window_positions[:, -window:])
         other.cursor.copy_(self.cursor.clamp_max(other.capacity))

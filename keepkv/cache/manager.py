@@ -85,6 +85,28 @@ class FullCacheManager:
     def bind_network(self, network: nn.Module) -> None:
         """Give the compression method (if any) the model it compresses; the full cache needs nothing."""
 
+    def start_from_prefill(self, source: list[LayerKVCache], prompt_tokens: int, max_new_tokens: int,
+                           compress: bool = True) -> list[LayerKVCache]:
+        """Continue from a prefill made elsewhere (one full prefill shared by several methods, for evaluation).
+
+        ``source`` holds one cache per layer with the whole prompt (``prompt_tokens`` real positions per row) and
+        is not modified: its entries are copied into new caches with room for ``max_new_tokens`` more tokens
+        (suffix and answer). The full cache never compresses (``compress`` is ignored). Returns the new caches.
+        """
+        c = self.config
+        batch = source[0].keys.shape[0]
+        capacity = self.capacity_for(source[0].capacity, max_new_tokens)
+        self.caches = [
+            LayerKVCache(batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device) for _ in source
+        ]
+        with torch.inference_mode():
+            for old, new in zip(source, self.caches):
+                for name in ("keys", "values", "log_votes", "positions"):
+                    getattr(new, name)[:, :, : old.capacity] = getattr(old, name)
+                new.cursor.copy_(old.cursor)
+        self.filled = int(source[0].cursor.max())
+        return self.caches
+
     def entries_per_head(self) -> Tensor:
         """``[layers, batch, kv_heads]`` live entries (reads the device: for reports, not the hot path)."""
         return torch.stack([cache.live_entries() for cache in self.caches])
@@ -122,6 +144,59 @@ class CompressedCacheManager(FullCacheManager):
     def bind_network(self, network: nn.Module) -> None:
         """Give the method the model it compresses (CriticalKV reads each layer's ``o_proj`` weight)."""
         self.method.bind_model(network)
+
+    def start_from_prefill(self, source: list[LayerKVCache], prompt_tokens: int, max_new_tokens: int,
+                           compress: bool = True) -> list[LayerKVCache]:
+        """Continue from a full prefill made elsewhere and shared by several methods (evaluation; the protocol of
+        "prefill with the full cache, then compress once", as kvpress does).
+
+        ``source``: one :class:`CompressedLayerCache` per layer holding the whole prompt (``prompt_tokens`` tokens
+        per row) and the score state this method reads (an observation window at least ``method.query_window``
+        long, accumulated attention if ``method.needs_accumulated_attention``); it is not modified. Its entries are
+        copied into this manager's caches, budgets are set as in :meth:`allocate` (``B`` from ``prompt_tokens``),
+        and with ``compress=True`` the method compresses them to the budget and moves them into the decode buffers
+        exactly like :meth:`end_prefill` (room for ``max_new_tokens`` more tokens for compress-once methods, else
+        ``decode_slack``). With ``compress=False`` the copies keep every entry and get ``max_new_tokens`` slots of
+        room; :meth:`compress_inside_next_forward` then compresses them. Returns the caches to attach.
+        """
+        batch = source[0].keys.shape[0]
+        self.budget = entries_for_budget(self.kv_budget, prompt_tokens, self.method.protected_entries)
+        self.max_new_tokens = max_new_tokens
+        self.method.reset_state()
+        self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
+        self.budgets_measured = False
+        self.compressions = 0
+        room = 0 if compress else max_new_tokens
+        self.caches = self._new_caches(batch, [old.capacity + room for old in source])
+        with torch.inference_mode():
+            for old, new in zip(source, self.caches):
+                old.copy_into(new)
+        self.cursors = [int(old.cursor.max()) for old in source]
+        self.filled = max(self.cursors)
+        self.room = room
+        if compress:
+            self.end_prefill()
+        return self.caches
+
+    def compress_inside_next_forward(self) -> None:
+        """Oracle schedule for fidelity studies (eager only): every layer is compressed to its budget *inside* the
+        next forward, after that forward's new keys were written and its queries joined the observation window,
+        and before they attend (``CompressedLayerCache.inline_compression``). The newest query of that forward is
+        then the reference query of a merge (KeepKV's ``reference="last"``), so the step that compresses shows the
+        merge's own perturbation. Call it before a one-token :meth:`GenerationEngine.decode_step`."""
+        self._measure_budgets()
+
+        def compress_once(layer: int):
+            def hook(cache: CompressedLayerCache) -> None:
+                cache.inline_compression = None
+                self.method.compress(cache, layer, self.layer_budgets[layer])
+            return hook
+
+        for layer, cache in enumerate(self.caches):
+            cache.inline_compression = compress_once(layer)
+        # host mirrors: after the forward each layer holds its slots (the new token included), i.e. wrote(1) later
+        self.cursors = [min(slots, cache.capacity) - 1 for slots, cache in zip(self.layer_slots, self.caches)]
+        self.compressions += 1
 
     def _new_caches(self, batch_size: int, capacity: int | list[int]) -> list[CompressedLayerCache]:
         c = self.config

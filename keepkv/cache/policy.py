@@ -205,8 +205,9 @@ class CompressionMethod:
 
     def compress(self, cache: CompressedLayerCache, layer: int, budget: int) -> None:
         """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head)."""
-        kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
-        self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
+        with cache.reuse_window_scores():  # selection and merge reference share one window-score product
+            kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
+            self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
         cache.compact(kept_slots, kept_valid)
 
     def options(self) -> dict[str, Any]:

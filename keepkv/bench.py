@@ -1,0 +1,268 @@
+"""``keepkv bench``: a quick decode-throughput table (full cache vs a compressed cache), and the measuring
+core shared with ``tools/bench_decode.py``.
+
+**Synthetic context.** Decode speed at context ``L`` does not need a real ``L``-token prefill: the caches are
+filled with a synthetic state of ``L`` entries (random keys / values N(0, 1), positions ``0 .. L-1``; a
+compressed cache holds ``budget`` of them — the 4 sinks, the 32 newest and a sorted random sample of the rest —
+plus a random observation window), exactly where a chunked prefill and ``end_prefill`` would leave them. Then real
+decode steps run through the engine's compiled decode step, and the method's decode-time compression (every
+``W = decode_slack`` steps) runs inside the timed steps: one run of a compressed cache is ``W`` steps, so each run
+holds exactly one compression and its cost is amortised per token. Contexts past the model's trained length are
+allowed by an explicit override of ``max_position_embeddings`` (speed only; quality is not measured here).
+
+Everything heavy is imported lazily: ``keepkv --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+DECODE_SLACK = 64
+FULL_RUN_STEPS = 16
+
+
+def load_network(model: str, dtype: str, max_context: int):
+    """``(network, override)``: the model's :class:`Transformer` (weights in ``dtype``) and, when ``max_context``
+    exceeds its trained context, the explicit ``max_position_embeddings`` override applied (else ``None``)."""
+    from keepkv.models import load
+
+    raise_recompile_limits()
+    lm = load(model, dtype=dtype, compile=False)
+    network = lm.engine.network
+    trained = network.config.max_position_embeddings
+    override = None
+    if max_context + 1024 > trained:  # explicit: positions past the trained context (speed only)
+        override = {"max_position_embeddings": [trained, max_context + 1024]}
+        network.config = network.config.replace(max_position_embeddings=max_context + 1024)
+    return network, override
+
+
+def raise_recompile_limits() -> None:
+    """One process benchmarks many (capacity, budget) points: each is its own decode graph and merge-op graph by
+    design, so dynamo's per-function limit (8) must not turn later points into silent eager fallbacks."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+
+
+def make_engine(network, budget: float | None):
+    """A compiled :class:`GenerationEngine` over ``network``: full cache (``budget=None``) or KeepKV (default
+    variant, compiled merge op) at ``kv_budget=budget`` with ``decode_slack = DECODE_SLACK``."""
+    from keepkv.cache.manager import CompressedCacheManager
+    from keepkv.cache.methods import make_method
+    from keepkv.generate import GenerationEngine
+
+    if budget is None:
+        return GenerationEngine(network, compile=True)
+    method = make_method("keepkv")
+    method.use_compiled_ops = True
+    dtype = network.model.embed_tokens.weight.dtype
+    manager = CompressedCacheManager(network.config, dtype, network.inv_freq.device, method, budget, DECODE_SLACK)
+    return GenerationEngine(network, compile=True, cache_manager=manager)
+
+
+def synthetic_positions(context: int, keep: int, generator):
+    """``keep`` sorted positions out of ``0 .. context-1``: sinks 0..3, the 32 newest, a random sample between."""
+    import torch
+
+    if keep >= context:
+        return torch.arange(context)
+    sinks, recent = torch.arange(4), torch.arange(context - 32, context)
+    middle = 4 + torch.randperm(context - 36, generator=generator)[: keep - 36].sort().values
+    return torch.cat((sinks, middle, recent))
+
+
+def fill_synthetic(engine, context: int, new_tokens: int, seed: int = 0) -> None:
+    """Caches as a prefill of ``context`` tokens (then ``end_prefill``) would leave them (see module doc)."""
+    import torch
+
+    from keepkv.cache.manager import CompressedCacheManager
+
+    generator = torch.Generator().manual_seed(seed)
+    engine.prepare_caches(1, context, new_tokens)
+    manager = engine.cache_manager
+    compressed = isinstance(manager, CompressedCacheManager)
+    with torch.inference_mode():
+        for layer, cache in enumerate(engine.caches):
+            keep = manager.layer_budgets[layer] if compressed else context
+            positions = synthetic_positions(context, keep, generator)
+            n = positions.numel()
+            shape = (1, cache.keys.shape[1], n, cache.keys.shape[3])
+            cache.keys[:, :, :n] = torch.randn(shape, generator=generator).to(cache.keys.dtype)
+            cache.values[:, :, :n] = torch.randn(shape, generator=generator).to(cache.values.dtype)
+            cache.log_votes[:, :, :n] = 0.0
+            cache.positions[:, :, :n] = positions.to(cache.positions.dtype)
+            cache.cursor.fill_(n)
+            if compressed:
+                window = cache.window_queries.shape[2]
+                cache.window_queries.copy_(torch.randn(cache.window_queries.shape, generator=generator))
+                cache.window_positions.copy_(torch.arange(context - window, context)[None])
+    if compressed:
+        manager.cursors = [cache.cursor.item() for cache in engine.caches]
+        manager.filled = max(manager.cursors)
+    else:
+        manager.filled = context
+    engine.end_prefill()
+
+
+def weight_bytes(network) -> int:
+    seen, total = set(), 0
+    for p in network.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_read_bytes(engine) -> int:
+    """Bytes of the KV buffers one decode step reads (keys, values, log-votes, positions; every slot)."""
+    total = 0
+    for cache in engine.caches:
+        total += sum(t.numel() * t.element_size() for t in (cache.keys, cache.values, cache.log_votes,
+                                                              cache.positions))
+    return total
+
+
+def time_decode(engine, context: int, runs: int, compressed: bool, on_run=None) -> dict:
+    """Warm up (compile + first compression), then ``runs`` timed runs; returns the measured numbers."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    run_steps = DECODE_SLACK if compressed else FULL_RUN_STEPS
+    warmup = DECODE_SLACK + 6 if compressed else 8
+    manager = engine.cache_manager
+    compress_times: list[float] = []
+    if compressed:
+        original = manager.compress_all
+
+        def timed_compress_all():
+            started = time.perf_counter()
+            original()
+            compress_times.append(time.perf_counter() - started)
+
+        manager.compress_all = timed_compress_all
+    token = torch.tensor([1])
+    position = torch.tensor([context])
+    step_times: list[float] = []
+
+    def step():
+        nonlocal token, position
+        started = time.perf_counter()
+        with torch.inference_mode():
+            logits = engine.decode_step(token, position)
+            token = logits.argmax(dim=-1)
+        position = position + 1
+        step_times.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    step()
+    first_step = time.perf_counter() - started
+    for _ in range(warmup - 1):
+        step()
+    compress_times.clear()
+    graphs_before = counters["stats"]["unique_graphs"]
+    kv_bytes = kv_read_bytes(engine)
+    resident = engine.cache_bytes()
+    run_times = []
+    for _ in range(runs):
+        first = len(step_times)
+        for _ in range(run_steps):
+            step()
+        run_times.append(sum(step_times[first:]))
+        if on_run is not None:
+            on_run()
+    timed_steps = step_times[warmup:]
+    plain = sorted(timed_steps)[: len(timed_steps) - len(compress_times)] if compress_times else timed_steps
+    median_run = statistics.median(run_times)
+    result = {
+        "context": context,
+        "first_step_seconds": first_step,
+        "run_steps": run_steps,
+        "runs": runs,
+        "run_seconds": run_times,
+        "tokens_per_second": run_steps / median_run,
+        "seconds_per_token": median_run / run_steps,
+        "median_step_seconds": statistics.median(timed_steps),
+        "new_graphs_during_timed_runs": counters["stats"]["unique_graphs"] - graphs_before,
+        "kv_read_bytes": kv_bytes,
+        "cache_resident_bytes": resident,
+        "capacity": engine.caches[0].capacity,
+    }
+    if compressed:
+        result["compressions_timed"] = len(compress_times)
+        result["compression_seconds_median"] = statistics.median(compress_times) if compress_times else None
+        result["budget_entries"] = manager.budget
+        step_plain = statistics.median(plain)
+        result["median_step_seconds_without_compression"] = step_plain
+        if compress_times:
+            result["compression_fraction_of_step"] = statistics.median(compress_times) / DECODE_SLACK / step_plain
+        manager.compress_all = original
+    return result
+
+
+def budget_key(budget: float | None) -> str:
+    return "full" if budget is None else f"{budget:g}"
+
+
+def run_point(network, context: int, budget: float | None, runs: int, on_run=None) -> dict:
+    """Build an engine, fill it with a synthetic ``context``, time it; adds bytes moved per token."""
+    engine = make_engine(network, budget)
+    compressed = budget is not None
+    run_steps = DECODE_SLACK if compressed else FULL_RUN_STEPS
+    new_tokens = (DECODE_SLACK + 6 if compressed else 8) + runs * run_steps + 8
+    fill_synthetic(engine, context, new_tokens)
+    result = time_decode(engine, context, runs, compressed, on_run)
+    result["budget"] = budget_key(budget)
+    result["bytes_per_token"] = weight_bytes(network) + result["kv_read_bytes"]
+    return result
+
+
+def add_bench_command(subparsers) -> None:
+    """Register ``keepkv bench`` on the CLI's sub-parsers."""
+    p = subparsers.add_parser(
+        "bench", help="quick decode-throughput table: full cache vs compressed (synthetic context)",
+        description="Decode tokens/s at a few context lengths, full cache vs KeepKV at the given budgets, on a "
+        "synthetic cache state (see keepkv/bench.py). Full benchmarks: tools/bench_decode.py.",
+    )
+    p.add_argument("model", nargs="?", default="SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096], help="context lengths (default 4096)")
+    p.add_argument("--budgets", nargs="+", default=["full", "0.1"], help="'full' and/or fractions (default: "
+                   "full 0.1)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs per point (median; default 3)")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from keepkv.errors import KeepKVError
+
+    budgets = []
+    for b in args.budgets:
+        try:
+            budgets.append(None if b == "full" else float(b))
+        except ValueError:
+            raise KeepKVError(f"--budgets takes 'full' or fractions in (0, 1], got {b!r}") from None
+    if args.runs < 1 or any(c < 64 for c in args.contexts):
+        raise KeepKVError("--runs must be >= 1 and every context >= 64 tokens")
+    network, _ = load_network(args.model, args.dtype, max(args.contexts))
+    rows = []
+    print(f"{args.model} {args.dtype}, batch 1, {torch.get_num_threads()} threads, synthetic context; "
+          "first point of each kind includes compile time", file=sys.stderr)
+    for context in args.contexts:
+        for budget in budgets:
+            r = run_point(network, context, budget, args.runs)
+            rows.append(r)
+            print(f"  L={context} {r['budget']}: {r['tokens_per_second']:.1f} tok/s", file=sys.stderr)
+    full = {r["context"]: r["tokens_per_second"] for r in rows if r["budget"] == "full"}
+    print(f"{'context':>8} {'cache':>6} {'tok/s':>8} {'vs full':>8} {'MB/token':>9} {'cache MB':>9}")
+    for r in rows:
+        ratio = r["tokens_per_second"] / full[r["context"]] if r["context"] in full else float("nan")
+        print(f"{r['context']:>8} {r['budget']:>6} {r['tokens_per_second']:>8.1f} {ratio:>7.2f}x "
+              f"{r['bytes_per_token'] / 1e6:>9.1f} {r['cache_resident_bytes'] / 1e6:>9.1f}")
+    return 0

@@ -1,0 +1,211 @@
+"""``keepkv eval {fidelity,ppl,niah,qa,report,all}``: the command line over :mod:`keepkv.eval` (imports of torch
+and matplotlib are deferred to the run, so ``--help`` is fast).
+
+Each task takes ``--model``, ``--methods`` (comma list: ``full,snapkv,keepkv:minnorm,snapkv+keepkv``),
+``--budgets`` and ``--results DIR``; sizes default to a grid (``--grid quick|full``) and can be overridden.
+``all --grid full --results results/eval --readme README.md`` runs every task of every model of the grid, then
+``report`` (Markdown + PNGs in the results directory, and the README block between ``<!-- eval:begin`` and
+``<!-- eval:end -->``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+TASKS = ("fidelity", "ppl", "niah", "qa")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
+    parser.add_argument("--grid", default="quick", choices=["quick", "full"],
+                        help="default sizes, models, methods and budgets (default: quick)")
+    parser.add_argument("--results", default="results/eval", help="results directory (JSON lines + PNGs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of needles, questions and distractors")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if task == "all":
+        parser.add_argument("--models", default=None, help="comma list: only these models of the grid")
+        parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of tasks (default: {','.join(TASKS)})")
+        parser.add_argument("--readme", default=None, help="README to rewrite the eval block of (after the report)")
+        return
+    parser.add_argument("--model", default=None, help="model name (default: the grid's first model)")
+    parser.add_argument("--methods", default=None, help="comma list of configurations, e.g. full,snapkv,keepkv:zip,"
+                        "snapkv+keepkv (default: the grid's)")
+    parser.add_argument("--budgets", type=_floats, default=None, help="comma list of fractions, e.g. 0.05,0.1")
+    if task == "fidelity":
+        parser.add_argument("--context-tokens", type=int, default=None)
+        parser.add_argument("--steps", type=int, default=None, help="teacher-forced decode steps after compressing")
+        parser.add_argument("--contexts", type=int, default=None, help="number of passages")
+    if task == "ppl":
+        parser.add_argument("--tokens", type=int, default=None, help="tokens per document")
+        parser.add_argument("--documents", type=int, default=None, help="number of documents (max 2)")
+        parser.add_argument("--chunk", type=int, default=None, help="teacher-forcing chunk (cache slack)")
+    if task == "niah":
+        parser.add_argument("--lengths", type=_ints, default=None, help="context lengths in tokens, e.g. 2048,4096")
+        parser.add_argument("--depths", type=_floats, default=None, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
+    if task == "qa":
+        parser.add_argument("--count", type=int, default=None, help="number of questions")
+        parser.add_argument("--context-tokens", type=int, default=None)
+        parser.add_argument("--batch", type=int, default=None, help="questions per shared-prefill batch")
+    if task in ("niah", "qa"):
+        parser.add_argument("--export-prompts", default=None, metavar="FILE.jsonl",
+                            help="write one JSON line per cell (context, question, answers ...) for peer engines")
+        parser.add_argument("--export-only", action="store_true", help="only write --export-prompts, run nothing")
+
+
+def add_eval_command(commands) -> None:
+    """Register ``keepkv eval`` on the top-level subparsers."""
+    parser = commands.add_parser("eval", help="evaluate methods: fidelity, perplexity, needle, QA; report",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = parser.add_subparsers(dest="eval_task", required=True)
+    helps = {
+        "fidelity": "attention-output perturbation, next-token KL and top-1 vs the full cache",
+        "ppl": "perplexity with streaming compression held at the budget (ratio to full)",
+        "niah": "needle in a haystack: depths x context lengths, exact match, heatmap",
+        "qa": "SQuAD v2 questions among distractor paragraphs: F1 / exact match",
+    }
+    for task, text in helps.items():
+        sub = tasks.add_parser(task, help=text, description=text)
+        _common(sub, task)
+        sub.set_defaults(run=run_task, task=task)
+    report = tasks.add_parser("report", help="Markdown table + plots from a results directory (peers included)")
+    report.add_argument("--results", default="results/eval")
+    report.add_argument("--readme", default=None, help="also rewrite this README's eval block")
+    report.set_defaults(run=run_report)
+    every = tasks.add_parser("all", help="every task of a grid, then the report (resumable)")
+    _common(every, "all")
+    every.set_defaults(run=run_all)
+
+
+def _setup(args) -> None:
+    import torch
+
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _model_grid(args):
+    from keepkv.eval.grid import grid
+
+    grids = grid(args.grid)
+    name = getattr(args, "model", None)
+    if name is None:
+        return grids[0]
+    for g in grids:
+        if g.model == name:
+            return g
+    from dataclasses import replace
+
+    return replace(grids[0], model=name)
+
+
+def run_one(task: str, model, g, store, *, seed: int = 0, progress: bool = True, args=None) -> None:
+    """Run one task of model grid ``g`` (``args`` may override sizes)."""
+    def pick(name: str, default):
+        value = getattr(args, name, None) if args is not None else None
+        return default if value is None else value
+
+    from keepkv.eval.results import MethodConfig
+
+    methods = pick("methods", None)
+    configs = [MethodConfig.parse(m) for m in methods.split(",")] if methods else g.method_configs()
+    budgets = pick("budgets", g.budgets)
+    if task == "fidelity":
+        from keepkv.eval.fidelity import run_fidelity
+
+        run_fidelity(model, configs, budgets, pick("context_tokens", g.fidelity_context), pick("steps", g.fidelity_steps),
+                     pick("contexts", g.fidelity_contexts), store, seed=seed, progress=progress)
+    elif task == "ppl":
+        from keepkv.eval.ppl import run_ppl
+
+        run_ppl(model, configs, budgets, pick("tokens", g.ppl_tokens), pick("documents", g.ppl_documents), store,
+                chunk=pick("chunk", g.ppl_chunk), seed=seed, progress=progress)
+    elif task == "niah":
+        from keepkv.eval.niah import run_niah
+
+        run_niah(model, configs, budgets, pick("lengths", g.niah_lengths), pick("depths", g.niah_depths), store,
+                 seed=seed, export_prompts=pick("export_prompts", None), progress=progress,
+                 run=not pick("export_only", False))
+    elif task == "qa":
+        from keepkv.eval.qa import run_qa
+
+        run_qa(model, configs, budgets, pick("count", g.qa_count), pick("context_tokens", g.qa_context), store,
+               batch=pick("batch", g.qa_batch), seed=seed, export_prompts=pick("export_prompts", None),
+               progress=progress, run=not pick("export_only", False))
+
+
+
+def run_task(args) -> int:
+    _setup(args)
+    from keepkv.eval.results import ResultStore
+    from keepkv.eval.session import EvalModel
+
+    g = _model_grid(args)
+    store = ResultStore(args.results)
+    started = time.perf_counter()
+    model = EvalModel(g.model)
+    run_one(args.task, model, g, store, seed=args.seed, progress=not args.no_progress, args=args)
+    print(f"[keepkv eval] {args.task} {g.model}: {time.perf_counter() - started:.0f}s -> {args.results}",
+          file=sys.stderr)
+    return 0
+
+
+def run_report(args) -> int:
+    from keepkv.eval.report import write_report
+
+    path = write_report(args.results, readme=args.readme)
+    print(f"[keepkv eval] report: {path}", file=sys.stderr)
+    return 0
+
+
+def run_all(args) -> int:
+    _setup(args)
+    from keepkv.eval.grid import grid
+    from keepkv.eval.report import write_report
+    from keepkv.eval.results import ResultStore
+    from keepkv.eval.session import EvalModel
+
+    store = ResultStore(args.results)
+    wanted_models = args.models.split(",") if args.models else None
+    tasks = [t for t in args.tasks.split(",") if t]
+    order = {t: i for i, t in enumerate(("fidelity", "niah", "ppl", "qa"))}
+    tasks.sort(key=lambda t: order.get(t, len(order)))
+    failures: list[str] = []
+    import torch
+    for g in grid(args.grid):
+        if wanted_models and g.model not in wanted_models:
+            continue
+        model = EvalModel(g.model)
+        for task in tasks:
+            if task not in g.tasks:
+                continue
+            started = time.perf_counter()
+            try:
+                run_one(task, model, g, store, seed=args.seed, progress=not args.no_progress)
+            except Exception:  # one broken task must not lose the others' hour; the log has the traceback
+                import traceback
+
+                traceback.print_exc()
+                failures.append(f"{task} {g.model}")
+            seconds = time.perf_counter() - started
+            print(f"[keepkv eval] {task} {g.model}: {seconds:.0f}s", file=sys.stderr, flush=True)
+            with (store.directory / "walltime.log").open("a", encoding="utf-8") as log:
+                log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {g.model} {task} {seconds:.0f}s "
+                          f"threads={torch.get_num_threads()}\n")
+        del model
+    path = write_report(args.results, readme=args.readme)
+    print(f"[keepkv eval] report: {path}", file=sys.stderr)
+    if failures:
+        print(f"[keepkv eval] FAILED: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,70 @@
+"""The two grids of ``keepkv eval all``: ``quick`` (CI / smoke, about a minute) and ``full`` (the README results,
+about an hour on 2 CPU cores).
+
+Sizing of the full grid (measured costs in ``results/eval/RUN.md``): every configuration at every budget shares
+one full prefill per cell group, so the cost is ~(prefills) + (configurations x budgets x short decodes) for NIAH /
+QA / fidelity, and ~(configurations x budgets x document) chunked forwards for perplexity. Qwen2.5-Coder-0.5B costs
+~4x SmolLM2 per token, so it gets fewer / shorter cells (the minimums of the issue are kept: 3 depths x 2 lengths
+up to 8k for NIAH, every method at every budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keepkv.eval.results import MethodConfig
+
+SMOLLM2 = "SmolLM2-135M-Instruct"
+QWEN = "Qwen2.5-Coder-0.5B-Instruct"
+
+ALL_CONFIGS = [
+    "full", "streamingllm", "h2o", "snapkv", "tova", "pyramidkv", "criticalkv", "weightedkv", "cam", "d2o",
+    "keepkv:zip", "keepkv:convex", "keepkv:keep-key", "keepkv:minnorm",
+    "snapkv+keepkv", "criticalkv+keepkv", "adakv-snapkv",
+]
+BUDGETS = [0.05, 0.1, 0.2, 0.5]
+
+
+@dataclass
+class ModelGrid:
+    """What one model runs. Sizes in tokens."""
+
+    model: str
+    configs: list[str] = field(default_factory=lambda: list(ALL_CONFIGS))
+    budgets: list[float] = field(default_factory=lambda: list(BUDGETS))
+    fidelity_context: int = 2048
+    fidelity_steps: int = 16
+    fidelity_contexts: int = 1
+    ppl_tokens: int = 2048
+    ppl_documents: int = 1
+    ppl_chunk: int = 64
+    niah_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
+    niah_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    qa_count: int = 8
+    qa_context: int = 2048
+    qa_batch: int = 4
+    tasks: tuple[str, ...] = ("fidelity", "niah", "ppl", "qa")
+
+    def method_configs(self) -> list[MethodConfig]:
+        return [MethodConfig.parse(c) for c in self.configs]
+
+
+GRIDS: dict[str, list[ModelGrid]] = {
+    "quick": [
+        ModelGrid(SMOLLM2, configs=["full", "keepkv:zip"], budgets=[0.25], fidelity_context=256, fidelity_steps=4,
+                  ppl_tokens=256, niah_lengths=[384], niah_depths=[0.5], qa_count=1, qa_context=384, qa_batch=1),
+    ],
+    "full": [
+        ModelGrid(SMOLLM2, ppl_tokens=1024, qa_count=4, qa_context=1024, qa_batch=4),
+        ModelGrid(QWEN, fidelity_context=1024, fidelity_steps=16, ppl_tokens=1024, niah_lengths=[4096, 8192],
+                  qa_count=4, qa_context=1024, qa_batch=4),
+    ],
+}
+
+
+def grid(name: str) -> list[ModelGrid]:
+    from keepkv.errors import KeepKVError
+
+    if name not in GRIDS:
+        raise KeepKVError(f"unknown grid {name!r}; allowed: {', '.join(GRIDS)}")
+    return GRIDS[name]

@@ -1,0 +1,65 @@
+"""The shared runner of NIAH and QA: one full prefill per cell group, then per method and budget compress a copy,
+feed the question, decode greedily, score (see :mod:`keepkv.eval.session` for the protocol)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from keepkv.eval.data import PromptCell
+from keepkv.eval.results import MethodConfig, ResultStore, unit_key
+from keepkv.eval.session import EvalModel
+
+
+def run_prompted(
+    task: str, model: EvalModel, groups: dict[str, list[PromptCell]], configs: list[MethodConfig],
+    budgets: list[float], store: ResultStore, score: Callable[[str, PromptCell], dict[str, float]], seed: int,
+    decode_slack: int = 64, progress: bool = True,
+) -> None:
+    """For every group of cells (rows of one batch), every configuration and budget: answer and write rows
+    ``{metric: value}`` from ``score(answer_text, cell)``. Finished units are skipped; a group whose units are
+    all finished is not even prefilled. Order: :func:`priority_plan`."""
+    from tqdm import tqdm
+
+    plan = priority_plan(configs, budgets)
+    units = [(b, c, g) for c, b in plan for g in groups]
+    todo = [(b, c, g) for b, c, g in units if not store.done(unit_key(task, model.name, c, b, g))]
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=f"{task} {model.name}",
+               disable=not progress, unit="run")
+    # every group is prefilled once, up front (memory: a few full caches), so the loop can go budget-major:
+    # an interrupted run still has complete comparisons (every configuration, every cell) at the first budgets
+    prefills = {}
+    for group in groups:
+        pending = [c for b, c, g in todo if g == group]
+        if pending:
+            bar.set_postfix_str(f"prefill {group}")
+            prefills[group] = model.shared_prefill([cell.context_ids for cell in groups[group]], pending)
+    for budget, config, group in todo:
+        cells = groups[group]
+        bar.set_postfix_str(f"{group} {config.label} {budget}")
+        answers, kept = model.answer(prefills[group], config, budget, [cell.question_ids for cell in cells],
+                                     max(cell.max_new_tokens for cell in cells), decode_slack=decode_slack)
+        rows: list[dict[str, Any]] = []
+        for cell, ids in zip(cells, answers):
+            text = model.tokenizer.decode(ids)
+            for metric, value in score(text, cell).items():
+                rows.append({
+                    "metric": metric, "value": value, "model": model.name, "method": config.method,
+                    "variant": config.variant, "budget": budget, "kept_entries_per_head": kept,
+                    "cell": cell.cell, "seed": seed, "answer": text, "context_tokens": len(cell.context_ids),
+                    "decode_slack": decode_slack, **{k: v for k, v in cell.extra.items()},
+                })
+        store.write(task, unit_key(task, model.name, config, budget, group), rows)
+        bar.update(1)
+    bar.close()
+
+
+BUDGET_PRIORITY = (0.1, 0.2, 0.05, 0.5)
+
+
+def priority_plan(configs: list[MethodConfig], budgets: list[float]) -> list[tuple[MethodConfig, float]]:
+    """``(configuration, budget)`` pairs, budget-major (10%, 20%, 5%, 50%, then others; ``full`` once, first)."""
+    ordered = sorted(budgets, key=lambda b: BUDGET_PRIORITY.index(b) if b in BUDGET_PRIORITY else len(BUDGET_PRIORITY))
+    plan = [(c, 1.0) for c in configs if c.is_full]
+    plan += [(c, b) for b in ordered for c in configs if not c.is_full]
+    return plan

@@ -1,0 +1,353 @@
+"""``keepkv eval report``: one Markdown table + plots from a results directory (every ``*.jsonl`` below it,
+peer engines' rows included), and optionally the README block between ``<!-- eval:begin`` and ``<!-- eval:end -->``.
+
+Aggregation: rows of one (engine, model, method, variant, budget, task, metric) are averaged over cells; the
+perplexity ratio is ``ppl / ppl_full`` per document (same model, same document), then averaged. Written files:
+``REPORT.md`` (the full table and the computed findings), ``summary_<model>.png`` (each metric vs budget, one line
+per method), ``niah_<model>.png`` (accuracy heatmaps depth x length per method and budget) and
+``fidelity_layers_<model>.png`` (per-layer attention-output error at 10%).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from keepkv.eval.results import read_rows
+
+# (column title, task, metric, higher is better, format)
+COLUMNS = [
+    ("attn rel-L2", "fidelity", "attn_rel_l2", False, "{:.3f}"),
+    ("KL", "fidelity", "kl", False, "{:.3f}"),
+    ("top-1", "fidelity", "top1", True, "{:.2f}"),
+    ("ppl ratio", "ppl", "ppl_ratio", False, "{:.3f}"),
+    ("NIAH EM", "niah", "niah_exact_match", True, "{:.2f}"),
+    ("QA F1", "qa", "qa_f1", True, "{:.2f}"),
+]
+HEADLINE = [c for c in COLUMNS if c[2] in ("kl", "ppl_ratio", "niah_exact_match", "qa_f1")]
+README_BEGIN = re.compile(r"(<!-- eval:begin[^\n]*-->\n)(.*?)(<!-- eval:end -->)", re.S)
+COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results results/eval --readme README.md")
+
+
+def label(row: dict[str, Any]) -> str:
+    name = row["method"] if not row.get("variant") else f"{row['method']}:{row['variant']}"
+    return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"
+
+
+def _budget(row: dict[str, Any]) -> float:
+    return float(row["budget"])
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """``(model, label, budget, metric) -> {"value", "kept", "n"}``; adds ``ppl_ratio``."""
+    rows = list(rows)
+    full_ppl = {(r["engine"], r["model"], r["cell"]): r["value"] for r in rows
+                if r["task"] == "ppl" and r["metric"] == "ppl" and r["method"] == "full"}
+    derived = []
+    for r in rows:
+        if r["task"] == "ppl" and r["metric"] == "ppl":
+            reference = full_ppl.get((r["engine"], r["model"], r["cell"])) or full_ppl.get(("keepkv", r["model"], r["cell"]))
+            if reference:
+                derived.append({**r, "metric": "ppl_ratio", "value": r["value"] / reference})
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows + derived:
+        groups[(r["model"], label(r), _budget(r), r["metric"])].append(r)
+    return {
+        key: {"value": mean(float(r["value"]) for r in group),
+              "kept": mean(float(r["kept_entries_per_head"]) for r in group), "n": len(group)}
+        for key, group in groups.items()
+    }
+
+
+def _order(labels: set[str]) -> list[str]:
+    from keepkv.eval.grid import ALL_CONFIGS
+    from keepkv.eval.results import MethodConfig
+
+    known = [MethodConfig.parse(c).label for c in ALL_CONFIGS]
+    return sorted(labels, key=lambda x: (known.index(x) if x in known else len(known), x))
+
+
+def full_table(agg: dict[tuple, dict[str, Any]]) -> str:
+    keys = sorted({(m, lab, b) for m, lab, b, _ in agg})
+    models = sorted({k[0] for k in keys})
+    lines = ["| model | method | budget | kept / head | " + " | ".join(c[0] for c in COLUMNS) + " |",
+             "|---|---|---|---|" + "---|" * len(COLUMNS)]
+    for model in models:
+        labels = _order({lab for m, lab, _ in keys if m == model})
+        for lab in labels:
+            for budget in sorted({b for m, l2, b in keys if m == model and l2 == lab}):
+                cells, kept = [], []
+                for _, task, metric, _, fmt in COLUMNS:
+                    entry = agg.get((model, lab, budget, metric))
+                    cells.append(fmt.format(entry["value"]) if entry else "")
+                    if entry:
+                        kept.append(entry["kept"])
+                kept_text = f"{mean(kept):.0f}" if kept else ""
+                lines.append(f"| {model} | {lab} | {budget:g} | {kept_text} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline_tables(agg: dict[tuple, dict[str, Any]]) -> str:
+    """Per model: method x (metric over budgets ``5/10/20/50%``) with compact cells."""
+    out = []
+    models = sorted({k[0] for k in agg})
+    for model in models:
+        budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})
+        labels = _order({k[1] for k in agg if k[0] == model})
+        head = " / ".join(f"{b * 100:g}%" for b in budgets)
+        out.append(f"**{model}** (each cell: budget {head}; `full` = uncompressed)\n")
+        out.append("| method | " + " | ".join(c[0] for c in HEADLINE) + " |")
+        out.append("|---|" + "---|" * len(HEADLINE))
+        for lab in labels:
+            cells = []
+            for _, _, metric, _, fmt in HEADLINE:
+                values = []
+                for b in ([1.0] if lab == "full" else budgets):
+                    entry = agg.get((model, lab, b, metric))
+                    values.append(fmt.format(entry["value"]) if entry else "–")
+                cells.append(" / ".join(values))
+            out.append(f"| {lab} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _score(agg, model, lab, metric, higher, budgets) -> float | None:
+    values = [agg[(model, lab, b, metric)]["value"] for b in budgets if (model, lab, b, metric) in agg]
+    if not values:
+        return None
+    return mean(values) if higher else -mean(values)
+
+
+def findings(agg: dict[tuple, dict[str, Any]]) -> str:
+    """Computed statements: best KeepKV variant, best base selector, where KeepKV loses (mean over budgets)."""
+    lines = []
+    models = sorted({k[0] for k in agg})
+    metrics = [(c[2], c[3], c[0]) for c in HEADLINE]
+    variants = ["keepkv:zip", "keepkv:convex", "keepkv:keep-key", "keepkv:minnorm"]
+    selectors = ["keepkv:zip", "snapkv+keepkv:zip", "criticalkv+keepkv:zip"]
+    for title, candidates in (("KeepKV merge variant", variants),
+                              ("base selector for KeepKV (zip merge)", selectors)):
+        wins: dict[str, int] = defaultdict(int)
+        detail = []
+        for model in models:
+            budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})
+            for metric, higher, name in metrics:
+                scores = {c: _score(agg, model, c, metric, higher, budgets) for c in candidates}
+                scores = {c: s for c, s in scores.items() if s is not None}
+                if len(scores) < 2:
+                    continue
+                best = max(scores, key=scores.get)
+                wins[best] += 1
+                detail.append(f"{model.split('-')[0]} {name}: {best} "
+                              f"({abs(scores[best]):.3f} vs {', '.join(f'{c} {abs(s):.3f}' for c, s in scores.items() if c != best)})")
+        if wins:
+            ranking = sorted(wins.items(), key=lambda kv: -kv[1])
+            lines.append(f"- Best {title} (wins over models x metrics, mean over budgets): "
+                         + ", ".join(f"`{c}` {n}" for c, n in ranking) + ".")
+            lines.extend(f"  - {d}" for d in detail)
+    keepkv_family = [c for c in variants + selectors]
+    losses = []
+    for model in models:
+        budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})
+        others = {k[1] for k in agg if k[0] == model} - set(keepkv_family) - {"full"}
+        for metric, higher, name in metrics:
+            for b in budgets:
+                ours = {c: agg[(model, c, b, metric)]["value"] for c in keepkv_family if (model, c, b, metric) in agg}
+                theirs = {c: agg[(model, c, b, metric)]["value"] for c in others if (model, c, b, metric) in agg}
+                if not ours or not theirs:
+                    continue
+                pick = max if higher else min
+                best_ours = pick(ours, key=ours.get)
+                best_theirs = pick(theirs, key=theirs.get)
+                better = theirs[best_theirs] > ours[best_ours] if higher else theirs[best_theirs] < ours[best_ours]
+                if better:
+                    losses.append(f"{model.split('-')[0]} {name} @{b * 100:g}%: {best_theirs} "
+                                  f"{theirs[best_theirs]:.3f} vs best KeepKV {best_ours} {ours[best_ours]:.3f}")
+    if losses:
+        lines.append(f"- Where every KeepKV configuration loses to some other method ({len(losses)} model x metric x "
+                     "budget cells):")
+        lines.extend(f"  - {x}" for x in losses)
+    return "\n".join(lines)
+
+
+def plot_summary(agg, model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 4.5))
+    labels = _order({k[1] for k in agg if k[0] == model})
+    cmap = plt.get_cmap("tab20")
+    for ax, (title, _, metric, _, _) in zip(axes, HEADLINE):
+        for i, lab in enumerate(labels):
+            points = sorted((k[2], v["value"]) for k, v in agg.items() if k[0] == model and k[1] == lab
+                            and k[3] == metric and k[2] < 1.0)
+            if lab == "full":
+                entry = agg.get((model, lab, 1.0, metric))
+                if entry:
+                    ax.axhline(entry["value"], color="black", linestyle="--", linewidth=1, label="full")
+                continue
+            if points:
+                style = "-" if "keepkv" in lab else ":"
+                ax.plot([p[0] * 100 for p in points], [p[1] for p in points], style, marker="o", markersize=3,
+                        color=cmap(i % 20), label=lab)
+        ax.set_xscale("log")
+        ax.set_xticks([5, 10, 20, 50])
+        ax.set_xticklabels(["5", "10", "20", "50"])
+        ax.set_xlabel("budget (% of context)")
+        ax.set_title(title)
+        if metric == "ppl_ratio":
+            ax.set_yscale("log")
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    if handles:
+        axes[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="center left",
+                        bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(model)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def niah_heatmap(rows: list[dict[str, Any]], model: str, path: Path) -> bool:
+    """Accuracy heatmaps (depth x context length), one panel per method and budget; False if no NIAH rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data: dict[tuple[str, float], dict[tuple[float, int], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r["task"] == "niah" and r["model"] == model and r["metric"] == "niah_exact_match":
+            depth = float(r.get("depth", 0.0))
+            length = int(r.get("target_tokens", r.get("context_tokens", 0)))
+            data[(label(r), _budget(r))][(depth, length)].append(float(r["value"]))
+    if not data:
+        return False
+    labels = _order({k[0] for k in data})
+    budgets = sorted({k[1] for k in data})
+    depths = sorted({d for cells in data.values() for d, _ in cells})
+    lengths = sorted({n for cells in data.values() for _, n in cells})
+    fig, axes = plt.subplots(len(labels), len(budgets), figsize=(1.6 * len(budgets) + 1, 1.1 * len(labels) + 1),
+                             squeeze=False)
+    for i, lab in enumerate(labels):
+        for j, b in enumerate(budgets):
+            ax = axes[i][j]
+            cells = data.get((lab, b))
+            grid = [[mean(cells[(d, n)]) if cells and (d, n) in cells else float("nan") for n in lengths]
+                    for d in depths]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)))
+            ax.set_xticklabels([f"{n // 1024}k" if n >= 1024 else str(n) for n in lengths], fontsize=6)
+            ax.set_yticks(range(len(depths)))
+            ax.set_yticklabels([f"{d * 100:g}%" for d in depths], fontsize=6)
+            if i == 0:
+                ax.set_title("full" if b == 1.0 else f"{b * 100:g}%", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(lab, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"NIAH exact match, {model} (rows: depth, columns: context length)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def plot_fidelity_layers(rows: list[dict[str, Any]], model: str, path: Path, budget: float = 0.1) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[list[float]]] = defaultdict(list)
+    for r in rows:
+        if (r["task"] == "fidelity" and r["model"] == model and r["metric"] == "attn_rel_l2"
+                and math.isclose(_budget(r), budget) and "per_layer" in r):
+            curves[label(r)].append(r["per_layer"])
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    cmap = plt.get_cmap("tab20")
+    for i, lab in enumerate(_order(set(curves))):
+        per_layer = [mean(v) for v in zip(*curves[lab])]
+        ax.plot(per_layer, "-" if "keepkv" in lab else ":", color=cmap(i % 20), label=lab)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("rel. L2 of attention output (after W_O)")
+    ax.set_title(f"{model}: attention-output perturbation per layer at {budget * 100:g}% (mean over decode steps)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", model)
+
+
+def write_report(results: str | Path, readme: str | Path | None = None) -> Path:
+    """Write ``REPORT.md`` and the PNGs into ``results``; rewrite ``readme``'s eval block if given."""
+    results = Path(results)
+    rows = list(read_rows(results))
+    agg = aggregate(rows)
+    models = sorted({r["model"] for r in rows})
+    images = []
+    for model in models:
+        slug = _slug(model)
+        plot_summary(agg, model, results / f"summary_{slug}.png")
+        images.append(f"summary_{slug}.png")
+        if niah_heatmap(rows, model, results / f"niah_{slug}.png"):
+            images.append(f"niah_{slug}.png")
+        if plot_fidelity_layers(rows, model, results / f"fidelity_layers_{slug}.png"):
+            images.append(f"fidelity_layers_{slug}.png")
+    engines = sorted({r["engine"] for r in rows})
+    versions = sorted({(r["keepkv_version"], r["torch_version"]) for r in rows})
+    body = [
+        "# keepkv eval report", "",
+        f"Generated by `keepkv eval report --results {results}` from {len(rows)} result rows "
+        f"(engines: {', '.join(engines) or 'none'}; keepkv / torch: "
+        f"{', '.join(f'{k} / {t}' for k, t in versions)}). Protocols: `keepkv/eval/*.py` docstrings and `RUN.md`.", "",
+        "## Findings (computed from the table)", "", findings(agg) or "(no data)", "",
+        "## Headline", "", headline_tables(agg), "## Every number", "", full_table(agg), "",
+        "## Plots", "", *[f"![{name}]({name})" for name in images], "",
+    ]
+    path = results / "REPORT.md"
+    path.write_text("\n".join(body), encoding="utf-8")
+    if readme is not None:
+        update_readme(readme, results, agg, images)
+    return path
+
+
+def update_readme(readme: str | Path, results: Path, agg, images: list[str]) -> None:
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    match = README_BEGIN.search(text)
+    if match is None:
+        from keepkv.errors import KeepKVError
+
+        raise KeepKVError(f"{readme} has no '<!-- eval:begin ... -->' ... '<!-- eval:end -->' block")
+    try:
+        rel = results.resolve().relative_to(readme.resolve().parent)
+    except ValueError:
+        rel = results
+    block = [
+        f"Regenerated by `{COMMAND}` (about an hour on 2 CPU cores, resumable; `--grid quick` for a smoke run; "
+        f"`keepkv eval report --results {rel} --readme README.md` redraws from the committed JSON lines). "
+        f"Protocol, command, wall time and versions: [`{rel}/RUN.md`]({rel}/RUN.md); every number: "
+        f"[`{rel}/REPORT.md`]({rel}/REPORT.md).", "",
+        "KL: mean next-token KL to the full cache over 16 decode steps after one compression; ppl ratio: "
+        "perplexity with streaming compression / full; NIAH EM: needle exact match (3 depths x 2 lengths); "
+        "QA F1: SQuAD v2 among distractors. The budget is a fraction of the context; the kept entries per head "
+        "actually measured are in REPORT.md.", "",
+        headline_tables(agg), "### Findings (computed)", "", findings(agg) or "(no data)", "",
+        *[f"![{name}]({rel}/{name})" for name in images if name.startswith("summary")], "",
+    ]
+    new = text[: match.start(2)] + "\n".join(block) + "\n" + text[match.end(2):]
+    readme.write_text(new, encoding="utf-8")

@@ -1,0 +1,160 @@
+"""Results schema and the resumable JSON-lines store of ``keepkv eval``.
+
+**Row schema** (one JSON object per line, in any ``*.jsonl`` file under a results directory)::
+
+    {"task": "niah" | "qa" | "ppl" | "fidelity", "metric": str, "value": float,
+     "model": str, "method": str, "variant": str, "budget": float | int,
+     "kept_entries_per_head": float, "cell": str, "seed": int,
+     "engine": "keepkv" | "kvpress" | ..., "keepkv_version": str, "torch_version": str, ...extra keys}
+
+- ``method`` is the registry name (``full``, ``snapkv``, ``keepkv``, ``snapkv+keepkv``, ``adakv-snapkv`` ...);
+  ``variant`` is KeepKV's merge variant (``zip`` | ``convex`` | ``keep-key`` | ``minnorm``) for ``keepkv`` and
+  ``X+keepkv``, ``""`` otherwise.
+- ``budget`` is what was asked (a fraction of the context, ``1.0`` for ``full``); ``kept_entries_per_head`` is
+  what the cache actually held after compressing the context (mean over layers, rows and KV heads) — the budget
+  that is reported.
+- ``cell`` names the unit of data (``"ctx2048/depth50"``, ``"doc0"``, ``"q3"`` ...); rows of one (task, model,
+  method, variant, budget) over all cells are averaged in the report.
+- Extra keys (``per_layer``, ``per_step``, ``answer``, ``context_tokens`` ...) are allowed and ignored by the table.
+
+**Prompts for peer engines**: ``keepkv eval niah|qa ... --export-prompts FILE.jsonl`` writes one JSON line per
+cell: ``{"task", "cell", "context", "question", "answers": [...], "context_tokens", "depth" (niah only),
+"max_new_tokens", "chat": true}``. ``context`` is the text compressed query-agnostically (for ``chat`` the user
+turn begins with it: render the model's chat template on ``context + question`` as one user message and split at
+the question), ``question`` the text appended after compression, decoded greedily. NIAH cells also carry
+``answer_prefix`` (RULER-style): the assistant turn is opened and starts with it (fed after the compression too).
+
+**Peer rows** (e.g. kvpress, built in ``tools/peers/``) use the same keys with ``"engine": "kvpress"``, written
+to files under the same results directory (e.g. ``results/eval/peers/*.jsonl``); :mod:`keepkv.eval.report` reads
+every ``*.jsonl`` below the directory recursively and puts peer rows in the same table (method label suffixed
+with ``[kvpress]``).
+
+**Resumability**: :class:`ResultStore` appends rows of one unit of work (one method configuration at one budget on
+one cell group) together and flushes; :meth:`ResultStore.done` tells whether a unit's rows exist, so an
+interrupted run restarts where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REQUIRED_KEYS = (
+    "task", "metric", "value", "model", "method", "variant", "budget", "kept_entries_per_head", "cell", "seed",
+    "engine", "keepkv_version", "torch_version",
+)
+KEEPKV_VARIANTS = ("zip", "convex", "keep-key", "minnorm")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One method configuration of a comparison: a registry name, KeepKV's merge variant ("" when none) and
+    extra options."""
+
+    method: str
+    variant: str = ""
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return self.method if not self.variant else f"{self.method}:{self.variant}"
+
+    @property
+    def is_full(self) -> bool:
+        return self.method == "full"
+
+    def method_options(self) -> dict[str, Any]:
+        options = dict(self.options)
+        if self.variant:
+            options["variant"] = self.variant
+        return options
+
+    @classmethod
+    def parse(cls, text: str) -> MethodConfig:
+        """``"snapkv"``, ``"keepkv:minnorm"``, ``"snapkv+keepkv"`` (zip), ``"criticalkv+keepkv:convex"``."""
+        from keepkv.errors import KeepKVError
+
+        name, _, variant = text.strip().partition(":")
+        name = name.lower()
+        if variant and variant not in KEEPKV_VARIANTS:
+            raise KeepKVError(f"unknown KeepKV variant {variant!r} in {text!r}; allowed: {', '.join(KEEPKV_VARIANTS)}")
+        if "keepkv" in name and not variant:
+            variant = "zip"
+        if variant and "keepkv" not in name:
+            raise KeepKVError(f"{text!r}: only keepkv and X+keepkv take a variant")
+        return cls(name, variant)
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from keepkv import __version__
+
+    return {"keepkv_version": __version__, "torch_version": torch.__version__}
+
+
+def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, group: str) -> str:
+    """The identity of one unit of work (a resumable step)."""
+    return json.dumps([task, model, config.method, config.variant, budget, group])
+
+
+def validate_row(row: dict[str, Any]) -> dict[str, Any]:
+    missing = [key for key in REQUIRED_KEYS if key not in row]
+    if missing:
+        raise ValueError(f"result row lacks {', '.join(missing)}: {row}")
+    return row
+
+
+def read_rows(directory: str | Path) -> Iterator[dict[str, Any]]:
+    """Every row of every ``*.jsonl`` file below ``directory`` (recursively), skipping blank / broken lines
+    (an interrupted write) and lines lacking the required keys."""
+    for path in sorted(Path(directory).rglob("*.jsonl")):
+        if path.name.startswith("prompts"):
+            continue
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and all(key in row for key in REQUIRED_KEYS):
+                    yield row
+
+
+class ResultStore:
+    """Appends rows to ``<directory>/<task>.jsonl``; remembers finished units (``unit`` key of the rows)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._done: set[str] = set()
+        for path in self.directory.glob("*.jsonl"):
+            with path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(row, dict) and "unit" in row:
+                        self._done.add(row["unit"])
+        self._versions = versions()
+
+    def done(self, unit: str) -> bool:
+        return unit in self._done
+
+    def write(self, task: str, unit: str, rows: Iterable[dict[str, Any]]) -> None:
+        """Append the rows of one unit at once (each gets ``unit``, ``engine``, versions) and mark it done."""
+        lines = []
+        for row in rows:
+            full = {**row, "task": task, "engine": "keepkv", **self._versions, "unit": unit}
+            lines.append(json.dumps(validate_row(full), sort_keys=False))
+        with (self.directory / f"{task}.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+            handle.flush()
+        self._done.add(unit)

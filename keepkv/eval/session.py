@@ -1,0 +1,157 @@
+"""One loaded model shared by every method of a comparison, and the protocols that keep the grid affordable.
+
+- :meth:`EvalModel.shared_prefill`: the context is prefilled ONCE per (model, cell group) with the full cache, into
+  :class:`~keepkv.cache.compressed.CompressedLayerCache` buffers that keep the union of the score state the
+  methods read (the longest observation window, accumulated attention if any method needs it).
+- :meth:`EvalModel.answer`: for one method and budget, a copy of that prefill is compressed once to the budget
+  (``GenerationEngine.start_from_prefill``, the kvpress protocol "full prefill, then compress"), the question is
+  fed after the compression (``GenerationEngine.extend``), and the answer is decoded greedily with the method's
+  decode-time behaviour (compression back to the budget every ``decode_slack`` new tokens).
+- :meth:`EvalModel.engine_for`: a :class:`~keepkv.generate.GenerationEngine` for one configuration over the shared
+  weights (eager: ``compile=False``; every budget would be a new compiled graph, 60-90 s each).
+
+Rows of a batch are left-padded; methods treat padding as empty slots, so every row is compressed as if alone
+(budgets are computed from the padded width, a difference of a few tokens; the kept entries are measured).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.methods import make_method
+from keepkv.eval.results import MethodConfig
+from keepkv.generate import GenerationEngine, positions_from_valid
+
+
+class SharedPrefillManager(FullCacheManager):
+    """Full-cache buffers (capacity = the prompt) that also record a ``window``-query observation window and,
+    with ``accumulate``, per-slot accumulated attention: the score state of every method of a comparison."""
+
+    def __init__(self, config, dtype, device, window: int, accumulate: bool) -> None:
+        super().__init__(config, dtype, device)
+        self.window, self.accumulate = window, accumulate
+
+    def allocate(self, batch_size, padded_prompt_tokens, max_new_tokens, chunk, prompt_tokens=None):
+        c = self.config
+        self.caches = [
+            CompressedLayerCache(
+                batch_size, c.num_kv_heads, padded_prompt_tokens + max_new_tokens, c.head_dim, self.dtype,
+                self.device, num_heads=c.num_heads, window=self.window, sliding_window=c.sliding_window,
+                accumulate_attention=self.accumulate,
+            )
+            for _ in range(c.num_layers)
+        ]
+        self.filled = 0
+        return self.caches
+
+
+@dataclass
+class Prefill:
+    """A shared prefill: caches, the padded prompt, each row's length and the last prompt token's logits."""
+
+    caches: list[CompressedLayerCache]
+    input_ids: Tensor
+    valid: Tensor
+    lengths: Tensor
+    logits: Tensor
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        valid[i, width - len(r):] = True
+    return ids.to(device), valid.to(device)
+
+
+class EvalModel:
+    """A model loaded once (eager, float32) and engines for each method configuration over its weights."""
+
+    def __init__(self, name: str, *, device: str | None = "cpu", prefill_chunk_size: int = 512) -> None:
+        from keepkv.models import load
+
+        self.name = name
+        self.lm = load(name, compile=False, device=device, prefill_chunk_size=prefill_chunk_size)
+        self.network, self.tokenizer, self.config = self.lm.network, self.lm.tokenizer, self.lm.config
+        self.prefill_chunk_size = prefill_chunk_size
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
+
+    def engine_for(self, config: MethodConfig, budget: float | int, *, decode_slack: int = 64,
+                   prefill_chunk_size: int | None = None) -> GenerationEngine:
+        chunk = prefill_chunk_size or self.prefill_chunk_size
+        if config.is_full:
+            manager = FullCacheManager(self.config, self.dtype, self.device)
+        else:
+            method = make_method(config.method, **config.method_options())
+            manager = CompressedCacheManager(self.config, self.dtype, self.device, method, budget, decode_slack)
+        return GenerationEngine(self.network, compile=False, prefill_chunk_size=chunk, cache_manager=manager)
+
+    def shared_prefill(self, rows: list[list[int]], configs: list[MethodConfig]) -> Prefill:
+        """Prefill left-padded ``rows`` once with the full cache, keeping the score state ``configs`` need."""
+        methods = [make_method(c.method, **c.method_options()) for c in configs if not c.is_full]
+        window = max([m.query_window for m in methods] or [1])
+        accumulate = any(m.needs_accumulated_attention for m in methods)
+        manager = SharedPrefillManager(self.config, self.dtype, self.device, window, accumulate)
+        engine = GenerationEngine(self.network, compile=False, prefill_chunk_size=self.prefill_chunk_size,
+                                  cache_manager=manager)
+        input_ids, valid = left_pad(rows, self.pad_id, self.device)
+        engine.prepare_caches(input_ids.shape[0], input_ids.shape[1], 0)
+        with torch.inference_mode():
+            logits, lengths = engine.prefill(input_ids, valid)
+        return Prefill(manager.caches, input_ids, valid, lengths, logits)
+
+    def answer(self, prefill: Prefill, config: MethodConfig, budget: float | int, suffixes: list[list[int]],
+               max_new_tokens: int, decode_slack: int = 64) -> tuple[list[list[int]], float]:
+        """Compress a copy of ``prefill`` for one configuration, feed each row's suffix (left-padded), decode
+        greedily until every row emitted an end token or ``max_new_tokens``. Returns (new token ids per row,
+        kept entries per head after the compression: mean over layers, rows and KV heads)."""
+        engine = self.engine_for(config, budget, decode_slack=decode_slack)
+        suffix_ids, suffix_valid = left_pad(suffixes, self.pad_id, self.device)
+        engine.start_from_prefill(prefill.caches, prefill.width, suffix_ids.shape[1] + max_new_tokens)
+        kept = float(engine.cache_manager.entries_per_head().float().mean())
+        positions = prefill.lengths[:, None] + positions_from_valid(suffix_valid)
+        eos = torch.tensor(list(self.tokenizer.eos_token_ids) or [-1], device=self.device)
+        with torch.inference_mode():
+            logits = engine.extend(suffix_ids, positions, suffix_valid)[:, -1]
+            next_position = positions[:, -1] + 1
+            token = logits.argmax(dim=-1)
+            finished = torch.isin(token, eos)
+            generated = [token]
+            for _ in range(max_new_tokens - 1):
+                if bool(finished.all()):
+                    break
+                logits = engine.decode_step(token, next_position)
+                next_position = next_position + 1
+                token = torch.where(finished, token, logits.argmax(dim=-1))
+                finished = finished | torch.isin(token, eos)
+                generated.append(token)
+        steps = torch.stack(generated, dim=1).tolist()
+        eos_set = set(self.tokenizer.eos_token_ids)
+        answers = []
+        for row in steps:
+            out = []
+            for t in row:
+                if t in eos_set:
+                    break
+                out.append(t)
+            answers.append(out)
+        return answers, kept

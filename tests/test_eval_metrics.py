@@ -1,0 +1,122 @@
+"""Metrics, result store and report of ``keepkv.eval`` on hand-checkable cases (no model)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from keepkv.eval import metrics
+from keepkv.eval.results import MethodConfig, ResultStore, read_rows, unit_key
+
+
+def test_kl_of_identical_distributions_is_zero_and_known_value():
+    logits = torch.randn(3, 7, 50)
+    assert torch.allclose(metrics.kl_divergence(logits, logits), torch.zeros(3, 7), atol=1e-6)
+    p, q = torch.tensor([0.5, 0.5]).log(), torch.tensor([0.25, 0.75]).log()
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert float(metrics.kl_divergence(p, q)) == pytest.approx(expected, abs=1e-6)
+    assert float(metrics.kl_divergence(q, p)) != pytest.approx(expected, abs=1e-3)  # not symmetric
+
+
+def test_top1_and_relative_l2():
+    a = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    b = torch.tensor([[0.0, 5.0, 1.0], [0.0, 3.0, 1.0]])
+    assert metrics.top1_agreement(a, b).tolist() == [1.0, 0.0]
+    reference = torch.tensor([[3.0, 4.0]])
+    assert float(metrics.relative_l2(reference, reference)) == 0.0
+    assert float(metrics.relative_l2(reference, torch.tensor([[3.0, 9.0]]))) == pytest.approx(1.0)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    vocab = 50
+    logits = torch.zeros(1, 20, vocab)
+    targets = torch.randint(0, vocab, (1, 20))
+    assert metrics.perplexity(logits, targets) == pytest.approx(vocab, rel=1e-5)
+    sure = torch.full((1, 4, vocab), -1e4)
+    targets = torch.tensor([[1, 2, 3, 4]])
+    sure[0, torch.arange(4), targets[0]] = 0.0
+    assert metrics.perplexity(sure, targets) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("answer,found", [
+    ("The special magic number is 7342819.", True), ("7342819", True), ("It is 7,342,819!", True),
+    ("17342819", False), ("73428190", False), ("734281", False), ("I don't know.", False),
+])
+def test_needle_exact_match(answer, found):
+    assert metrics.needle_found(answer, "7342819") is found
+
+
+def test_squad_f1_and_exact_match_on_known_strings():
+    assert metrics.squad_exact_match("The Eiffel Tower.", ["Eiffel Tower"]) == 1.0
+    assert metrics.squad_f1("the Eiffel Tower", ["Eiffel Tower"]) == 1.0
+    assert metrics.squad_f1("Eiffel", ["Eiffel Tower"]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert metrics.squad_exact_match("Eiffel", ["Eiffel Tower"]) == 0.0
+    assert metrics.squad_f1("Paris France", ["London", "in Paris"]) == pytest.approx(0.5)  # max over answers
+    assert metrics.squad_f1("nothing here", ["Eiffel Tower"]) == 0.0
+    assert metrics.first_answer_line("  Paris\n\nBecause ...") == "Paris"
+
+
+def test_method_config_parsing():
+    assert MethodConfig.parse("keepkv").label == "keepkv:zip"
+    assert MethodConfig.parse("snapkv+keepkv:minnorm").method_options() == {"variant": "minnorm"}
+    assert MethodConfig.parse("snapkv").label == "snapkv"
+    from keepkv.errors import KeepKVError
+
+    with pytest.raises(KeepKVError, match="variant"):
+        MethodConfig.parse("snapkv:zip")
+    with pytest.raises(KeepKVError, match="allowed"):
+        MethodConfig.parse("keepkv:best")
+
+
+def _row(method="snapkv", variant="", budget=0.1, metric="niah_exact_match", value=1.0, cell="ctx512/depth50", **extra):
+    return {"metric": metric, "value": value, "model": "M", "method": method, "variant": variant, "budget": budget,
+            "kept_entries_per_head": 51.0, "cell": cell, "seed": 0, **extra}
+
+
+def test_store_is_resumable_and_reads_peer_rows(tmp_path):
+    store = ResultStore(tmp_path)
+    unit = unit_key("niah", "M", MethodConfig("snapkv"), 0.1, "ctx512")
+    assert not store.done(unit)
+    store.write("niah", unit, [_row()])
+    assert ResultStore(tmp_path).done(unit)  # a new run sees the finished unit
+    (tmp_path / "peers").mkdir()
+    peer = {**_row(), "task": "niah", "engine": "kvpress", "keepkv_version": "0.1.0", "torch_version": "x"}
+    (tmp_path / "peers" / "kvpress.jsonl").write_text(json.dumps(peer) + "\n{broken\n")
+    rows = list(read_rows(tmp_path))
+    assert sorted(r["engine"] for r in rows) == ["keepkv", "kvpress"]
+    with pytest.raises(ValueError, match="lacks"):
+        store.write("niah", "u2", [{"metric": "x"}])
+
+
+def test_report_table_ppl_ratio_heatmap_and_readme(tmp_path):
+    pytest.importorskip("matplotlib")
+    from keepkv.eval.report import write_report
+
+    store = ResultStore(tmp_path)
+    rows = [
+        ("ppl", _row(method="full", budget=1.0, metric="ppl", value=10.0, cell="doc")),
+        ("ppl", _row(method="keepkv", variant="zip", metric="ppl", value=12.0, cell="doc")),
+        ("niah", _row(method="full", budget=1.0, depth=0.5, target_tokens=512)),
+        ("niah", _row(method="keepkv", variant="zip", value=0.0, depth=0.5, target_tokens=512)),
+        ("niah", _row(method="snapkv", value=1.0, depth=0.5, target_tokens=512)),
+    ]
+    for i, (task, row) in enumerate(rows):
+        store.write(task, f"u{i}", [row])
+    (tmp_path / "peers").mkdir()
+    peer = {**_row(), "task": "niah", "engine": "kvpress", "keepkv_version": "0.1.0", "torch_version": "x",
+            "depth": 0.5, "target_tokens": 512}
+    (tmp_path / "peers" / "kvpress.jsonl").write_text(json.dumps(peer) + "\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- eval:begin (keep) -->\nold\n<!-- eval:end -->\ntail\n")
+    report = write_report(tmp_path, readme=readme).read_text()
+    assert "| M | keepkv:zip | 0.1 | 51 |" in report and "1.200" in report  # ppl ratio 12 / 10
+    assert "snapkv [kvpress]" in report
+    assert "snapkv NIAH EM" not in report and "NIAH EM @10%: snapkv 1.000 vs best KeepKV keepkv:zip 0.000" in report
+    png = tmp_path / "niah_M.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# x\n<!-- eval:begin (keep) -->\n") and text.endswith(
+        "<!-- eval:end -->\ntail\n")

@@ -1,0 +1,167 @@
+"""The mechanisms the performance targets rest on, checked without timing anything.
+
+- the decode path (q_len = 1) of the ``flex`` kernel runs the packed kernel, which equals the dense reference;
+- a compressed cache's resident bytes at ``kv_budget = 0.1`` are <= 12% of the full cache's (votes, positions,
+  the observation window and all slack slots included);
+- a compression reads nothing back to the host (no ``.item()``, ``bool()``, ``int()``, ``float()``, ``tolist()``
+  on a tensor): on a GPU it never stalls the stream;
+- compression work is per layer per compression (every ``W`` decode steps), never per token.
+No-recompilation over many decode steps is tested in ``tests/test_generation.py``
+(``test_compiled_decode_matches_eager_and_never_recompiles``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.methods import make_method
+from keepkv.ops import attention
+from keepkv.ops.attention import vote_attention, vote_attention_packed, vote_attention_reference
+from tests.conftest import tiny_config
+from tests.test_attention import make_case
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_packed_decode_kernel_equals_reference(dtype, tol, window):
+    for seed in (0, 1):
+        case = make_case(seed, dtype=dtype, q_len=1)
+        packed = vote_attention_packed(*case, sliding_window=window)
+        reference = vote_attention_reference(*case, sliding_window=window)
+        assert packed.dtype == dtype
+        torch.testing.assert_close(packed.float(), reference.float(), rtol=tol, atol=tol)
+
+
+def test_packed_kernel_gives_zeros_for_rows_without_entries():
+    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, q_len=1)
+    log_votes[0] = -math.inf
+    out = vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions)
+    assert torch.isfinite(out).all() and out[0].abs().max() == 0 and out[1].abs().max() > 0
+
+
+def test_flex_kernel_sends_one_token_queries_to_the_decode_kernel(monkeypatch):
+    calls = []
+    real = attention.vote_attention_packed
+    monkeypatch.setattr(attention, "vote_attention_packed", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(attention, "vote_attention_flex", lambda *a, **k: pytest.fail("flex used for decode"))
+    vote_attention(*make_case(0, q_len=1), kernel="flex")
+    assert calls == [torch.Size([2, 9, 1, 16])]
+
+
+def smollm2_like(layers: int = 2):
+    return tiny_config(vocab_size=128, hidden_size=576, intermediate_size=64, num_layers=layers, num_heads=9,
+                       num_kv_heads=3, head_dim=64)
+
+
+@pytest.mark.parametrize("context", [8192, 16384])
+def test_cache_bytes_at_ten_percent_budget(context):
+    """Decode-time resident bytes (B + W slots, votes, positions, window queries) <= 12% of the full cache's."""
+    config = smollm2_like()
+    full = FullCacheManager(config, torch.float32, torch.device("cpu"))
+    full.allocate(1, context, 64, 512, context)
+    method = make_method("keepkv")
+    compressed = CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, 0.1, decode_slack=64)
+    compressed.allocate(1, context, 64, 512, context)
+    compressed.end_prefill()  # the decode buffers: budget + W slots per head
+    assert compressed.caches[0].capacity == compressed.budget + 64
+    ratio = compressed.resident_bytes() / full.resident_bytes()
+    assert ratio <= 0.12, ratio
+    assert compressed.resident_bytes() > 0.1 * context / (context + 64) * full.resident_bytes()  # counts it all
+
+
+def filled_cache(capacity=300, window=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = CompressedLayerCache(1, 3, capacity, 64, torch.float32, num_heads=9, window=window)
+    cache.keys.copy_(torch.randn(cache.keys.shape, generator=g))
+    cache.keys[:, :, 1::2] = cache.keys[:, :, 0::2] + 0.1 * torch.randn(cache.keys[:, :, 1::2].shape, generator=g)
+    cache.values.copy_(torch.randn(cache.values.shape, generator=g))
+    cache.log_votes.zero_()
+    cache.positions.copy_(torch.arange(capacity, dtype=cache.positions.dtype))
+    cache.cursor.fill_(capacity)
+    cache.window_queries.copy_(torch.randn(cache.window_queries.shape, generator=g))
+    cache.window_positions.copy_(torch.arange(capacity - window, capacity)[None])
+    return cache
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@pytest.mark.parametrize("method_name", ["keepkv", "snapkv+keepkv", "snapkv"])
+def test_compression_never_reads_a_tensor_back_to_the_host(monkeypatch, method_name):
+    method = make_method(method_name)
+    cache = filled_cache()
+    reads = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    with torch.inference_mode():
+        method.compress(cache, 0, 64)
+    monkeypatch.undo()
+    assert reads == [], f"{method_name}: host reads during compression: {reads}"
+    assert int(torch.isfinite(cache.log_votes).sum(-1).max()) <= 64
+    if "keepkv" in method_name:
+        assert method.stats.as_dict()["merged"] > 0  # the merge really ran (near-duplicate keys)
+
+
+def test_compression_is_per_layer_every_w_steps_not_per_token(smollm2_eager):
+    """Over a generation the method's ``compress`` runs once per layer per compression, and compressions happen
+    once per ``W`` decode steps (plus the one at the end of prefill)."""
+    from keepkv.generate import GenerationEngine
+    from keepkv.sampling import SamplingConfig
+
+    network = smollm2_eager.engine.network
+    method = make_method("keepkv")
+    slack, new_tokens, layers = 8, 21, network.config.num_layers
+    manager = CompressedCacheManager(network.config, torch.float32, torch.device("cpu"), method, 48, slack)
+    engine = GenerationEngine(network, compile=False, prefill_chunk_size=64, cache_manager=manager)
+    calls = []
+    real = method.compress
+    method.compress = lambda cache, layer, budget: calls.append(layer) or real(cache, layer, budget)
+    ids = torch.arange(100, 200)[None]
+    tokens = list(engine.generate_tokens(ids, torch.ones_like(ids, dtype=torch.bool), new_tokens, SamplingConfig()))
+    assert len(tokens) == new_tokens
+    # 100-token prompt -> 48 entries at end of prefill; then 20 decode steps into 48 + 8 slots: compress at the
+    # 9th and 17th step
+    assert manager.compressions == 1 + (new_tokens - 1 - 1) // slack
+    assert calls == list(range(layers)) * manager.compressions
+
+
+def test_window_scores_are_computed_once_per_compression_with_identical_results(monkeypatch):
+    """The selection scorer and KeepKV's merge reference share one window-score product (same numbers)."""
+    import contextlib
+
+    calls = []
+    real = CompressedLayerCache._window_log_scores
+    monkeypatch.setattr(CompressedLayerCache, "_window_log_scores",
+                        lambda self: calls.append(1) or real(self))
+    shared, separate = filled_cache(seed=3), filled_cache(seed=3)
+    with torch.inference_mode():
+        make_method("keepkv").compress(shared, 0, 64)
+        assert len(calls) == 1
+        monkeypatch.setattr(CompressedLayerCache, "reuse_window_scores", lambda self: contextlib.nullcontext())
+        make_method("keepkv").compress(separate, 0, 64)
+        assert len(calls) == 3
+    for name in ("keys", "values", "log_votes", "positions"):
+        assert torch.equal(getattr(shared, name), getattr(separate, name)), name
+    assert shared._window_scores_memo is None  # nothing kept once the compression is over
+
+
+def test_bench_command_is_registered_and_checks_its_input():
+    from keepkv.bench import run_bench
+    from keepkv.cli import build_parser
+    from keepkv.errors import KeepKVError
+
+    args = build_parser().parse_args(["bench", "--contexts", "1024", "--budgets", "full", "0.2", "--runs", "2"])
+    assert args.run is run_bench and args.contexts == [1024] and args.budgets == ["full", "0.2"]
+    with pytest.raises(KeepKVError, match="--budgets"):
+        run_bench(build_parser().parse_args(["bench", "--budgets", "lots"]))

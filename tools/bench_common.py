@@ -1,0 +1,135 @@
+"""Shared helpers of keepkv's benchmarks (``tools/bench_decode.py``, ``tools/bench_prefill.py``).
+
+- :func:`machine_facts`: CPU model, cores, threads, memory, torch / python / keepkv versions (goes in every JSON);
+- :func:`copy_bandwidth`: the machine's measured memory copy bandwidth (``torch.Tensor.copy_`` of a 512 MB buffer,
+  bytes read + written / time, median of runs) — the denominator of the "fraction of the bandwidth bound";
+- :func:`median_time`: median wall time of a callable over ``runs`` after ``warmup`` calls;
+- :func:`write_json`, :func:`rss_bytes`, :func:`peak_rss_bytes`.
+
+Every timed run is meant to run under ``flock /tmp/keepkv-cpu.lock`` with ``OMP_NUM_THREADS`` set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "bench"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine_facts() -> dict:
+    """What the numbers were measured on (machine, threads, versions)."""
+    import keepkv
+
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "memory_gib": round(mem / 2**30, 1),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "keepkv": getattr(keepkv, "__version__", "unknown"),
+        "git_commit": git_commit(),
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def median_time(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
+    """``(median seconds, all run times)`` of ``fn()`` over ``runs`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def copy_bandwidth(megabytes: int = 512, runs: int = 7) -> float:
+    """Measured copy bandwidth in bytes/s: ``2 * size / t`` for ``dst.copy_(src)`` (read + write), median of runs.
+
+    A decode step streams its weights and KV once (reads dominate), so this is the practical ceiling of bytes
+    moved per second for the benchmarked process at its thread count.
+    """
+    numel = megabytes * 2**20 // 4
+    src = torch.ones(numel, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds, _ = median_time(lambda: dst.copy_(src), runs=runs, warmup=2)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux ``/proc/self/statm``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (``/proc/self/clear_refs`` = 5); False if not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int:
+    """``VmHWM`` from ``/proc/self/status`` (peak RSS since the last :func:`reset_peak_rss`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return peak_rss_bytes()
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def read_json(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

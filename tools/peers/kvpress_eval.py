@@ -1,0 +1,295 @@
+"""NVIDIA kvpress as keepkv's peer (runs INSIDE the kvpress venv, ``.cache/peers/kvpress``; imports kvpress,
+transformers, torch and the stdlib — never keepkv).
+
+Two modes.
+
+``eval``: the cells keepkv's evaluation exported (``keepkv eval niah|qa ... --export-prompts FILE.jsonl``, one JSON
+line per cell: ``{"task", "cell", "context", "question", "answers", "context_tokens", "depth", "max_new_tokens",
+"chat"}``) run through kvpress's pipeline ``pipeline("kv-press-text-generation")``: the context is prefilled under
+the press (compressed before the question is read: query-agnostic), then the question is fed and the answer
+decoded greedily (``max_new_tokens`` of the cell). Each press runs at ``compression_ratio = 1 - budget``. With
+``"chat": true`` the pipeline's own preprocessing applies the chat template (context and question inside one user
+turn, split at the context's end); with ``"chat": false`` the context and question ids are the plain tokenizations
+(the pipeline's internal ``_forward`` is called, since its preprocessing always applies a template). Optional
+``"context_ids"`` / ``"question_ids"`` fields in a cell override the tokenization (keepkv's exact tokens).
+
+This script writes RAW answers (``--out``, one JSON line per cell x press x budget, with what the cache actually
+kept); scoring is done on keepkv's side by ``tools/peers/score_kvpress.py`` with keepkv's own metrics, so the two
+engines are scored by the same code.
+
+``bench``: decode throughput of kvpress at one compression ratio on prompt ids written by keepkv's side
+(``{"input_ids": [...]}``): prefill ``ids[:-1]`` under the press, feed the last prompt token, then decode greedily
+with the same model calls as the pipeline's ``generate_answer`` (end-of-sequence ignored). ``decode_tokens_per_second
+= (N - 2) / (t[N-1] - t[1])`` (first decode step excluded, as keepkv does). ``--serve`` answers JSON-line requests
+(``{"cmd": "run", "dtype": ..., "press": ..., "compression_ratio": ..., "new_tokens": N}``) so that
+``tools/bench_peers.py`` can interleave kvpress and keepkv runs.
+
+Presses (method name -> kvpress class, kvpress 0.5.5): snapkv SnapKVPress, streamingllm StreamingLLMPress, tova
+TOVAPress, knorm KnormPress, expectedattention ExpectedAttentionPress, criticalkv CriticalKVPress(SnapKVPress),
+adakv-snapkv AdaKVPress(SnapKVPress); budget 1.0 is one uncompressed ``full`` row per cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from peer_common import (
+    DTYPES,
+    emit,
+    load_gguf,
+    load_gguf_tokenizer,
+    median,
+    read_prompt_ids,
+    versions,
+)
+
+PRESS_NAMES = ("snapkv", "streamingllm", "tova", "knorm", "expectedattention", "criticalkv", "adakv-snapkv")
+DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
+CELL_KEYS = ("task", "cell", "context", "question", "answers", "max_new_tokens", "chat")
+
+
+def make_press(name: str, compression_ratio: float):
+    """The kvpress press called ``name`` at ``compression_ratio`` (fraction of the context REMOVED)."""
+    if not 0.0 <= compression_ratio < 1.0:
+        raise SystemExit(f"compression_ratio must be in [0, 1), got {compression_ratio}")
+    if name not in PRESS_NAMES:
+        raise SystemExit(f"unknown press {name!r}; allowed: {', '.join(PRESS_NAMES)}")
+    import kvpress as kp
+
+    factories = {
+        "snapkv": lambda r: kp.SnapKVPress(compression_ratio=r),
+        "streamingllm": lambda r: kp.StreamingLLMPress(compression_ratio=r),
+        "tova": lambda r: kp.TOVAPress(compression_ratio=r),
+        "knorm": lambda r: kp.KnormPress(compression_ratio=r),
+        "expectedattention": lambda r: kp.ExpectedAttentionPress(compression_ratio=r),
+        "criticalkv": lambda r: kp.CriticalKVPress(press=kp.SnapKVPress(compression_ratio=r)),
+        "adakv-snapkv": lambda r: kp.AdaKVPress(press=kp.SnapKVPress(compression_ratio=r)),
+    }
+    if name not in factories:
+        raise SystemExit(f"unknown press {name!r}; allowed: {', '.join(PRESS_NAMES)}")
+    return factories[name](compression_ratio)
+
+
+def press_variant(name: str) -> str:
+    """``variant`` column: keepkv uses it for KeepKV's merge variant only, so every press has ``""`` (criticalkv
+    and adakv-snapkv run on SnapKV scores, as keepkv's methods of the same names do)."""
+    return ""
+
+
+def read_cells(path: str | Path) -> list[dict]:
+    """Cells of an exported prompts file; every line must carry :data:`CELL_KEYS`."""
+    cells = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        cell = json.loads(line)
+        missing = [k for k in CELL_KEYS if k not in cell]
+        if missing:
+            raise SystemExit(f"{path}:{number}: cell lacks {missing}; a cell needs {list(CELL_KEYS)}")
+        cells.append(cell)
+    if not cells:
+        raise SystemExit(f"{path}: no cells")
+    return cells
+
+
+def kept_entries(cache) -> list[int]:
+    """Entries per layer left in a DynamicCache (AdaKV masks instead of removing: it reports the full length)."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+
+
+def answer_cell(pipe, cell: dict, press, tokenizer) -> tuple[str, list[int], int]:
+    """``(answer, kept entries per layer after the context, context tokens)`` for one cell and press."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    if cell.get("context_ids") is not None or not cell["chat"]:
+        ctx = cell.get("context_ids") or tokenizer.encode(cell["context"], add_special_tokens=False)
+        qst = cell.get("question_ids") or tokenizer.encode(cell["question"], add_special_tokens=False)
+        inputs = {"context_ids": torch.tensor([ctx]), "questions_ids": [torch.tensor([qst])]}
+        with torch.inference_mode():
+            answer = pipe._forward(inputs, max_new_tokens=int(cell["max_new_tokens"]), press=press, cache=cache)[0]
+        context_tokens = len(ctx)
+    else:
+        # exactly what pipe(context, question=..., press=...) runs, split to see the context's token count
+        inputs = pipe.preprocess(cell["context"], questions=[cell["question"]], answer_prefix="",
+                                 max_context_length=int(1e10))
+        with torch.inference_mode():
+            answer = pipe._forward(inputs, max_new_tokens=int(cell["max_new_tokens"]), press=press, cache=cache)[0]
+        context_tokens = int(inputs["context_ids"].shape[1])
+    return answer, kept_entries(cache), context_tokens
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline)
+    import torch
+    from tqdm import tqdm
+    from transformers import pipeline
+
+    cells = read_cells(args.prompts)
+    if args.limit:
+        cells = cells[: args.limit]
+    tokenizer = load_gguf_tokenizer(args.gguf)
+    model = load_gguf(args.gguf, args.dtype)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=torch.device("cpu"))
+    meta = {"model": args.model, "engine": "kvpress", "dtype": args.dtype, **versions()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists() and not args.overwrite:
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done.add((row["task"], row["cell"], row["method"], row["budget"]))
+    # budget 1.0 is the uncompressed reference: one "full" row per cell, not one per press
+    wanted = [(c, "full" if b >= 1.0 else p, b) for c in cells for b in args.budget for p in args.press]
+    jobs = list({(c["task"], c["cell"], p, b): (c, p, b) for c, p, b in wanted
+                 if (c["task"], c["cell"], p, b) not in done}.values())
+    print(f"[kvpress_eval] {len(cells)} cells x {len(args.press)} presses x {len(args.budget)} budgets: "
+          f"{len(jobs)} to run ({len(done)} already in {out})", file=sys.stderr, flush=True)
+    with out.open("w" if args.overwrite else "a") as handle:
+        for cell, name, budget in tqdm(jobs, desc="kvpress", file=sys.stderr):
+            press = None if name == "full" else make_press(name, round(1.0 - budget, 6))
+            started = time.perf_counter()
+            answer, kept, context_tokens = answer_cell(pipe, cell, press, tokenizer)
+            row = {
+                "task": cell["task"], "cell": cell["cell"], "method": name, "variant": press_variant(name),
+                "budget": budget, "compression_ratio": round(1.0 - budget, 6), "seed": args.seed,
+                "answer": answer, "answers": cell["answers"], "context_tokens": cell.get("context_tokens"),
+                "context_tokens_peer": context_tokens, "depth": cell.get("depth"),
+                "kept_entries_mean": sum(kept) / len(kept) if kept else None,
+                "seconds": time.perf_counter() - started, **meta,
+            }
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+    return 0
+
+
+# ---- decode throughput ---------------------------------------------------------------------------------------
+def bench_run(model, ids: list[int], press_name: str | None, compression_ratio: float, new_tokens: int) -> dict:
+    """Prefill ``ids[:-1]`` under the press, then the pipeline's greedy decode loop for ``new_tokens`` tokens."""
+    import torch
+    from transformers import DynamicCache
+
+    if new_tokens < 3:
+        raise SystemExit(f"new_tokens must be >= 3, got {new_tokens}")
+    press = make_press(press_name, compression_ratio) if press_name and compression_ratio > 0 else None
+    cache = DynamicCache()
+    context = torch.tensor([ids[:-1]])
+    stamps = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        with press(model) if press is not None else _null():
+            model.model(input_ids=context, past_key_values=cache)
+        kept = kept_entries(cache)
+        position = torch.tensor([[len(ids) - 1]])
+        out = model(input_ids=torch.tensor([ids[-1:]]), past_key_values=cache, position_ids=position,
+                    logits_to_keep=1)
+        token = out.logits[0, -1].argmax()
+        stamps.append(time.perf_counter())
+        tokens = [int(token)]
+        for i in range(new_tokens - 1):
+            out = model(input_ids=token.view(1, 1), past_key_values=cache, position_ids=position + 1 + i)
+            token = out.logits[0, -1].argmax()
+            tokens.append(int(token))  # host read, as the pipeline's stop check does
+            stamps.append(time.perf_counter())
+    return {
+        "prompt_tokens": len(ids), "new_tokens": new_tokens, "press": press_name,
+        "compression_ratio": compression_ratio, "kept_entries_mean": sum(kept) / len(kept),
+        "prefill_seconds": stamps[0] - started, "first_step_seconds": stamps[1] - stamps[0],
+        "decode_seconds": stamps[-1] - stamps[1], "decode_steps": new_tokens - 2,
+        "decode_tokens_per_second": (new_tokens - 2) / (stamps[-1] - stamps[1]), "tokens": tokens,
+    }
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    ids = read_prompt_ids(args.prompt_ids)
+    model = load_gguf(args.gguf, args.dtype)
+    ratio = args.compression_ratio
+    info = {"engine": "kvpress", "gguf": args.gguf, "dtype": args.dtype, "prompt_tokens": len(ids),
+            "attn_implementation": model.config._attn_implementation, **versions()}
+    if args.serve:
+        emit({"ready": True, **info})
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            if request.get("cmd") == "quit":
+                break
+            if request.get("dtype", args.dtype) != args.dtype:
+                emit({"error": f"this worker holds {args.dtype}"})
+                continue
+            emit(bench_run(model, ids, request.get("press", args.bench_press),
+                           float(request.get("compression_ratio", ratio)),
+                           int(request.get("new_tokens", args.new_tokens))))
+        return 0
+    for _ in range(args.warmup):
+        bench_run(model, ids, args.bench_press, ratio, args.new_tokens)
+    runs = [bench_run(model, ids, args.bench_press, ratio, args.new_tokens) for _ in range(args.runs)]
+    emit({**info, "press": args.bench_press, "compression_ratio": ratio, "new_tokens": args.new_tokens,
+          "runs": len(runs), "decode_tokens_per_second": median([r["decode_tokens_per_second"] for r in runs]),
+          "decode_tokens_per_second_all": [r["decode_tokens_per_second"] for r in runs],
+          "prefill_seconds": median([r["prefill_seconds"] for r in runs]),
+          "kept_entries_mean": runs[-1]["kept_entries_mean"], "tokens": runs[-1]["tokens"]})
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    ev = sub.add_parser("eval", help="answer exported keepkv eval cells with every press and budget (raw answers)")
+    ev.add_argument("--prompts", required=True, help="JSONL from keepkv eval ... --export-prompts")
+    ev.add_argument("--gguf", required=True)
+    ev.add_argument("--model", required=True, help="model name for the rows (e.g. SmolLM2-135M-Instruct)")
+    ev.add_argument("--out", required=True, help="raw answers JSONL (appended to; finished rows are skipped)")
+    ev.add_argument("--press", action="append", choices=PRESS_NAMES, help="repeatable; default all")
+    ev.add_argument("--budget", action="append", type=float,
+                    help="kept fraction in (0, 1] (1.0 = the uncompressed reference, method 'full'); "
+                         "default 0.05 0.1 0.2 0.5")
+    ev.add_argument("--dtype", choices=DTYPES, default="float32")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--limit", type=int, default=0, help="only the first N cells (0 = all)")
+    ev.add_argument("--overwrite", action="store_true")
+    ev.add_argument("--threads", type=int, default=2)
+    be = sub.add_parser("bench", help="decode tokens/s at one compression ratio")
+    be.add_argument("--gguf", required=True)
+    be.add_argument("--prompt-ids", required=True)
+    be.add_argument("--press", dest="bench_press", choices=PRESS_NAMES, default="snapkv")
+    be.add_argument("--compression-ratio", type=float, default=0.9)
+    be.add_argument("--dtype", choices=DTYPES, default="float32")
+    be.add_argument("--new-tokens", type=int, default=64)
+    be.add_argument("--runs", type=int, default=5)
+    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--serve", action="store_true")
+    args = p.parse_args(argv)
+    if args.mode == "eval":
+        args.press = args.press or list(PRESS_NAMES)
+        args.budget = args.budget or list(DEFAULT_BUDGETS)
+        bad = [b for b in args.budget if not 0.0 < b <= 1.0]
+        if bad:
+            p.error(f"--budget must be in (0, 1], got {bad}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return run_eval(args) if args.mode == "eval" else run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
