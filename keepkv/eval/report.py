@@ -153,7 +153,7 @@ def findings(agg: dict[tuple, dict[str, Any]]) -> str:
     losses = []
     for model in models:
         budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})
-        others = {k[1] for k in agg if k[0] == model} - set(keepkv_family) - {"full"}
+        others = sorted({k[1] for k in agg if k[0] == model} - set(keepkv_family) - {"full"})  # ties: first by name
         for metric, higher, name in metrics:
             for b in budgets:
                 ours = {c: agg[(model, c, b, metric)]["value"] for c in keepkv_family if (model, c, b, metric) in agg}
