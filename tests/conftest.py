@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI draws the same examples on every run (a red CI is then reproducible, never a lucky draw); locally Hypothesis
+# explores new examples each run and keeps failures in .hypothesis/.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))

@@ -60,7 +60,8 @@ def test_squad_f1_and_exact_match_on_known_strings():
 
 
 def test_method_config_parsing():
-    assert MethodConfig.parse("keepkv").label == "keepkv:zip"
+    assert MethodConfig.parse("keepkv").label == "keepkv:minnorm"  # the library default, written explicitly
+    assert MethodConfig.parse("snapkv+keepkv").label == "snapkv+keepkv:minnorm"
     assert MethodConfig.parse("snapkv+keepkv:minnorm").method_options() == {"variant": "minnorm"}
     assert MethodConfig.parse("snapkv").label == "snapkv"
     from keepkv.errors import KeepKVError

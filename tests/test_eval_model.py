@@ -95,7 +95,7 @@ def test_quick_grid_end_to_end_is_resumable(tmp_path, smollm2_gguf, monkeypatch)
     assert all(0 < r["kept_entries_per_head"] < r.get("context_tokens", 10**9) for r in compressed)
     full_niah = [r for r in niah if r["method"] == "full"]
     assert all(r["value"] == 1.0 for r in full_niah), [r["answer"] for r in full_niah]  # the prompt works
-    assert (results / "REPORT.md").is_file() and "keepkv:zip" in readme.read_text()
+    assert (results / "REPORT.md").is_file() and "keepkv:minnorm" in readme.read_text()
     before = sum(1 for path in results.glob("*.jsonl") for _ in path.open())
     assert main(["eval", "all", "--grid", "quick", "--results", str(results), "--no-progress"]) == 0
     assert sum(1 for path in results.glob("*.jsonl") for _ in path.open()) == before

@@ -92,7 +92,10 @@ def representable_by(tokenizer: Tokenizer, character: str) -> bool:
     """Whether every UTF-8 byte of ``character`` has a byte-level token in the vocabulary."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    spelled = ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(character)[0][0]
+    try:
+        spelled = ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(character)[0][0]
+    except UnicodeEncodeError:  # a lone surrogate has no UTF-8 bytes at all
+        return False
     return all(tokenizer.backend.token_to_id(symbol) is not None for symbol in spelled)
 
 
@@ -100,7 +103,7 @@ def representable_by(tokenizer: Tokenizer, character: str) -> bool:
 @given(data=st.data())
 def test_smollm2_round_trip_any_text(smollm2_tokenizer, data):
     """Any text made of characters the vocabulary can spell round-trips exactly."""
-    characters = st.characters().filter(lambda c: representable_by(smollm2_tokenizer, c))
+    characters = st.characters(codec="utf-8").filter(lambda c: representable_by(smollm2_tokenizer, c))
     text = data.draw(st.text(alphabet=characters, max_size=60))
     assert smollm2_tokenizer.decode(smollm2_tokenizer.encode(text), skip_special_tokens=False) == text
 

@@ -14,8 +14,8 @@ machine): the caches are filled with a synthetic state of ``L`` entries (random 
 ``0 .. L-1``; a compressed cache holds ``budget`` of them — the 4 sinks, the 32 newest and a sorted random sample
 of the rest — plus a random observation window), exactly where a chunked prefill + ``end_prefill`` would leave
 them. Then real decode steps run through the engine's compiled decode step (``GenerationEngine.decode_step``),
-and KeepKV's decode-time compression (every ``W = decode_slack = 64`` steps, back to the budget; default variant
-``zip``, EMA reference, compiled merge op) runs inside the timed steps. One *run* is 64 steps for a compressed
+and KeepKV's decode-time compression (every ``W = decode_slack = 64`` steps, back to the budget; the library's default
+variant and EMA reference, recorded as ``method`` in the JSON; compiled merge op) runs inside the timed steps. One *run* is 64 steps for a compressed
 cache (exactly one compression per run: the amortised per-token time) and 16 steps for the full cache; reported
 tokens/s is ``steps / median(run time)`` over ``--runs`` (default 5) runs, after warm-up steps that include the
 compile and the first compression. Contexts past a model's trained length (SmolLM2: 8k) extend positions beyond
@@ -53,6 +53,13 @@ from keepkv.bench import (  # noqa: E402
 )
 
 
+def keepkv_label() -> str:
+    """What the compressed runs measure, from the library's defaults (e.g. ``"keepkv (minnorm, ema)"``)."""
+    from keepkv.cache.methods.keepkv import KeepKV
+
+    return f"keepkv ({KeepKV.variant}, {KeepKV.reference})"
+
+
 def cmd_decode(args) -> None:
     from tqdm import tqdm
 
@@ -67,7 +74,7 @@ def cmd_decode(args) -> None:
     todo = [(c, b) for c in args.contexts for b in budgets if f"{c}/{budget_key(b)}" not in points]
     progress = tqdm(total=len(todo) * args.runs, desc=f"decode {args.model} {args.dtype}", file=sys.stderr)
     payload = {
-        "benchmark": "decode", "model": args.model, "dtype": args.dtype, "batch": 1, "method": "keepkv (zip, ema)",
+        "benchmark": "decode", "model": args.model, "dtype": args.dtype, "batch": 1, "method": keepkv_label(),
         "decode_slack": DECODE_SLACK, "synthetic_context": True, "position_override": override,
         "machine": bc.machine_facts(), "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights,
         "points": points,

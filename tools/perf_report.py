@@ -33,8 +33,9 @@ def decode_section(lines: list[str]) -> None:
         f"Machine: {m['cpu']}, {m['torch_threads']} threads, {m['memory_gib']} GiB; torch {m['torch']}, "
         f"python {m['python']}; measured copy bandwidth (per benchmark process, the denominator of its `bw`): "
         + ", ".join(f"{d['dtype']} run {d['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s" for d in files)
-        + ". Batch 1, KeepKV default variant (zip, EMA "
-        "reference, compiled merge op), decode slack W = 64: one timed run is 64 steps holding exactly one "
+        + ". Batch 1, compressed runs: "
+        + "; ".join(sorted({f"{d['dtype']} `{d.get('method', 'keepkv')}`" for d in files}))
+        + " (variant, merge reference; compiled merge op), decode slack W = 64: one timed run is 64 steps holding exactly one "
         "compression (its cost is included); full-cache runs are 16 steps; tokens/s = steps / median of 5 runs. "
         "**Synthetic context**: the cache is filled with L random entries (a compressed cache with its budget's "
         "worth, as a prefill would leave it) instead of a real L-token prefill; contexts past SmolLM2's trained 8k "

@@ -108,10 +108,12 @@ class CompressedLayerCache(LayerKVCache):
         visible = (kv_pos <= q_pos) & valid[:, None, None, :, None] & live
         if self.sliding_window is not None:
             visible = visible & (q_pos - kv_pos < self.sliding_window)
-        logits = (logits + self.log_votes[:, :, None, None, :]).masked_fill(~visible, -float("inf"))
-        row_max = logits.amax(dim=-1, keepdim=True)
-        weights = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))
-        attention = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        # few passes over the [B, H_kv, G, T, C] block (it is the largest tensor of a prefill chunk): the bias
+        # ln p / -inf is built at [B, H_kv, 1, T, C] and added in place, then one softmax; a row with no visible
+        # slot (padding query) is all -inf, gives NaN in softmax, and is set to 0
+        logits.add_(self.log_votes[:, :, None, None, :].masked_fill(~visible, -float("inf")))
+        attention = torch.softmax(logits, dim=-1)
+        attention = attention.masked_fill_(~visible.any(dim=-1, keepdim=True), 0.0)
         return attention, visible
 
     def accumulate_query_attention(self, queries: Tensor, positions: Tensor, valid: Tensor) -> None:

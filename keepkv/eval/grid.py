@@ -20,7 +20,8 @@ QWEN = "Qwen2.5-Coder-0.5B-Instruct"
 ALL_CONFIGS = [
     "full", "streamingllm", "h2o", "snapkv", "tova", "pyramidkv", "criticalkv", "weightedkv", "cam", "d2o",
     "keepkv:zip", "keepkv:convex", "keepkv:keep-key", "keepkv:minnorm",
-    "snapkv+keepkv", "criticalkv+keepkv", "adakv-snapkv",
+    "snapkv+keepkv:zip", "criticalkv+keepkv:zip", "snapkv+keepkv:minnorm", "criticalkv+keepkv:minnorm",
+    "adakv-snapkv",
 ]
 BUDGETS = [0.05, 0.1, 0.2, 0.5]
 
@@ -51,7 +52,7 @@ class ModelGrid:
 
 GRIDS: dict[str, list[ModelGrid]] = {
     "quick": [
-        ModelGrid(SMOLLM2, configs=["full", "keepkv:zip"], budgets=[0.25], fidelity_context=256, fidelity_steps=4,
+        ModelGrid(SMOLLM2, configs=["full", "keepkv:minnorm"], budgets=[0.25], fidelity_context=256, fidelity_steps=4,
                   ppl_tokens=256, niah_lengths=[384], niah_depths=[0.5], qa_count=1, qa_context=384, qa_batch=1),
     ],
     "full": [

@@ -128,9 +128,15 @@ def findings(agg: dict[tuple, dict[str, Any]]) -> str:
     models = sorted({k[0] for k in agg})
     metrics = [(c[2], c[3], c[0]) for c in HEADLINE]
     variants = ["keepkv:zip", "keepkv:convex", "keepkv:keep-key", "keepkv:minnorm"]
-    selectors = ["keepkv:zip", "snapkv+keepkv:zip", "criticalkv+keepkv:zip"]
-    for title, candidates in (("KeepKV merge variant", variants),
-                              ("base selector for KeepKV (zip merge)", selectors)):
+    selector_groups = {
+        variant: [f"keepkv:{variant}", f"snapkv+keepkv:{variant}", f"criticalkv+keepkv:{variant}"]
+        for variant in ("zip", "minnorm")
+    }
+    selectors = [c for group in selector_groups.values() for c in group]
+    comparisons = [("KeepKV merge variant", variants)] + [
+        (f"base selector for KeepKV ({variant} merge)", group) for variant, group in selector_groups.items()
+    ]
+    for title, candidates in comparisons:
         wins: dict[str, int] = defaultdict(int)
         detail = []
         for model in models:
@@ -149,7 +155,7 @@ def findings(agg: dict[tuple, dict[str, Any]]) -> str:
             lines.append(f"- Best {title} (wins over models x metrics, mean over budgets): "
                          + ", ".join(f"`{c}` {n}" for c, n in ranking) + ".")
             lines.extend(f"  - {d}" for d in detail)
-    keepkv_family = [c for c in variants + selectors]
+    keepkv_family = list(dict.fromkeys(variants + selectors))
     losses = []
     for model in models:
         budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})

@@ -74,7 +74,7 @@ class MethodConfig:
 
     @classmethod
     def parse(cls, text: str) -> MethodConfig:
-        """``"snapkv"``, ``"keepkv:minnorm"``, ``"snapkv+keepkv"`` (zip), ``"criticalkv+keepkv:convex"``."""
+        """``"snapkv"``, ``"keepkv:minnorm"``, ``"snapkv+keepkv"`` (KeepKV's default variant), ``"criticalkv+keepkv:convex"``."""
         from keepkv.errors import KeepKVError
 
         name, _, variant = text.strip().partition(":")
@@ -82,7 +82,9 @@ class MethodConfig:
         if variant and variant not in KEEPKV_VARIANTS:
             raise KeepKVError(f"unknown KeepKV variant {variant!r} in {text!r}; allowed: {', '.join(KEEPKV_VARIANTS)}")
         if "keepkv" in name and not variant:
-            variant = "zip"
+            from keepkv.cache.methods.keepkv import KeepKV
+
+            variant = KeepKV.variant  # the library's default variant, recorded explicitly in every row
         if variant and "keepkv" not in name:
             raise KeepKVError(f"{text!r}: only keepkv and X+keepkv take a variant")
         return cls(name, variant)

@@ -135,12 +135,13 @@ def vote_attention_reference(
     visible = kv_pos <= q_pos
     if sliding_window is not None:
         visible = visible & (q_pos - kv_pos < sliding_window)
-    logits = logits + log_votes[:, :, None, None, :].to(compute_dtype)
-    logits = logits.masked_fill(~visible, -float("inf"))
-    row_max = logits.amax(dim=-1, keepdim=True)
-    row_has_entries = torch.isfinite(row_max)
-    weights = torch.exp(logits - torch.where(row_has_entries, row_max, torch.zeros_like(row_max)))
-    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(compute_dtype).tiny)
+    # the bias (ln p where visible, -inf elsewhere) is built at [B, H_kv, 1, T, C] and added in place: eager
+    # prefill chunks are dominated by passes over the [B, H_kv, G, T, C] logits, so they are kept few
+    bias = log_votes[:, :, None, None, :].to(compute_dtype).masked_fill(~visible, -float("inf"))
+    logits.add_(bias)
+    weights = torch.softmax(logits, dim=-1)
+    has_entries = torch.isfinite(bias).any(dim=-1, keepdim=True)  # a visible, non-empty slot
+    weights = weights.masked_fill_(~has_entries, 0.0)  # a row without one is NaN after softmax: 0
     weights = weights.reshape(batch, kv_heads, group_size * q_len, -1)
     out = torch.matmul(weights, values.to(compute_dtype))
     return out.reshape(batch, num_heads, q_len, head_dim).to(q.dtype)

@@ -116,8 +116,10 @@ def answer_cell(pipe, cell: dict, press, tokenizer) -> tuple[str, list[int], int
         context_tokens = len(ctx)
     else:
         # exactly what pipe(context, question=..., press=...) runs, split to see the context's token count
-        inputs = pipe.preprocess(cell["context"], questions=[cell["question"]], answer_prefix="",
-                                 max_context_length=int(1e10))
+        # the assistant turn opens with the cell's answer prefix (NIAH, RULER-style), fed after the compression
+        # exactly as keepkv feeds it (keepkv.eval.data.split_chat_prompt)
+        inputs = pipe.preprocess(cell["context"], questions=[cell["question"]],
+                                 answer_prefix=cell.get("answer_prefix", ""), max_context_length=int(1e10))
         with torch.inference_mode():
             answer = pipe._forward(inputs, max_new_tokens=int(cell["max_new_tokens"]), press=press, cache=cache)[0]
         context_tokens = int(inputs["context_ids"].shape[1])
