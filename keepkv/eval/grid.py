@@ -57,7 +57,7 @@ GRIDS: dict[str, list[ModelGrid]] = {
     ],
     "full": [
         ModelGrid(SMOLLM2, ppl_tokens=1024, qa_count=4, qa_context=1024, qa_batch=4),
-        ModelGrid(QWEN, fidelity_context=1024, fidelity_steps=16, ppl_tokens=1024, niah_lengths=[4096, 8192],
+        ModelGrid(QWEN, fidelity_context=1024, fidelity_steps=16, ppl_tokens=1024, niah_lengths=[2048, 8192],
                   qa_count=4, qa_context=1024, qa_batch=4),
     ],
 }

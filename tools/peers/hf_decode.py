@@ -22,11 +22,10 @@ Modes:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from peer_common import DTYPES, emit, load_gguf, median, read_prompt_ids, versions
+from peer_common import DTYPES, emit, load_gguf, median, read_prompt_ids, serve_requests, versions
 
 
 class _Stamps:
@@ -112,19 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     info = {"engine": "transformers", "gguf": args.gguf, "prompt_tokens": len(ids), "threads": args.threads,
             "attn_implementation": next(iter(models.values())).config._attn_implementation, **versions()}
     if args.serve:
-        emit({"ready": True, **info})
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            request = json.loads(line)
-            if request.get("cmd") == "quit":
-                break
+        def handle(request: dict) -> dict:
             dtype = request.get("dtype", args.dtype[0])
             if dtype not in models:
-                emit({"error": f"dtype {dtype!r} not loaded; loaded: {sorted(models)}"})
-                continue
-            emit(one_run(models[dtype], input_ids, int(request.get("new_tokens", args.new_tokens))))
-        return 0
+                return {"error": f"dtype {dtype!r} not loaded; loaded: {sorted(models)}"}
+            return one_run(models[dtype], input_ids, int(request.get("new_tokens", args.new_tokens)))
+
+        return serve_requests(info, handle)
     result = {**info, "new_tokens": args.new_tokens, "by_dtype": {}}
     for dtype, model in models.items():
         for _ in range(args.warmup):

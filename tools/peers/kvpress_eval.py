@@ -44,6 +44,7 @@ from peer_common import (
     load_gguf_tokenizer,
     median,
     read_prompt_ids,
+    serve_requests,
     versions,
 )
 
@@ -222,20 +223,13 @@ def run_bench(args: argparse.Namespace) -> int:
     info = {"engine": "kvpress", "gguf": args.gguf, "dtype": args.dtype, "prompt_tokens": len(ids),
             "attn_implementation": model.config._attn_implementation, **versions()}
     if args.serve:
-        emit({"ready": True, **info})
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            request = json.loads(line)
-            if request.get("cmd") == "quit":
-                break
+        def handle(request: dict) -> dict:
             if request.get("dtype", args.dtype) != args.dtype:
-                emit({"error": f"this worker holds {args.dtype}"})
-                continue
-            emit(bench_run(model, ids, request.get("press", args.bench_press),
-                           float(request.get("compression_ratio", ratio)),
-                           int(request.get("new_tokens", args.new_tokens))))
-        return 0
+                return {"error": f"this worker holds {args.dtype}"}
+            return bench_run(model, ids, request.get("press", args.bench_press),
+                             float(request.get("compression_ratio", ratio)), int(request.get("new_tokens", args.new_tokens)))
+
+        return serve_requests(info, handle)
     for _ in range(args.warmup):
         bench_run(model, ids, args.bench_press, ratio, args.new_tokens)
     runs = [bench_run(model, ids, args.bench_press, ratio, args.new_tokens) for _ in range(args.runs)]

@@ -84,3 +84,17 @@ def emit(payload: dict) -> None:
     """One JSON line on stdout (the protocol of ``--serve`` mode and the final result of one-shot mode)."""
     sys.stdout.write(json.dumps(payload) + "\n")
     sys.stdout.flush()
+
+
+def serve_requests(info: dict, handle) -> int:
+    """Worker mode (``--serve``): print ``{"ready": true, **info}``, then answer one JSON request per stdin line
+    with ``handle(request) -> dict`` (printed as one JSON line) until ``{"cmd": "quit"}`` or end of input."""
+    emit({"ready": True, **info})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        if request.get("cmd") == "quit":
+            break
+        emit(handle(request))
+    return 0
