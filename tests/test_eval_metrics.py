@@ -121,3 +121,11 @@ def test_report_table_ppl_ratio_heatmap_and_readme(tmp_path):
     text = readme.read_text()
     assert "old" not in text and text.startswith("# x\n<!-- eval:begin (keep) -->\n") and text.endswith(
         "<!-- eval:end -->\ntail\n")
+
+
+def test_niah_rows_group_by_target_length_whatever_the_engine():
+    from keepkv.eval.report import niah_length
+
+    assert niah_length({"target_tokens": 4096, "cell": "ctx4096/depth10", "context_tokens": 4098}) == 4096
+    assert niah_length({"target_tokens": None, "cell": "ctx1024/depth50", "context_tokens": 1026}) == 1024  # peers
+    assert niah_length({"cell": "other", "context_tokens": 777}) == 777

@@ -163,6 +163,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 "budget": budget, "compression_ratio": round(1.0 - budget, 6), "seed": args.seed,
                 "answer": answer, "answers": cell["answers"], "context_tokens": cell.get("context_tokens"),
                 "context_tokens_peer": context_tokens, "depth": cell.get("depth"),
+                "target_tokens": cell.get("target_tokens"),
                 "kept_entries_mean": sum(kept) / len(kept) if kept else None,
                 "seconds": time.perf_counter() - started, **meta,
             }

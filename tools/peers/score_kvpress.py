@@ -7,7 +7,7 @@ answers, what the cache kept). This script scores each answer with exactly the f
 paragraph) — and writes one row per metric in keepkv's result-row shape (``keepkv/eval/results.py``):
 
     {"task", "metric", "value", "model", "method", "variant", "budget", "kept_entries_per_head", "cell", "seed",
-     "engine": "kvpress", "kvpress_version", "transformers_version", "torch_version", "answer", ...}
+     "engine": "kvpress", "keepkv_version" (of the scorer), "kvpress_version", "transformers_version", "torch_version", "answer", ...}
 
     /tmp/venv/bin/python tools/peers/score_kvpress.py results/eval/peers/kvpress-SmolLM2-135M-Instruct.answers.jsonl
         -> results/eval/peers/kvpress-SmolLM2-135M-Instruct.jsonl
@@ -24,12 +24,13 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from keepkv import __version__ as keepkv_version
 from keepkv.eval.niah import score_niah
 from keepkv.eval.qa import score_qa
 
 SCORERS = {"niah": score_niah, "qa": score_qa}
 COPIED = ("task", "model", "method", "variant", "budget", "cell", "seed", "kvpress_version",
-          "transformers_version", "torch_version", "dtype", "depth", "context_tokens", "answer")
+          "transformers_version", "torch_version", "dtype", "depth", "target_tokens", "context_tokens", "answer")
 
 
 def score_rows(raw: list[dict]) -> list[dict]:
@@ -41,7 +42,8 @@ def score_rows(raw: list[dict]) -> list[dict]:
             raise SystemExit(f"no scorer for task {item['task']!r}; known: {sorted(SCORERS)}")
         for metric, value in scorer(item["answer"], SimpleNamespace(answers=list(item["answers"]))).items():
             rows.append({**{k: item.get(k) for k in COPIED}, "metric": metric, "value": float(value),
-                         "engine": "kvpress", "kept_entries_per_head": item.get("kept_entries_mean"),
+                         "engine": "kvpress", "keepkv_version": keepkv_version,  # the version that scored it
+                         "kept_entries_per_head": item.get("kept_entries_mean"),
                          "context_tokens_peer": item.get("context_tokens_peer")})
     return rows
 
