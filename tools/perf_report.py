@@ -110,7 +110,8 @@ def other_section(lines: list[str]) -> None:
             f"(chunk {memory['chunk']}) at 10%: peak RSS - base = {mb(memory['peak_minus_base_bytes'])} vs bound "
             f"weights + 3 x budgeted cache + one chunk's activations = {mb(memory['bound_bytes'])} "
             f"({'met' if memory['within_bound'] else 'missed'}); prefill took "
-            f"{memory['measured']['prefill_seconds']:.0f} s.")
+            f"{memory['measured']['prefill_seconds']:.0f} s (eager, {memory['machine'].get('torch_threads')} "
+            f"thread(s); RSS is the measurement here, not the time).")
     lines.append("- Profile of the decode step and what was changed: [docs/profile.md](docs/profile.md).")
 
 
