@@ -19,6 +19,10 @@ fidelity grid (5-50%), while the paper's ``zip`` was the *worst* configuration t
 KV head and an EMA reference, rescaling the whole key moves its logit for every other query. ``variant="zip"``
 reproduces the paper. Evidence and the other tasks: ``results/eval/REPORT.md`` and the README's Results section.
 
+**Base selector: KeepKV's own** (above, the paper's). Measured with the ``minnorm`` merge it is the best selector
+on SmolLM2 (KL, QA); on Qwen2.5-Coder-0.5B (GQA 14/2, q/k bias) SnapKV's or CriticalKV's selection does better
+(``snapkv+keepkv`` / ``criticalkv+keepkv`` compose them). No selector wins on both models, so the paper's stays.
+
 Reference scores for the merge (spec §4): ``reference="ema"`` (default) predicts each entry's future
 unnormalised score with the paper's exponential moving average over the observation window (the last ``window``
 queries, oldest first) ``S_t = alpha S_{t-1} + (1 - alpha) s_t``, bias-corrected by ``1 / (1 - alpha^m)`` where
