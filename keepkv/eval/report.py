@@ -152,6 +152,10 @@ def findings(agg: dict[tuple, dict[str, Any]]) -> str:
                 if len(scores) < 2:
                     continue
                 best = max(scores, key=scores.get)
+                if sum(1 for v in scores.values() if math.isclose(v, scores[best], abs_tol=1e-9)) > 1:
+                    detail.append(f"{model.split('-')[0]} {name}: tie at {abs(scores[best]):.3f} (no win counted; "
+                                  + ", ".join(f"{c} {abs(v):.3f}" for c, v in scores.items()) + ")")
+                    continue
                 wins[best] += 1
                 detail.append(f"{model.split('-')[0]} {name}: {best} "
                               f"({abs(scores[best]):.3f} vs {', '.join(f'{c} {abs(s):.3f}' for c, s in scores.items() if c != best)})")

@@ -13,15 +13,16 @@ At each compression of a layer, per batch row and KV head (spec ``shared/spec/ke
    (:func:`keepkv.ops.merge.merge_into_kept`) with the chosen ``variant`` (``zip`` = the paper's rule, ``convex``
    = the official code, ``keep-key``, ``minnorm``); votes add: ``p_r = p_c + sum_e p_e``.
 
-**Default variant: ``minnorm``** (spec §5: "make the best measured one the default"). On SmolLM2-135M-Instruct
-(GQA 9/3) it had the lowest next-token KL and attention-output error of every configuration at every budget of the
-fidelity grid (5-50%), while the paper's ``zip`` was the *worst* configuration there: with ``G > 1`` query heads per
-KV head and an EMA reference, rescaling the whole key moves its logit for every other query. ``variant="zip"``
-reproduces the paper. Evidence and the other tasks: ``results/eval/REPORT.md`` and the README's Results section.
+**Default variant: ``minnorm``** (spec §5: "make the best measured one the default"). Over the full evaluation
+grid (``results/eval/REPORT.md``, the README's Results) it wins 3 of the 8 model x metric comparisons of the
+variants, ``convex`` 2 (Qwen2.5-Coder-0.5B KL and perplexity), ``keep-key`` 1 (Qwen QA), NIAH ties. On
+SmolLM2-135M (GQA 9/3) it has the lowest next-token KL of every configuration at every budget; the paper's ``zip``
+is the worst KeepKV variant on both models: with ``G > 1`` query heads per KV head and an EMA reference,
+rescaling the whole key moves its logit for every other query. ``variant="zip"`` reproduces the paper.
 
-**Base selector: KeepKV's own** (above, the paper's). Measured with the ``minnorm`` merge it is the best selector
-on SmolLM2 (KL, QA); on Qwen2.5-Coder-0.5B (GQA 14/2, q/k bias) SnapKV's or CriticalKV's selection does better
-(``snapkv+keepkv`` / ``criticalkv+keepkv`` compose them). No selector wins on both models, so the paper's stays.
+**Base selector: KeepKV's own** (above, the paper's). With the ``minnorm`` merge it wins 3 of 8 comparisons
+(SmolLM2 KL and QA, Qwen KL), SnapKV's and CriticalKV's selection one each (perplexity), the rest tie; no
+selector dominates, so the paper's stays (``snapkv+keepkv`` / ``criticalkv+keepkv`` compose the others).
 
 Reference scores for the merge (spec §4): ``reference="ema"`` (default) predicts each entry's future
 unnormalised score with the paper's exponential moving average over the observation window (the last ``window``
