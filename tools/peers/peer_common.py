@@ -49,6 +49,10 @@ def load_gguf(gguf: str | Path, dtype: str = "float32", attn_implementation: str
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation=attn_implementation
     )
+    config = model.config
+    if getattr(config, "head_dim", None) is None:
+        # transformers' GGUF import leaves Qwen2Config without head_dim; kvpress's CriticalKV press reads it
+        config.head_dim = config.hidden_size // config.num_attention_heads
     return model.to(torch_dtype(dtype)).eval()
 
 
