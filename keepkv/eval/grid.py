@@ -1,5 +1,5 @@
 """The two grids of ``keepkv eval all``: ``quick`` (CI / smoke, about a minute) and ``full`` (the README results:
-measured ~25 min for SmolLM2 and ~75 min for Qwen2.5-Coder-0.5B on 2 CPU cores, ``results/eval/walltime.log``).
+measured ~23 min for SmolLM2 and ~67 min for Qwen2.5-Coder-0.5B on 2 CPU cores, ``results/eval/walltime.log``).
 
 Sizing of the full grid (measured costs in ``results/eval/RUN.md``): every configuration at every budget shares
 one full prefill per cell group, so the cost is ~(prefills) + (configurations x budgets x short decodes) for NIAH /
