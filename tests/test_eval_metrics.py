@@ -129,3 +129,10 @@ def test_niah_rows_group_by_target_length_whatever_the_engine():
     assert niah_length({"target_tokens": 4096, "cell": "ctx4096/depth10", "context_tokens": 4098}) == 4096
     assert niah_length({"target_tokens": None, "cell": "ctx1024/depth50", "context_tokens": 1026}) == 1024  # peers
     assert niah_length({"cell": "other", "context_tokens": 777}) == 777
+
+
+def test_labels_tell_peer_and_full_rows_apart():
+    from keepkv.eval.report import is_full, is_peer
+
+    assert is_full("full") and is_full("full [kvpress]") and not is_full("fullkv") and not is_full("snapkv")
+    assert is_peer("snapkv [kvpress]") and not is_peer("snapkv+keepkv:minnorm") and not is_peer("full")

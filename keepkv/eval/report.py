@@ -38,9 +38,14 @@ def label(row: dict[str, Any]) -> str:
     return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"
 
 
+def is_peer(lab: str) -> bool:
+    """A label :func:`label` made for another engine's row (``"snapkv [kvpress]"``)."""
+    return lab.endswith("]") and " [" in lab
+
+
 def is_full(lab: str) -> bool:
     """The uncompressed reference of any engine (``full``, ``full [kvpress]``)."""
-    return lab == "full" or lab.startswith("full [")
+    return lab.split(" [", 1)[0] == "full"
 
 
 def _budget(row: dict[str, Any]) -> float:
@@ -169,8 +174,8 @@ def findings(agg: dict[tuple, dict[str, Any]]) -> str:
     for model in models:
         budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})
         # keepkv's own implementations only (peer engines' rows validate them, they are not other methods)
-        others = sorted({k[1] for k in agg if k[0] == model and " [" not in k[1]}
-                        - set(keepkv_family) - {"full"})  # ties: first by name
+        others = sorted({k[1] for k in agg if k[0] == model and not is_peer(k[1]) and not is_full(k[1])}
+                        - set(keepkv_family))  # ties: first by name
         for metric, higher, name in metrics:
             for b in budgets:
                 ours = {c: agg[(model, c, b, metric)]["value"] for c in keepkv_family if (model, c, b, metric) in agg}
@@ -196,7 +201,6 @@ def plot_summary(agg, model: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(HEADLINE), figsize=(5 * len(HEADLINE), 4.5))

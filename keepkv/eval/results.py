@@ -74,7 +74,8 @@ class MethodConfig:
 
     @classmethod
     def parse(cls, text: str) -> MethodConfig:
-        """``"snapkv"``, ``"keepkv:minnorm"``, ``"snapkv+keepkv"`` (KeepKV's default variant), ``"criticalkv+keepkv:convex"``."""
+        """``"snapkv"``, ``"keepkv:minnorm"``, ``"snapkv+keepkv"`` (KeepKV's default variant),
+        ``"criticalkv+keepkv:convex"``."""
         from keepkv.errors import KeepKVError
 
         name, _, variant = text.strip().partition(":")

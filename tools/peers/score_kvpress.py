@@ -7,7 +7,8 @@ answers, what the cache kept). This script scores each answer with exactly the f
 paragraph) — and writes one row per metric in keepkv's result-row shape (``keepkv/eval/results.py``):
 
     {"task", "metric", "value", "model", "method", "variant", "budget", "kept_entries_per_head", "cell", "seed",
-     "engine": "kvpress", "keepkv_version" (of the scorer), "kvpress_version", "transformers_version", "torch_version", "answer", ...}
+     "engine": "kvpress", "keepkv_version" (of the scorer), "kvpress_version", "transformers_version",
+     "torch_version", "answer", ...}
 
     /tmp/venv/bin/python tools/peers/score_kvpress.py results/eval/peers/kvpress-SmolLM2-135M-Instruct.answers.jsonl
         -> results/eval/peers/kvpress-SmolLM2-135M-Instruct.jsonl
