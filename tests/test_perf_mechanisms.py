@@ -165,3 +165,47 @@ def test_bench_command_is_registered_and_checks_its_input():
     assert args.run is run_bench and args.contexts == [1024] and args.budgets == ["full", "0.2"]
     with pytest.raises(KeepKVError, match="--budgets"):
         run_bench(build_parser().parse_args(["bench", "--budgets", "lots"]))
+
+
+@pytest.mark.compile
+def test_whole_compression_compiles_once_for_every_layer_and_equals_eager():
+    """KeepKV's compiled compression (select + merge + compact in one graph) gives the eager result on every
+    cache, and caches of the same shape (the layers) share one graph: no recompilation from layer to layer."""
+    eager_method, compiled_method = make_method("keepkv"), make_method("keepkv")
+    compiled_method.use_compiled_ops = True
+    assert compiled_method.compiles_whole_compression
+    assert not make_method("criticalkv+keepkv").compiles_whole_compression  # per-layer W_O: stays eager
+    with torch.inference_mode():
+        first_eager, first_compiled = filled_cache(seed=4), filled_cache(seed=4)
+        eager_method.compress(first_eager, 0, 64)
+        compiled_method.compress(first_compiled, 0, 64)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for layer, seed in ((1, 5), (7, 6)):
+                eager, compiled = filled_cache(seed=seed), filled_cache(seed=seed)
+                eager_method.compress(eager, layer, 64)
+                compiled_method.compress(compiled, layer, 64)
+                for name in ("keys", "values", "log_votes", "positions", "cursor"):
+                    torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-5)
+    for name in ("keys", "values", "log_votes", "positions", "cursor"):
+        torch.testing.assert_close(getattr(first_compiled, name), getattr(first_eager, name), rtol=1e-5, atol=1e-5)
+    assert compiled_method.stats.as_dict() == eager_method.stats.as_dict()
+    assert eager_method.stats.as_dict()["merged"] > 0
+
+
+def test_packed_entries_leave_the_cache_alone_and_compact_stores_them():
+    cache = filled_cache(seed=7)
+    before = {name: getattr(cache, name).clone() for name in ("keys", "values", "log_votes", "positions")}
+    kept = torch.arange(0, 300, 3).expand(1, 3, -1).contiguous()
+    valid = torch.ones_like(kept, dtype=torch.bool)
+    valid[:, 1, -5:] = False
+    entries = cache.packed_entries(kept, valid)
+    for name, tensor in before.items():
+        assert torch.equal(getattr(cache, name), tensor), name
+        assert entries[name].shape == tensor.shape
+    assert int(entries["cursor"]) == 100
+    assert torch.equal(entries["positions"][0, 0, :100], torch.arange(0, 300, 3).to(entries["positions"].dtype))
+    assert torch.isinf(entries["log_votes"][0, 1, 95:]).all() and (entries["positions"][0, 1, 95:] == -1).all()
+    assert (entries["keys"][:, :, 100:] == 0).all()
+    cache.compact(kept, valid)
+    for name in ("keys", "values", "log_votes", "positions", "cursor"):
+        assert torch.equal(getattr(cache, name), entries[name]), name

@@ -187,32 +187,46 @@ class CompressedLayerCache(LayerKVCache):
 
         The kept entries are packed into slots ``0 .. n-1`` in increasing slot order; slots whose ``kept_valid``
         is False become empty (``-inf`` votes), which is how per-head budgets of different sizes are stored.
+        Equivalent to ``store_packed(packed_entries(kept_slots, kept_valid))``.
         """
+        self.store_packed(self.packed_entries(kept_slots, kept_valid))
+
+    def packed_entries(self, kept_slots: Tensor, kept_valid: Tensor) -> dict[str, Tensor]:
+        """The cache's per-slot buffers after :meth:`compact`, as new tensors (the cache is not modified).
+
+        Returns ``{name: tensor}`` for ``keys``, ``values``, ``log_votes``, ``positions`` (and the accumulated
+        attention state when kept), each of the buffer's full shape, plus ``cursor`` (the kept count). Kept apart
+        from :meth:`store_packed` so a compiled compression returns fresh buffers and the in-place store runs
+        outside the graph: inductor 2.13 can fuse an in-place store into a gather from the *same* buffer and then
+        read slots another thread already overwrote (seen: 2 of 5109 slots of a 16k SmolLM2 layer)."""
         count = kept_slots.shape[2]
         order = torch.sort(torch.where(kept_valid, kept_slots, self.capacity), dim=2).indices
         kept_slots, kept_valid = kept_slots.gather(2, order), kept_valid.gather(2, order)
         index = kept_slots.clamp_max(self.capacity - 1)
+        pad = self.capacity - count
         dim = self.keys.shape[3]
-        packed_keys = self.keys.gather(2, index[..., None].expand(-1, -1, -1, dim))
-        packed_values = self.values.gather(2, index[..., None].expand(-1, -1, -1, dim))
-        packed_votes = torch.where(kept_valid, self.log_votes.gather(2, index), -float("inf"))
-        packed_positions = torch.where(kept_valid, self.positions.gather(2, index), -1)
+
+        def packed(buffer: Tensor, empty: float | int) -> Tensor:
+            if buffer.dim() == 4:
+                rows = buffer.gather(2, index[..., None].expand(-1, -1, -1, dim)) * kept_valid[..., None]
+                return torch.nn.functional.pad(rows, (0, 0, 0, pad), value=empty)
+            rows = torch.where(kept_valid, buffer.gather(2, index), empty)
+            return torch.nn.functional.pad(rows, (0, pad), value=empty)
+
+        entries = {
+            "keys": packed(self.keys, 0), "values": packed(self.values, 0),
+            "log_votes": packed(self.log_votes, -float("inf")), "positions": packed(self.positions, -1),
+            "cursor": torch.full_like(self.cursor, count),
+        }
         if self.accumulate_attention:
-            packed_attention = torch.where(kept_valid, self.accumulated_attention.gather(2, index), 0.0)
-            packed_queries = torch.where(kept_valid, self.attention_queries.gather(2, index), 0.0)
-            self.accumulated_attention[:, :, :count] = packed_attention
-            self.attention_queries[:, :, :count] = packed_queries
-            self.accumulated_attention[:, :, count:] = 0
-            self.attention_queries[:, :, count:] = 0
-        self.keys[:, :, :count] = packed_keys * kept_valid[..., None]
-        self.values[:, :, :count] = packed_values * kept_valid[..., None]
-        self.log_votes[:, :, :count] = packed_votes
-        self.positions[:, :, :count] = packed_positions
-        self.keys[:, :, count:] = 0
-        self.values[:, :, count:] = 0
-        self.log_votes[:, :, count:] = -float("inf")
-        self.positions[:, :, count:] = -1
-        self.cursor.fill_(count)
+            entries["accumulated_attention"] = packed(self.accumulated_attention, 0.0)
+            entries["attention_queries"] = packed(self.attention_queries, 0.0)
+        return entries
+
+    def store_packed(self, entries: dict[str, Tensor]) -> None:
+        """Copy :meth:`packed_entries`' result into the buffers (in place: the compiled decode graph keeps them)."""
+        for name, tensor in entries.items():
+            getattr(self, name).copy_(tensor)
 
     def copy_into(self, other: CompressedLayerCache) -> None:
         """Copy this cache's entries, window and score state into ``other`` (same batch and heads; any capacity

@@ -67,6 +67,7 @@ class CompressionMethod:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise KeepKVError(f"{self.name}: option {field.name} must be a non-negative integer, got {value!r}")
         self.selector: CompressionMethod | None = None
+        self._compiled_entries = None  # torch.compile of _layer_free_entries, made on first use
 
     @property
     def protected_entries(self) -> int:
@@ -204,11 +205,40 @@ class CompressionMethod:
         return order[..., :width], kept_by_rank[..., :width], evicted_slots, listed_category == 1
 
     def compress(self, cache: CompressedLayerCache, layer: int, budget: int) -> None:
-        """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head)."""
+        """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head).
+
+        With ``use_compiled_ops`` and a layer-free method (:attr:`compiles_whole_compression`) the selection, the
+        merge and the compaction run as one compiled graph (:meth:`compressed_entries` under ``torch.compile``):
+        one graph per (method, cache shapes, budget) whatever the layer, no host sync inside."""
+        if self.use_compiled_ops and self.compiles_whole_compression:
+            if self._compiled_entries is None:
+                self._compiled_entries = torch.compile(self._layer_free_entries, fullgraph=True, dynamic=False)
+            entries = self._compiled_entries(cache, budget)
+        else:
+            entries = self.compressed_entries(cache, layer, budget)
+        cache.store_packed(entries)
+
+    def compressed_entries(self, cache: CompressedLayerCache, layer: int, budget: int) -> dict[str, Tensor]:
+        """Select, merge (in place, into kept slots) and return the compacted buffers
+        (:meth:`CompressedLayerCache.packed_entries`); :meth:`compress` stores them."""
         with cache.reuse_window_scores():  # selection and merge reference share one window-score product
             kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
             self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
-        cache.compact(kept_slots, kept_valid)
+        return cache.packed_entries(kept_slots, kept_valid)
+
+    layer_free: ClassVar[bool] = False
+    """True when the method's selection and merge depend on the layer only through the cache and the budget (no
+    per-layer state or weights, no layer-indexed budgets inside ``select``): its whole compression may then be
+    compiled once for every layer (see :attr:`compiles_whole_compression`)."""
+
+    @property
+    def compiles_whole_compression(self) -> bool:
+        """Whether :meth:`compress` runs as one compiled graph when ``use_compiled_ops`` is set: this method and
+        its selector (if any) are :attr:`layer_free`."""
+        return self.layer_free and (self.selector is None or self.selector.layer_free)
+
+    def _layer_free_entries(self, cache: CompressedLayerCache, budget: int) -> dict[str, Tensor]:
+        return self.compressed_entries(cache, 0, budget)  # layer-free: the index is never read
 
     def options(self) -> dict[str, Any]:
         options = dataclasses.asdict(self)

@@ -7,7 +7,9 @@
 - grouped-query attention (Ainslie et al. 2023) over a :class:`~keepkv.cache.LayerKVCache`, through
   :func:`keepkv.ops.attention.vote_attention` (FlexAttention + vote ``score_mod``); optional q/k/v bias (Qwen2)
   and sliding window (Mistral);
-- SwiGLU MLP: ``down(silu(gate(x)) * up(x))``.
+- SwiGLU MLP: ``down(silu(gate(x)) * up(x))``;
+- projections through :class:`keepkv.ops.linear.Linear` (``nn.Linear`` with a compiled-decode GEMV form for
+  16-bit weights).
 
 Parameter names are exactly Hugging Face's (``model.layers.0.self_attn.q_proj.weight`` ...), so a safetensors
 checkpoint loads without renaming. The only state besides weights is each attention layer's ``kv_cache``.
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from keepkv.cache import LayerKVCache
 from keepkv.models.config import ModelConfig
 from keepkv.ops.attention import vote_attention
+from keepkv.ops.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -86,10 +89,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.sliding_window = config.sliding_window
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.kv_cache: LayerKVCache | None = None
         self.kernel = "flex"
 
@@ -114,9 +117,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -152,7 +155,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderStack(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)

@@ -96,8 +96,11 @@ MIN_DENOMINATOR = 1e-4  # zip: a reference log-score of kbar below this in magni
 NEWTON_STEPS = 12  # zip with G > 1 queries: Newton iterations on the (convex) group log-score of lambda * kbar
 
 
-def _zeros_counter() -> Tensor:
-    return torch.zeros((), dtype=torch.int64)
+def _zeros_counter(size: tuple[int, ...] = ()) -> Tensor:
+    """A counter made as an inference tensor, like every later value it takes (compressions run under
+    ``torch.inference_mode``): a compiled compression then sees one kind of tensor and never recompiles for it."""
+    with torch.inference_mode():
+        return torch.zeros(size, dtype=torch.int64)
 
 
 @dataclass
@@ -115,7 +118,7 @@ class MergeStats:
     merged: Tensor = field(default_factory=_zeros_counter)
     dropped: Tensor = field(default_factory=_zeros_counter)
     groups: Tensor = field(default_factory=_zeros_counter)
-    fallbacks: Tensor = field(default_factory=lambda: torch.zeros(len(FALLBACK_REASONS), dtype=torch.int64))
+    fallbacks: Tensor = field(default_factory=lambda: _zeros_counter((len(FALLBACK_REASONS),)))
 
     def as_dict(self) -> dict[str, int]:
         """Host-side summary: ``merged``, ``dropped``, ``groups``, ``fallbacks`` (total) and one

@@ -82,6 +82,7 @@ class KeepKV(CompressionMethod):
 
     name = "keepkv"
     is_eviction_selector = False  # KeepKV merges; as a selector for X+keepkv use a plain eviction scorer
+    layer_free = True  # scores, match and merge read only the cache: compiled, one graph serves every layer
     variant: str = "minnorm"  # measured best (results/eval, README "Results"); "zip" is the paper's rule
     similarity_threshold: float = 0.8
     reference: str = "ema"
