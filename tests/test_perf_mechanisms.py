@@ -209,3 +209,21 @@ def test_packed_entries_leave_the_cache_alone_and_compact_stores_them():
     cache.compact(kept, valid)
     for name in ("keys", "values", "log_votes", "positions", "cursor"):
         assert torch.equal(getattr(cache, name), entries[name]), name
+
+
+def test_one_query_window_update_equals_the_sorted_one():
+    """The decode step's window update (shift + append, no sort) gives the general sorted update's window, from
+    windows with absent rows at the front, full windows and padding rows alike."""
+    g = torch.Generator().manual_seed(11)
+    for trial in range(6):
+        fast = CompressedLayerCache(3, 2, 16, 8, torch.float32, num_heads=4, window=5)
+        slow = CompressedLayerCache(3, 2, 16, 8, torch.float32, num_heads=4, window=5)
+        for step in range(9):
+            width = 1 if step >= 2 or trial % 2 else 3  # some prefill-like chunks first
+            queries = torch.randn(3, 4, width, 8, generator=g)
+            positions = torch.arange(width)[None].expand(3, -1) + 10 * step
+            valid = torch.rand(3, width, generator=g) > 0.3
+            fast.observe_queries(queries, positions, valid)
+            (slow._append_queries if width == 1 else slow.observe_queries)(queries, positions, valid)
+            assert torch.equal(fast.window_positions, slow.window_positions), (trial, step)
+            assert torch.equal(fast.window_queries, slow.window_queries), (trial, step)

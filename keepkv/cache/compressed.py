@@ -72,6 +72,26 @@ class CompressedLayerCache(LayerKVCache):
 
     def observe_queries(self, queries: Tensor, positions: Tensor, valid: Tensor) -> None:
         """Append this forward's real queries to each row's window, keeping the newest ``w``."""
+        if queries.shape[2] == 1:
+            self._append_one_query(queries, positions, valid)
+        else:
+            self._append_queries(queries, positions, valid)
+        if self.accumulate_attention:
+            self.accumulate_query_attention(queries, positions, valid)
+        if self.inline_compression is not None:
+            self.inline_compression(self)
+
+    def _append_one_query(self, queries: Tensor, positions: Tensor, valid: Tensor) -> None:
+        """The decode step's case of :meth:`_append_queries` (one query per row), without its sort: a row whose
+        token is real drops its oldest window row and appends the query; a padding row keeps its window. The same
+        result, because absent rows (position -1, zero query) always sit at the front of a window."""
+        shifted_queries = torch.cat((self.window_queries[:, :, 1:], queries.to(self.window_queries.dtype)), dim=2)
+        shifted_positions = torch.cat((self.window_positions[:, 1:], positions.to(POSITION_DTYPE)), dim=1)
+        real = valid[:, 0]
+        self.window_queries.copy_(torch.where(real[:, None, None, None], shifted_queries, self.window_queries))
+        self.window_positions.copy_(torch.where(real[:, None], shifted_positions, self.window_positions))
+
+    def _append_queries(self, queries: Tensor, positions: Tensor, valid: Tensor) -> None:
         window = self.window_queries.shape[2]
         all_queries = torch.cat((self.window_queries, queries.to(self.window_queries.dtype)), dim=2)
         all_positions = torch.cat((self.window_positions, positions.to(POSITION_DTYPE)), dim=1)
@@ -83,10 +103,6 @@ class CompressedLayerCache(LayerKVCache):
         heads, dim = all_queries.shape[1], all_queries.shape[3]
         gathered = all_queries.gather(2, order[:, None, :, None].expand(-1, heads, -1, dim))
         self.window_queries.copy_(gathered * kept_present[:, None, :, None])
-        if self.accumulate_attention:
-            self.accumulate_query_attention(queries, positions, valid)
-        if self.inline_compression is not None:
-            self.inline_compression(self)
 
     def query_attention(self, queries: Tensor, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Vote-weighted attention of arbitrary rotated ``queries [batch, heads, T, dim]`` (at ``positions
