@@ -51,7 +51,8 @@ def raise_recompile_limits() -> None:
 
 def make_engine(network, budget: float | None):
     """A compiled :class:`GenerationEngine` over ``network``: full cache (``budget=None``) or KeepKV (default
-    variant, compiled merge op) at ``kv_budget=budget`` with ``decode_slack = DECODE_SLACK``."""
+    variant; its whole compression compiled, see ``CompressionMethod.compress``) at ``kv_budget=budget`` with
+    ``decode_slack = DECODE_SLACK``."""
     from keepkv.cache.manager import CompressedCacheManager
     from keepkv.cache.methods import make_method
     from keepkv.generate import GenerationEngine

@@ -90,3 +90,32 @@ def test_compiled_decode_matches_eager_and_never_recompiles(network):
         assert torch.equal(compiled, eager)
         greedy(engine, ids[:, :35], steps=70)  # another prompt length, same capacity bucket
     assert engine.caches[0].capacity == 256
+
+
+@pytest.mark.compile
+def test_compiled_bfloat16_decode_step_matches_eager():
+    """In bfloat16 the compiled decode step computes its projections as float32-accumulated reductions
+    (keepkv.ops.linear); from the same caches its logits stay within bf16 rounding of the eager step's (BLAS
+    GEMV), step after step."""
+    from tests.conftest import tiny_config
+
+    network = tiny_network(tiny_config("qwen2", attention_bias=True), dtype=torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(5))
+    engine = GenerationEngine(network, compile=True, prefill_chunk_size=32)
+    engine.prepare_caches(1, ids.shape[1], 8)
+    names = ("keys", "values", "log_votes", "positions", "cursor")
+    with torch.inference_mode():
+        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        engine.end_prefill()
+        start = [{name: getattr(cache, name).clone() for name in names} for cache in engine.caches]
+        tokens, positions = torch.tensor([7]), torch.tensor([ids.shape[1]])
+        compiled = torch.stack([engine.decode_step(tokens + i, positions + i) for i in range(4)])
+        for cache, saved in zip(engine.caches, start):
+            for name in names:
+                getattr(cache, name).copy_(saved[name])
+        engine._decode_compiled = None  # the same engine, eager
+        engine.cache_manager.filled -= 4
+        eager = torch.stack([engine.decode_step(tokens + i, positions + i) for i in range(4)])
+    assert torch.isfinite(compiled).all()
+    error = (compiled - eager).abs().max()
+    assert 0 < error <= 0.03 * eager.abs().max(), error  # not the same kernel, the same product

@@ -3,6 +3,7 @@
 - :func:`machine_facts`: CPU model, cores, threads, memory, torch / python / keepkv versions (goes in every JSON);
 - :func:`copy_bandwidth`: the machine's measured memory copy bandwidth (``torch.Tensor.copy_`` of a 512 MB buffer,
   bytes read + written / time, median of runs) — the denominator of the "fraction of the bandwidth bound";
+- :func:`read_bandwidth`: the read-only stream rate (``sum`` of a 512 MB buffer), reported beside it;
 - :func:`median_time`: median wall time of a callable over ``runs`` after ``warmup`` calls;
 - :func:`write_json`, :func:`rss_bytes`, :func:`peak_rss_bytes`.
 
@@ -89,6 +90,16 @@ def copy_bandwidth(megabytes: int = 512, runs: int = 7) -> float:
     dst = torch.empty_like(src)
     seconds, _ = median_time(lambda: dst.copy_(src), runs=runs, warmup=2)
     return 2 * src.numel() * src.element_size() / seconds
+
+
+def read_bandwidth(megabytes: int = 512, runs: int = 7) -> float:
+    """Measured read bandwidth in bytes/s: ``size / t`` for ``src.sum()`` (a vectorised, memory-bound read of
+    every byte once, nothing written back), median of runs. A decode step mostly reads; on some machines a pure
+    read stream runs well above half the copy bandwidth, so a step can exceed "100% of the copy bound"."""
+    numel = megabytes * 2**20 // 4
+    src = torch.ones(numel, dtype=torch.float32)
+    seconds, _ = median_time(lambda: src.sum(), runs=runs, warmup=2)
+    return src.numel() * src.element_size() / seconds
 
 
 def rss_bytes() -> int:

@@ -7,6 +7,7 @@ Usage (each timed run under the CPU lock)::
         --contexts 1024 4096 8192 16384 32768 --budgets full 0.1 0.2
     flock /tmp/keepkv-cpu.lock python tools/bench_decode.py attention      # flex vs SDPA vs packed, decode q_len=1
     flock /tmp/keepkv-cpu.lock python tools/bench_decode.py compile        # cold / warm compile of the decode step
+    flock /tmp/keepkv-cpu.lock python tools/bench_decode.py bandwidth      # copy and read bandwidth
     python tools/bench_decode.py plot && python tools/bench_decode.py --readme   # PNG + README block from JSON
 
 **Synthetic context.** Decode speed at context ``L`` does not need a real ``L``-token prefill (minutes on this
@@ -15,11 +16,12 @@ machine): the caches are filled with a synthetic state of ``L`` entries (random 
 of the rest — plus a random observation window), exactly where a chunked prefill + ``end_prefill`` would leave
 them. Then real decode steps run through the engine's compiled decode step (``GenerationEngine.decode_step``),
 and KeepKV's decode-time compression (every ``W = decode_slack = 64`` steps, back to the budget; the library's
-default variant and EMA reference, recorded as ``method`` in the JSON; compiled merge op) runs inside the timed
-steps. One *run* is 64 steps for a compressed cache (exactly one compression per run: the amortised per-token time) and 16 steps for the full cache; reported
-tokens/s is ``steps / median(run time)`` over ``--runs`` (default 5) runs, after warm-up steps that include the
-compile and the first compression. Contexts past a model's trained length (SmolLM2: 8k) extend positions beyond
-it: quality is irrelevant for speed, and the override is explicit (``position_override`` in the JSON).
+default variant and EMA reference, recorded as ``method`` in the JSON; the whole compression compiled) runs
+inside the timed steps. One *run* is 64 steps for a compressed cache (exactly one compression per run: the
+amortised per-token time) and 16 steps for the full cache; reported tokens/s is ``steps / median(run time)``
+over ``--runs`` (default 5) runs, after warm-up steps that include the compile and the first compression.
+Contexts past a model's trained length (SmolLM2: 8k) extend positions beyond it: quality is irrelevant for
+speed, and the override is explicit (``position_override`` in the JSON).
 
 **Bandwidth bound.** Bytes a step must move = every weight once (tied embeddings once) + the KV buffers it
 reads (keys, values, log-votes, positions of every slot of the fixed-capacity buffers). ``fraction of the
@@ -58,6 +60,17 @@ def keepkv_label() -> str:
     from keepkv.cache.methods.keepkv import KeepKV
 
     return f"keepkv ({KeepKV.variant}, {KeepKV.reference})"
+
+
+def cmd_bandwidth(args) -> None:
+    """Copy and read bandwidth of this machine at this thread count (``bandwidth.json``)."""
+    copy = [bc.copy_bandwidth() for _ in range(args.repeats)]
+    read = [bc.read_bandwidth() for _ in range(args.repeats)]
+    payload = {"benchmark": "memory bandwidth (copy: 2 x 512 MB / t of copy_; read: 512 MB / t of sum)",
+               "machine": bc.machine_facts(), "copy_bytes_per_s": sorted(copy)[len(copy) // 2],
+               "read_bytes_per_s": sorted(read)[len(read) // 2], "copy_all": copy, "read_all": read}
+    bc.write_json("bandwidth.json", payload)
+    print(f"copy {payload['copy_bytes_per_s'] / 1e9:.1f} GB/s, read {payload['read_bytes_per_s'] / 1e9:.1f} GB/s")
 
 
 def cmd_decode(args) -> None:
@@ -181,11 +194,17 @@ with torch.inference_mode():
     engine.decode_step(token, pos)
 first = time.perf_counter() - t0
 graphs = counters["stats"]["unique_graphs"]
-for i in range(1, 100):
-    with torch.inference_mode():
-        engine.decode_step(token, pos + i)
+recompiled = False
+try:
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a graph compiled once may never compile again
+        for i in range(1, 100):
+            with torch.inference_mode():
+                engine.decode_step(token, pos + i)
+except torch._dynamo.exc.RecompileError:
+    recompiled = True
 print(json.dumps({{"first_step_seconds": first, "graphs_after_first_step": graphs,
-                  "new_graphs_over_99_steps": counters["stats"]["unique_graphs"] - graphs}}))
+                  "new_graphs_over_99_steps": counters["stats"]["unique_graphs"] - graphs,
+                  "recompiled": recompiled, "compressions": engine.cache_manager.compressions}}))
 """
 
 
@@ -207,11 +226,14 @@ def cmd_compile(args) -> None:
                 row[f"{phase}_first_step_seconds"] = measured["first_step_seconds"]
                 row[f"{phase}_graphs"] = measured["graphs_after_first_step"]
                 row[f"{phase}_new_graphs_over_99_steps"] = measured["new_graphs_over_99_steps"]
+                row[f"{phase}_recompiled"] = measured["recompiled"]
+                row[f"{phase}_compressions"] = measured["compressions"]
                 print(model, dtype, phase, measured, flush=True)
             rows.append(row)
     bc.write_json("compile.json", {
         "benchmark": "compile cost of the decode step (first decode step incl. compile; fresh "
-                     "TORCHINDUCTOR_CACHE_DIR = cold, same dir again in a new process = warm)",
+                     "TORCHINDUCTOR_CACHE_DIR = cold, same dir again in a new process = warm); over the next 99 "
+                     "steps (which hold a compression: its graph is the new one) recompilation is an error",
         "machine": bc.machine_facts(), "rows": rows,
     })
 
@@ -310,6 +332,8 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--budgets", nargs="+", default=["full", "0.1"])
     sub.add_parser("plot")
+    p = sub.add_parser("bandwidth")
+    p.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     if args.readme:
         from perf_report import write_readme
@@ -317,7 +341,7 @@ def main(argv=None) -> None:
         write_readme()
         return
     {"decode": cmd_decode, "attention": cmd_attention, "compile": cmd_compile, "profile": cmd_profile,
-     "plot": cmd_plot}[args.command](args)
+     "plot": cmd_plot, "bandwidth": cmd_bandwidth}[args.command](args)
 
 
 if __name__ == "__main__":

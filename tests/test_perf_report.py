@@ -1,0 +1,58 @@
+"""tools/perf_report.py: the README's issue-5 target table is computed from the benchmark JSON, not written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+
+def point(context, budget, tok_s, bytes_per_token, bw, resident, compression=None):
+    p = {"context": context, "budget": budget, "tokens_per_second": tok_s, "seconds_per_token": 1 / tok_s,
+         "bytes_per_token": bytes_per_token, "fraction_of_bandwidth_bound": bw, "cache_resident_bytes": resident,
+         "first_step_seconds": 30.0, "new_graphs_during_timed_runs": 0}
+    if compression is not None:
+        p["compression_fraction_of_step"] = compression
+    return p
+
+
+@pytest.fixture
+def report(tmp_path, monkeypatch):
+    import bench_common
+    import perf_report
+
+    monkeypatch.setattr(bench_common, "RESULTS", tmp_path)
+    machine = {"cpu": "test cpu", "torch_threads": 2, "memory_gib": 1, "torch": "x", "python": "y"}
+    points = {
+        "8192/full": point(8192, "full", 10.0, 600, 0.4, 1000),
+        "8192/0.1": point(8192, "0.1", 14.0, 300, 0.3, 110, 0.05),
+        "16384/full": point(16384, "full", 5.0, 900, 0.55, 2000),
+        "16384/0.1": point(16384, "0.1", 11.0, 320, 0.6, 210, 0.12),
+    }
+    (tmp_path / "decode_M_bfloat16.json").write_text(json.dumps(
+        {"model": "M", "dtype": "bfloat16", "machine": machine, "copy_bandwidth_bytes_per_s": 1e9, "points": points}))
+    (tmp_path / "peers.json").write_text(json.dumps({"results": [
+        {"model": "M", "dtype": "float32", "prompt_tokens": 4096, "full_speedup_vs_transformers": 1.6,
+         "full_target_met": True, "budget_speedup_vs_kvpress": 1.2, "budget_target_met": False}]}))
+    return perf_report
+
+
+def test_target_rows_compare_each_measurement_with_its_target(report):
+    rows = {(target, where): (measured, verdict) for target, where, measured, verdict in report.target_rows()}
+    assert rows[("1. 10% / full >= 1.5x at 8k", "M bfloat16")] == ("1.40x (bytes ratio 2.00x)", "**missed**")
+    assert rows[("1. 10% / full >= 2.0x at 16k", "M bfloat16")] == ("2.20x (bytes ratio 2.81x)", "met")
+    assert rows[("3. >= 50% of the (copy) bandwidth bound at 16k", "M bfloat16 full")] == ("55%", "met")
+    assert rows[("4. compression <= 10% of the step (10%, 16k)", "M bfloat16")] == ("12.0%", "**missed**")
+    assert rows[("5. cache bytes at 10% <= 12% of full (16k)", "M bfloat16")] == ("10.5%", "met")
+    assert rows[("2. keepkv full >= 1.5x transformers", "M float32 4k")] == ("1.60x", "met")
+    assert rows[("2. keepkv 10% >= 1.5x kvpress 10%", "M float32 4k")] == ("1.20x", "**missed**")
+
+
+def test_render_puts_the_target_table_first(report):
+    text = report.render()
+    assert text.index("Issue-5 targets") < text.index("| model | dtype | context |")
+    assert "| 1. 10% / full >= 1.5x at 8k | M bfloat16 | 1.40x (bytes ratio 2.00x) | **missed** |" in text
