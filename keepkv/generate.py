@@ -150,7 +150,9 @@ class GenerationEngine:
         if self.cache_manager.make_room(1):
             self.network.attach_caches(self.caches)
         step = self._decode_compiled if self._decode_compiled is not None else self._decode
-        logits = step(tokens[:, None], positions[:, None])
+        with torch.inference_mode():  # inputs as inference tensors whatever the caller's mode: dynamo guards on
+            # that (dispatch keys), so a caller mixing modes would otherwise get a second decode graph
+            logits = step(tokens[:, None].clone(), positions[:, None].clone())
         self.cache_manager.wrote(1)
         return logits
 

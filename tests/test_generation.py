@@ -119,3 +119,20 @@ def test_compiled_bfloat16_decode_step_matches_eager():
     assert torch.isfinite(compiled).all()
     error = (compiled - eager).abs().max()
     assert 0 < error <= 0.03 * eager.abs().max(), error  # not the same kernel, the same product
+
+
+@pytest.mark.compile
+def test_decode_step_compiles_once_whatever_the_callers_autograd_mode(network):
+    """Token and position tensors made outside ``inference_mode`` (first step) and inside it (later steps) reach
+    the compiled step as the same kind of tensor: one graph, no recompilation."""
+    engine = GenerationEngine(network, compile=True, prefill_chunk_size=32)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(6))
+    engine.prepare_caches(1, ids.shape[1], 8)
+    with torch.inference_mode():
+        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        engine.end_prefill()
+    token, position = torch.tensor([5]), torch.tensor([20])  # normal tensors
+    engine.decode_step(token, position)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
+        for i in range(1, 4):
+            engine.decode_step(token + i, position + i)  # inference tensors
