@@ -42,11 +42,11 @@ def load_network(model: str, dtype: str, max_context: int):
 
 def raise_recompile_limits() -> None:
     """One process benchmarks many (capacity, budget) points: each is its own decode graph and merge-op graph by
-    design, so dynamo's per-function limit (8) must not turn later points into silent eager fallbacks."""
-    import torch._dynamo.config as dynamo_config
+    design, so dynamo's per-function limit must not turn later points into failures (see
+    :func:`keepkv.compile_limits.allow_graph_per_shape`)."""
+    from keepkv.compile_limits import allow_graph_per_shape
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    allow_graph_per_shape(256)
 
 
 def make_engine(network, budget: float | None):

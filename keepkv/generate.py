@@ -27,6 +27,7 @@ from torch import Tensor
 
 from keepkv.cache import LayerKVCache
 from keepkv.cache.manager import FullCacheManager, round_up
+from keepkv.compile_limits import allow_graph_per_shape
 from keepkv.errors import KeepKVError
 from keepkv.models.transformer import Transformer
 from keepkv.sampling import SamplingConfig, sample_next_token
@@ -74,6 +75,8 @@ class GenerationEngine:
         network.set_attention_kernel(self.kernel)
         self.cache_manager = cache_manager or FullCacheManager(self.config, self.dtype, self.device)
         self.cache_manager.bind_network(network)  # methods that read weights (CriticalKV's W_O) get the model
+        if compile:
+            allow_graph_per_shape()
         self._decode_compiled = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else None
 
     @property

@@ -136,3 +136,16 @@ def test_decode_step_compiles_once_whatever_the_callers_autograd_mode(network):
     with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
         for i in range(1, 4):
             engine.decode_step(token + i, position + i)  # inference tensors
+
+
+def test_a_compiling_engine_allows_a_graph_per_shape(network):
+    """With fullgraph=True the ninth shape of a compiled function is a hard error at dynamo's default limit of 8;
+    a compiling engine raises the limits (prompt lengths and capacities each get their own graph)."""
+    import torch._dynamo.config as dynamo_config
+
+    from keepkv.compile_limits import GRAPHS_PER_FUNCTION
+
+    with dynamo_config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        GenerationEngine(network, compile=True)
+        assert dynamo_config.recompile_limit >= GRAPHS_PER_FUNCTION
+        assert dynamo_config.accumulated_recompile_limit >= 16 * GRAPHS_PER_FUNCTION

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
+from keepkv.compile_limits import allow_graph_per_shape
+
 ATTENTION_KERNELS = ("flex", "reference")
 
 DECODE_KERNEL = "packed"
@@ -80,6 +82,7 @@ def vote_attention_flex(
     Shapes: ``q [B, H, T, D]``, ``keys/values [B, H_kv, C, D]`` (same dtype as ``q``), ``log_votes`` and
     ``kv_positions [B, H_kv, C]``, ``q_positions [B, T]``. Returns ``[B, H, T, D]`` in ``q.dtype``.
     """
+    allow_graph_per_shape()  # one graph per (chunk, capacity, dtype, heads): the default limit of 8 is too few
     group_size = q.shape[1] // keys.shape[1]
     score_mod = generate_vote_score_mod(log_votes, kv_positions, q_positions, group_size, sliding_window)
     return _compiled_flex_attention(q, keys, values, score_mod=score_mod, enable_gqa=group_size > 1)
