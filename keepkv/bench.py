@@ -27,9 +27,10 @@ FULL_RUN_STEPS = 16
 def load_network(model: str, dtype: str, max_context: int):
     """``(network, override)``: the model's :class:`Transformer` (weights in ``dtype``) and, when ``max_context``
     exceeds its trained context, the explicit ``max_position_embeddings`` override applied (else ``None``)."""
+    from keepkv.compile_limits import allow_graph_per_shape
     from keepkv.models import load
 
-    raise_recompile_limits()
+    allow_graph_per_shape(256)  # one process benchmarks many (capacity, budget) points: a graph each
     lm = load(model, dtype=dtype, compile=False)
     network = lm.engine.network
     trained = network.config.max_position_embeddings
@@ -38,15 +39,6 @@ def load_network(model: str, dtype: str, max_context: int):
         override = {"max_position_embeddings": [trained, max_context + 1024]}
         network.config = network.config.replace(max_position_embeddings=max_context + 1024)
     return network, override
-
-
-def raise_recompile_limits() -> None:
-    """One process benchmarks many (capacity, budget) points: each is its own decode graph and merge-op graph by
-    design, so dynamo's per-function limit must not turn later points into failures (see
-    :func:`keepkv.compile_limits.allow_graph_per_shape`)."""
-    from keepkv.compile_limits import allow_graph_per_shape
-
-    allow_graph_per_shape(256)
 
 
 def make_engine(network, budget: float | None):

@@ -23,9 +23,15 @@ def load(name: str) -> dict | None:
     return bc.read_json(name)
 
 
-def decode_section(lines: list[str]) -> None:
+def decode_files_by_name() -> dict[tuple[str, str], dict]:
     files = [json.loads(p.read_text()) for p in sorted(bc.RESULTS.glob("decode_*.json"))
              if p.name != "decode_attention.json"]
+    return {(d["model"], d["dtype"]): d for d in files}
+
+
+
+def decode_section(lines: list[str]) -> None:
+    files = [data for _, data in sorted(decode_files_by_name().items())]
     if not files:
         return
     m = files[0]["machine"]
@@ -121,12 +127,6 @@ def other_section(lines: list[str]) -> None:
             f"{memory['measured']['prefill_seconds']:.0f} s (eager, {memory['machine'].get('torch_threads')} "
             f"thread(s); RSS is the measurement here, not the time).")
     lines.append("- Profile of the decode step and what was changed: [docs/profile.md](docs/profile.md).")
-
-
-def decode_files_by_name() -> dict[tuple[str, str], dict]:
-    files = [json.loads(p.read_text()) for p in sorted(bc.RESULTS.glob("decode_*.json"))
-             if p.name != "decode_attention.json"]
-    return {(d["model"], d["dtype"]): d for d in files}
 
 
 def target_rows() -> list[tuple[str, str, str, str]]:

@@ -56,6 +56,10 @@ class CompressionMethod:
     compresses_during_decode: ClassVar[bool] = True
     accumulates_attention: ClassVar[bool] = False  # the cache must keep per-slot accumulated attention
     is_eviction_selector: ClassVar[bool] = True  # may pick the evicted set for a merging method (X+keepkv)
+    layer_free: ClassVar[bool] = False
+    """True when the method's selection and merge depend on the layer only through the cache and the budget (no
+    per-layer state or weights, no layer-indexed budgets inside ``select``): its whole compression may then be
+    compiled once for every layer (see :attr:`compiles_whole_compression`)."""
     use_compiled_ops = False  # not an option: set when the model runs compiled (ops such as the merge compile too)
     sinks: int = 4
     window: int = 32
@@ -225,11 +229,6 @@ class CompressionMethod:
             kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
             self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
         return cache.packed_entries(kept_slots, kept_valid)
-
-    layer_free: ClassVar[bool] = False
-    """True when the method's selection and merge depend on the layer only through the cache and the budget (no
-    per-layer state or weights, no layer-indexed budgets inside ``select``): its whole compression may then be
-    compiled once for every layer (see :attr:`compiles_whole_compression`)."""
 
     @property
     def compiles_whole_compression(self) -> bool:
