@@ -8,7 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from keepkv.ops.attention import generate_vote_score_mod, vote_attention, vote_attention_reference
+from keepkv.ops.attention import (
+    generate_visibility_mask_mod, generate_vote_score_mod, vote_attention, vote_attention_flex,
+    vote_attention_reference, vote_block_mask,
+)
 
 SHAPES = dict(batch=2, kv_heads=3, group=3, q_len=5, capacity=37, head_dim=16)
 
@@ -82,24 +85,86 @@ def test_empty_rows_give_zeros_not_nan():
         assert out[0].abs().max() == 0
 
 
+def chunk_case(seed, capacity=100, q_len=40, window_slots=0, shuffle=False):
+    """A prefill chunk of ``q_len`` queries at the end of an in-order cache with an empty tail (``shuffle``:
+    slots out of position order, as after compression), batch 2 with the second row left-padded."""
+    q, keys, values, log_votes, _, _ = make_case(seed, capacity=capacity, q_len=q_len)
+    g = torch.Generator().manual_seed(seed)
+    filled = capacity - 13
+    kv_positions = torch.arange(capacity).expand(2, 3, capacity).clone()
+    if shuffle:
+        kv_positions = torch.stack([torch.randperm(capacity, generator=g) for _ in range(6)]).view(2, 3, capacity)
+    log_votes[..., filled:] = -math.inf
+    q_positions = (filled - q_len + torch.arange(q_len)).expand(2, q_len).clone()
+    q_positions[1, :7] = 0  # padding tokens (position 0)
+    return q, keys, values, log_votes, kv_positions.int(), q_positions.int()
+
+
+def tile_classes(block_mask, num_heads):
+    """``[B, H, n_q, n_kv]`` of 0 (skipped), 1 (partial), 2 (full) from a BlockMask's index tensors."""
+    batch, _, n_q = block_mask.kv_num_blocks.shape
+    n_kv = block_mask.kv_indices.shape[-1]
+    classes = torch.zeros(batch, num_heads, n_q, n_kv, dtype=torch.long)
+    for value, count, index in ((1, block_mask.kv_num_blocks, block_mask.kv_indices),
+                                (2, block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+        used = torch.arange(n_kv) < count[..., None]
+        classes.scatter_add_(-1, index.long(), used.long() * value)
+    return classes
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), window=st.sampled_from([None, 5, 30]), shuffle=st.booleans(),
+       blocks=st.sampled_from([(8, 16), (16, 8), (4, 32)]))
+def test_block_mask_classifies_tiles_exactly(seed, window, shuffle, blocks):
+    """Every tile marked full has every (query, non-empty slot) pair visible, every skipped tile none; each tile
+    is in at most one list. Checked against the dense visibility of each pair."""
+    _, _, _, log_votes, kv_positions, q_positions = chunk_case(seed, shuffle=shuffle)
+    block_mask = vote_block_mask(log_votes, kv_positions, q_positions, 9, window, blocks)
+    classes = tile_classes(block_mask, 9)
+    assert classes.max() <= 2
+    visible = kv_positions[:, :, None, :] <= q_positions[:, None, :, None]
+    if window is not None:
+        visible &= q_positions[:, None, :, None] - kv_positions[:, :, None, :] < window
+    counted = visible & torch.isfinite(log_votes)[:, :, None, :]  # [B, H_kv, T, C]
+    q_block, kv_block = blocks
+    for b, h in ((b, h) for b in range(2) for h in range(9)):
+        for i in range(classes.shape[2]):
+            for j in range(classes.shape[3]):
+                tile = counted[b, h // 3, i * q_block:(i + 1) * q_block, j * kv_block:(j + 1) * kv_block]
+                present = torch.isfinite(log_votes[b, h // 3, j * kv_block:(j + 1) * kv_block])
+                if classes[b, h, i, j] == 2:
+                    assert tile[:, present].all()
+                elif classes[b, h, i, j] == 0:
+                    assert not tile.any()
+    if not shuffle and window is None:
+        assert (classes == 2).any() and (classes == 0).any()  # the in-order chunk has both kinds
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_flex_equals_reference(dtype, tol):
-    """Compiled FlexAttention with the vote score_mod == dense reference (fp32 1e-5; bf16 2e-2; fp16 2e-3)."""
-    for seed, window in [(3, None), (4, 7)]:
-        case = make_case(seed, dtype=dtype)
-        flex = vote_attention(*case, sliding_window=window, kernel="flex")
+    """Compiled FlexAttention (vote score_mod + data-dependent block mask) == dense reference (fp32 1e-5;
+    bf16 2e-2; fp16 2e-3): random slot order, an in-order chunk whose small tiles are full, partial and
+    skipped, a shuffled cache, sliding windows, padding rows, empty slots."""
+    cases = [(make_case(3, dtype=dtype), None, (128, 256)), (make_case(4, dtype=dtype), 7, (128, 256))]
+    for seed, window, shuffle in ((5, None, False), (6, 30, False), (7, None, True)):
+        case = tuple(t.to(dtype) if t.is_floating_point() and i < 3 else t
+                     for i, t in enumerate(chunk_case(seed, shuffle=shuffle)))
+        cases.append((case, window, (8, 16)))
+    for case, window, blocks in cases:
+        flex = vote_attention_flex(*case, sliding_window=window, block_size=blocks)
         reference = vote_attention_reference(*case, sliding_window=window)
         torch.testing.assert_close(flex.float(), reference.float(), rtol=tol, atol=tol)
 
 
-def test_score_mod_is_a_named_closure_reading_captured_tensors():
+def test_score_mod_and_mask_mod_are_named_closures_reading_captured_tensors():
     _, _, _, log_votes, kv_positions, q_positions = make_case(5)
-    score_mod = generate_vote_score_mod(log_votes, kv_positions, q_positions, group_size=3, sliding_window=None)
-    assert score_mod.__name__ == "vote_score_mod"
+    score_mod = generate_vote_score_mod(log_votes, group_size=3)
+    mask_mod = generate_visibility_mask_mod(kv_positions, q_positions, group_size=3, sliding_window=None)
+    assert score_mod.__name__ == "vote_score_mod" and mask_mod.__name__ == "visibility_mask_mod"
     b, h, q_idx, kv_idx = (torch.tensor(v) for v in (1, 4, 2, 9))
-    expected = 0.5 + log_votes[1, 1, 9] if kv_positions[1, 1, 9] <= q_positions[1, 2] else -math.inf
-    assert score_mod(torch.tensor(0.5), b, h, q_idx, kv_idx) == expected
+    assert score_mod(torch.tensor(0.5), b, h, q_idx, kv_idx) == 0.5 + log_votes[1, 1, 9]
+    assert mask_mod(b, h, q_idx, kv_idx) == (kv_positions[1, 1, 9] <= q_positions[1, 2])
 
 
 def test_unknown_kernel_is_refused():
