@@ -103,12 +103,23 @@ def fill_synthetic(engine, context: int, new_tokens: int, seed: int = 0) -> None
 
 
 def weight_bytes(network) -> int:
+    """Resident bytes of the parameters (a tied embedding counted once)."""
     seen, total = set(), 0
     for p in network.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return total
+
+
+def weight_bytes_read_per_token(network) -> int:
+    """Parameter bytes one decode step reads: every weight, except that an input embedding *not* shared with
+    the output head contributes only the one row it looks up (a tied table is read whole by the head)."""
+    embedding = network.model.embed_tokens.weight
+    if embedding.data_ptr() == network.lm_head.weight.data_ptr():
+        return weight_bytes(network)
+    row = embedding.shape[1] * embedding.element_size()
+    return weight_bytes(network) - embedding.numel() * embedding.element_size() + row
 
 
 def kv_read_bytes(engine) -> int:
@@ -210,7 +221,7 @@ def run_point(network, context: int, budget: float | None, runs: int, on_run=Non
     fill_synthetic(engine, context, new_tokens)
     result = time_decode(engine, context, runs, compressed, on_run)
     result["budget"] = budget_key(budget)
-    result["bytes_per_token"] = weight_bytes(network) + result["kv_read_bytes"]
+    result["bytes_per_token"] = weight_bytes_read_per_token(network) + result["kv_read_bytes"]
     return result
 
 

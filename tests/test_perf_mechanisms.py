@@ -27,18 +27,22 @@ from tests.test_attention import make_case
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("window", [None, 5])
-def test_packed_decode_kernel_equals_reference(dtype, tol, window):
+@pytest.mark.parametrize("window", [None, 5, 300])
+@pytest.mark.parametrize("capacity,q_len", [(37, 1), (8 * 128, 1), (8 * 128 + 5, 1), (3 * 128 + 77, 3)])
+def test_packed_decode_kernel_equals_reference(dtype, tol, window, capacity, q_len):
+    """Packed kernel == dense reference: one piece (37 slots), 8 even pieces, 8 pieces + a 5-slot tail, 3
+    pieces + a tail with 3 queries (one softmax across pieces and tail)."""
     for seed in (0, 1):
-        case = make_case(seed, dtype=dtype, q_len=1)
+        case = make_case(seed, dtype=dtype, q_len=q_len, capacity=capacity)
         packed = vote_attention_packed(*case, sliding_window=window)
         reference = vote_attention_reference(*case, sliding_window=window)
         assert packed.dtype == dtype
         torch.testing.assert_close(packed.float(), reference.float(), rtol=tol, atol=tol)
 
 
-def test_packed_kernel_gives_zeros_for_rows_without_entries():
-    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, q_len=1)
+@pytest.mark.parametrize("capacity", [37, 8 * 128 + 5])
+def test_packed_kernel_gives_zeros_for_rows_without_entries(capacity):
+    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, q_len=1, capacity=capacity)
     log_votes[0] = -math.inf
     out = vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions)
     assert torch.isfinite(out).all() and out[0].abs().max() == 0 and out[1].abs().max() > 0
@@ -227,3 +231,18 @@ def test_one_query_window_update_equals_the_sorted_one():
             (slow._append_queries if width == 1 else slow.observe_queries)(queries, positions, valid)
             assert torch.equal(fast.window_positions, slow.window_positions), (trial, step)
             assert torch.equal(fast.window_queries, slow.window_queries), (trial, step)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bytes_read_per_token_count_an_untied_embedding_as_one_row(tied):
+    """The bandwidth bound's weight bytes: a tied table is read whole (by the output head); an untied input
+    embedding only for the one row a decode step looks up."""
+    from keepkv.bench import weight_bytes, weight_bytes_read_per_token
+    from tests.conftest import tiny_network
+
+    network = tiny_network(tiny_config(tie_word_embeddings=tied))
+    every_parameter = sum(p.numel() * p.element_size() for p in network.parameters())  # dedups shared ones
+    assert weight_bytes(network) == every_parameter
+    embedding = network.model.embed_tokens.weight
+    table, row = embedding.numel() * embedding.element_size(), embedding.shape[1] * embedding.element_size()
+    assert weight_bytes_read_per_token(network) == every_parameter - (0 if tied else table - row)

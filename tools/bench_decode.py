@@ -51,7 +51,8 @@ import bench_common as bc  # noqa: E402
 
 # ---- model-level decode benchmark (the measuring core lives in keepkv/bench.py) ---------------------------------
 from keepkv.bench import (  # noqa: E402
-    DECODE_SLACK, budget_key, fill_synthetic, load_network, make_engine, run_point, weight_bytes,  # noqa: F401
+    DECODE_SLACK, budget_key, fill_synthetic, load_network, make_engine, run_point, weight_bytes,
+    weight_bytes_read_per_token,  # noqa: F401
 )
 
 
@@ -82,7 +83,10 @@ def cmd_decode(args) -> None:
     points = existing.get("points", {})
     bandwidth = existing.get("copy_bandwidth_bytes_per_s") or bc.copy_bandwidth()
     network, override = load_network(args.model, args.dtype, max(args.contexts))
-    weights = weight_bytes(network)
+    weights, weights_read = weight_bytes(network), weight_bytes_read_per_token(network)
+    for point in points.values():  # derived fields follow the current definition (stored: kv bytes, timings)
+        point["bytes_per_token"] = weights_read + point["kv_read_bytes"]
+        point["fraction_of_bandwidth_bound"] = point["bytes_per_token"] / point["seconds_per_token"] / bandwidth
     budgets = [None if b == "full" else float(b) for b in args.budgets]
     todo = [(c, b) for c in args.contexts for b in budgets if f"{c}/{budget_key(b)}" not in points]
     progress = tqdm(total=len(todo) * args.runs, desc=f"decode {args.model} {args.dtype}", file=sys.stderr)
@@ -90,6 +94,7 @@ def cmd_decode(args) -> None:
         "benchmark": "decode", "model": args.model, "dtype": args.dtype, "batch": 1, "method": keepkv_label(),
         "decode_slack": DECODE_SLACK, "synthetic_context": True, "position_override": override,
         "machine": bc.machine_facts(), "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights,
+        "weight_bytes_read_per_token": weights_read,
         "points": points,
     }
     for context, budget in todo:

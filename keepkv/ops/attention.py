@@ -39,11 +39,11 @@ ATTENTION_KERNELS = ("flex", "reference")
 DECODE_KERNEL = "packed"
 """Kernel of the ``flex`` path for one-token queries (decode): ``"packed"`` (default) or ``"flex"``.
 
-Measured (``tools/bench_decode.py --attention``, torch 2.13 CPU, 2 threads, SmolLM2 shapes 9/3 heads, d = 64,
-compiled, per layer): at 16k slots flex took 1.18 ms (float32) / 3.94 ms (bfloat16), the packed kernel 1.03 ms /
-0.55 ms, SDPA with an equivalent additive bias 2.40 ms / 7.15 ms. Flex's CPU template is built for long query
-blocks; with one query row per head it gains nothing from tiling and in bfloat16 runs far below memory bandwidth.
-Prefill chunks keep FlexAttention (no ``T x C`` float bias is ever materialised there)."""
+Measured (``tools/bench_decode.py attention``, torch 2.13 CPU, Intel Xeon, 2 threads, compiled, per layer,
+``results/bench/decode_attention.json``): at 16k slots with SmolLM2 shapes (9/3 heads, d = 64) flex took 2.76 ms
+(float32) / 1.61 ms (bfloat16), SDPA with an equivalent additive bias 2.38 / 1.16 ms, the packed kernel 1.06 /
+0.98 ms. Flex's CPU template is built for long query blocks; with one query row per head it gains nothing from
+tiling. Prefill chunks keep FlexAttention (no ``T x C`` float bias is ever materialised there)."""
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -195,6 +195,27 @@ def vote_attention_flex(
     )
 
 
+DECODE_PIECES = 8
+"""The packed kernel cuts the cache into this many equal pieces (plus a short tail) so its matrix products get
+``kv_heads x pieces`` independent batch items instead of ``kv_heads`` (3 for SmolLM2, 2 for Qwen2.5): with 2
+threads and 3 heads one thread idled half the time. Measured (SmolLM2 heads, 16k slots, compiled, per layer):
+1307 -> 1051 us (float32), 1110 -> 906 us (bfloat16); 4 to 16 pieces within 4% of each other."""
+
+_MIN_PIECE = 128  # below pieces of this many slots the split buys nothing: fewer pieces (down to 1)
+
+
+def _grouped_logits(q_grouped: Tensor, keys: Tensor, log_votes: Tensor, kv_positions: Tensor, q_pos: Tensor,
+                    sliding_window: int | None, scale: float) -> Tensor:
+    """``Q_g K^T * scale + ln p`` (float32), ``-inf`` where not visible; leading dims broadcast, ``q_pos``
+    ``[..., rows, 1]`` against slots ``[..., 1, n]``."""
+    logits = torch.matmul(q_grouped, keys.transpose(-1, -2)).float() * scale
+    kv_pos = kv_positions.unsqueeze(-2)
+    visible = kv_pos <= q_pos
+    if sliding_window is not None:
+        visible = visible & (q_pos - kv_pos < sliding_window)
+    return torch.where(visible, logits + log_votes.unsqueeze(-2), -float("inf"))
+
+
 def vote_attention_packed(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
     sliding_window: int | None = None,
@@ -204,25 +225,35 @@ def vote_attention_packed(
 
     ``Q_g [B, H_kv, G*T, D]`` (the group's query heads stacked, K/V never repeated); logits
     ``Q_g K^T / sqrt(d)`` in the input dtype, then ``+ ln p``, visibility mask, softmax in float32 and ``@ V``
-    in the input dtype. Its score matrix is ``[B, H, T, C]``: meant for ``T = 1`` (or a few tokens).
+    in the input dtype. The ``C`` slots are viewed (no copy) as :data:`DECODE_PIECES` pieces plus a tail of
+    ``C mod pieces``; one softmax spans all of them (shared row max and denominator) and the pieces' ``@ V``
+    partial sums are added in float32. Its score matrix is ``[B, H, T, C]``: meant for ``T = 1`` (or a few
+    tokens).
     """
     batch, num_heads, q_len, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    group_size = num_heads // kv_heads
-    q_grouped = q.reshape(batch, kv_heads, group_size * q_len, head_dim)
-    logits = torch.matmul(q_grouped, keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(head_dim))
-    logits = logits.view(batch, kv_heads, group_size, q_len, -1)
-    q_pos = q_positions[:, None, None, :, None]
-    kv_pos = kv_positions[:, :, None, None, :]
-    visible = kv_pos <= q_pos
-    if sliding_window is not None:
-        visible = visible & (q_pos - kv_pos < sliding_window)
-    logits = torch.where(visible, logits + log_votes[:, :, None, None, :], -float("inf"))
-    row_max = logits.amax(dim=-1, keepdim=True)
-    weights = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))
-    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    out = torch.matmul(weights.view(batch, kv_heads, group_size * q_len, -1).to(values.dtype), values)
-    return out.view(batch, num_heads, q_len, head_dim)
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    rows = num_heads // kv_heads * q_len
+    pieces = max(1, min(DECODE_PIECES, capacity // _MIN_PIECE))
+    piece, main = capacity // pieces, capacity // pieces * pieces
+    scale = 1.0 / math.sqrt(head_dim)
+    q_grouped = q.reshape(batch, kv_heads, 1, rows, head_dim)
+    q_pos = q_positions.repeat(1, num_heads // kv_heads)[:, None, None, :, None]  # row (g, t) -> pos_t
+
+    def split(t: Tensor) -> Tensor:  # [B, H_kv, C, ...] -> [B, H_kv, pieces, piece, ...] over the first `main`
+        return t[:, :, :main].view(batch, kv_heads, pieces, piece, *t.shape[3:])
+
+    parts = [(split(keys), split(values), split(log_votes), split(kv_positions))]
+    if main < capacity:
+        parts.append(tuple(t[:, :, main:].unsqueeze(2) for t in (keys, values, log_votes, kv_positions)))
+    logits = [_grouped_logits(q_grouped, k, lv, kp, q_pos, sliding_window, scale) for k, _, lv, kp in parts]
+    row_max = torch.stack([lg.amax(dim=(2, 4), keepdim=True) for lg in logits]).amax(0)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    weights = [torch.exp(lg - row_max) for lg in logits]
+    denominator = sum(w.sum(dim=(2, 4), keepdim=True) for w in weights)
+    denominator = denominator.clamp_min(torch.finfo(torch.float32).tiny)
+    out = sum(torch.matmul((w / denominator).to(values.dtype), v).float().sum(2)
+              for w, (_, v, _, _) in zip(weights, parts))
+    return out.to(q.dtype).view(batch, num_heads, q_len, head_dim)
 
 
 def vote_attention_reference(
