@@ -8,10 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from keepkv.ops.attention import (
-    generate_visibility_mask_mod, generate_vote_score_mod, vote_attention, vote_attention_flex,
-    vote_attention_reference, vote_block_mask,
-)
+from keepkv.ops.attention import vote_attention, vote_attention_flex, vote_attention_reference
+from keepkv.ops.flex_mods import generate_visibility_mask_mod, generate_vote_score_mod, vote_block_mask
 
 SHAPES = dict(batch=2, kv_heads=3, group=3, q_len=5, capacity=37, head_dim=16)
 

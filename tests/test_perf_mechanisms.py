@@ -28,10 +28,13 @@ from tests.test_attention import make_case
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("window", [None, 5, 300])
-@pytest.mark.parametrize("capacity,q_len", [(37, 1), (8 * 128, 1), (8 * 128 + 5, 1), (3 * 128 + 77, 3)])
-def test_packed_decode_kernel_equals_reference(dtype, tol, window, capacity, q_len):
-    """Packed kernel == dense reference: one piece (37 slots), 8 even pieces, 8 pieces + a 5-slot tail, 3
-    pieces + a tail with 3 queries (one softmax across pieces and tail)."""
+@pytest.mark.parametrize("capacity,q_len,pieces", [(37, 1, 1), (8 * 128, 1, 8), (1031, 1, 1), (1029, 1, 7),
+                                                  (6 * 131, 3, 6), (2 * 173, 1, 2)])
+def test_packed_decode_kernel_equals_reference(dtype, tol, window, capacity, q_len, pieces):
+    """Packed kernel == dense reference whatever number of cache pieces it takes (one softmax across them)."""
+    from keepkv.ops.attention import decode_pieces
+
+    assert decode_pieces(capacity) == pieces
     for seed in (0, 1):
         case = make_case(seed, dtype=dtype, q_len=q_len, capacity=capacity)
         packed = vote_attention_packed(*case, sliding_window=window)
