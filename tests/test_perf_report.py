@@ -45,6 +45,11 @@ def report(tmp_path, monkeypatch):
          "budget": 0.1, "kvpress_press": "snapkv",
          "engines": {"transformers_full": {"decode_tokens_per_second": 5.0},
                      "kvpress_snapkv_0.1": {"decode_tokens_per_second": 16.0}}}]}))
+    (tmp_path / "decode_attention.json").write_text(json.dumps({"rows": [
+        {"model_shapes": "M", "dtype": "float32", "capacity": 16, "flex_over_sdpa": 1.3, "flex_us": 13.0,
+         "sdpa_additive_bias_us": 10.0, "packed_us": 8.0},
+        {"model_shapes": "M", "dtype": "bfloat16", "capacity": 32, "flex_over_sdpa": 1.05, "flex_us": 21.0,
+         "sdpa_additive_bias_us": 20.0, "packed_us": 25.0}]}))
     return perf_report
 
 
@@ -58,6 +63,9 @@ def test_target_rows_compare_each_measurement_with_its_target(report):
     # ceilings: 1e9 B/s / 1e8 B per token = 10 tok/s over transformers' 5; 1e9 / 5e7 = 20 over kvpress' 16
     assert rows[("2. keepkv full >= 1.5x transformers", "M float32 4k")] == ("1.60x (ceiling 2.00x)", "met")
     assert rows[("2. keepkv 10% >= 1.5x kvpress 10%", "M float32 4k")] == ("1.20x (ceiling 1.25x)", "**missed**")
+    assert rows[("7. flex <= 1.1x SDPA + bias (decode)", "worst case: float32, 16 slots")] == ("1.30x", "**missed**")
+    assert rows[("7. keepkv's decode kernel (packed) <= 1.1x SDPA + bias",
+                 "worst case: M bfloat16, 32 slots")] == ("1.25x", "**missed**")
 
 
 def test_render_puts_the_target_table_first(report):
