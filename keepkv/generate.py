@@ -154,8 +154,10 @@ class GenerationEngine:
             self.network.attach_caches(self.caches)
         step = self._decode_compiled if self._decode_compiled is not None else self._decode
         with torch.inference_mode():  # inputs as inference tensors whatever the caller's mode: dynamo guards on
-            # that (dispatch keys), so a caller mixing modes would otherwise get a second decode graph
-            logits = step(tokens[:, None].clone(), positions[:, None].clone())
+            # that (dispatch keys), so a caller mixing modes would otherwise get a second decode graph; the
+            # engine's own loop already passes inference tensors (no copy per step then)
+            logits = step(*(t[:, None] if t.is_inference() and t.is_contiguous() else t[:, None].clone()
+                            for t in (tokens, positions)))
         self.cache_manager.wrote(1)
         return logits
 

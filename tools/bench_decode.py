@@ -23,8 +23,8 @@ over ``--runs`` (default 5) runs, after warm-up steps that include the compile a
 Contexts past a model's trained length (SmolLM2: 8k) extend positions beyond it: quality is irrelevant for
 speed, and the override is explicit (``position_override`` in the JSON).
 
-**Bandwidth bound.** Bytes a step must move = every weight once (tied embeddings once) + the KV buffers it
-reads (keys, values, log-votes, positions of every slot of the fixed-capacity buffers). ``fraction of the
+**Bandwidth bound.** Bytes a step must move = every weight once (tied embeddings once; an input embedding not
+tied to the output head only for the row it looks up) + the KV buffers it reads (keys, values, log-votes, positions of every slot of the fixed-capacity buffers). ``fraction of the
 bandwidth bound = bytes / step time / copy bandwidth`` (:func:`bench_common.copy_bandwidth`).
 
 Results: ``results/bench/decode_<model>_<dtype>.json`` (resumable: finished points are kept unless
@@ -84,22 +84,28 @@ def cmd_decode(args) -> None:
     bandwidth = existing.get("copy_bandwidth_bytes_per_s") or bc.copy_bandwidth()
     network, override = load_network(args.model, args.dtype, max(args.contexts))
     weights, weights_read = weight_bytes(network), weight_bytes_read_per_token(network)
-    for point in points.values():  # derived fields follow the current definition (stored: kv bytes, timings)
+
+    def derive_bandwidth_fields(point: dict) -> None:  # from what was measured: KV bytes read, step time
         point["bytes_per_token"] = weights_read + point["kv_read_bytes"]
         point["fraction_of_bandwidth_bound"] = point["bytes_per_token"] / point["seconds_per_token"] / bandwidth
+
+    for point in points.values():  # stored points follow the current definition too
+        derive_bandwidth_fields(point)
     budgets = [None if b == "full" else float(b) for b in args.budgets]
     todo = [(c, b) for c in args.contexts for b in budgets if f"{c}/{budget_key(b)}" not in points]
     progress = tqdm(total=len(todo) * args.runs, desc=f"decode {args.model} {args.dtype}", file=sys.stderr)
     payload = {
         "benchmark": "decode", "model": args.model, "dtype": args.dtype, "batch": 1, "method": keepkv_label(),
         "decode_slack": DECODE_SLACK, "synthetic_context": True, "position_override": override,
-        "machine": bc.machine_facts(), "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights,
+        # the machine (and commit) of the last measured point: a run that measures nothing keeps it
+        "machine": bc.machine_facts() if todo else existing.get("machine", bc.machine_facts()),
+        "copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights,
         "weight_bytes_read_per_token": weights_read,
         "points": points,
     }
     for context, budget in todo:
         result = run_point(network, context, budget, args.runs, on_run=lambda: progress.update(1))
-        result["fraction_of_bandwidth_bound"] = result["bytes_per_token"] / result["seconds_per_token"] / bandwidth
+        derive_bandwidth_fields(result)
         points[f"{context}/{budget_key(budget)}"] = result
         payload["machine"] = bc.machine_facts()
         bc.write_json(name, payload)

@@ -145,7 +145,8 @@ def target_rows() -> list[tuple[str, str, str, str]]:
     """``(target, where, measured, verdict)`` for each issue-5 target the committed JSON can speak to."""
     rows: list[tuple[str, str, str, str]] = []
     verdict = lambda ok: "met" if ok else "**missed**"  # noqa: E731
-    for (model, dtype), data in sorted(decode_files_by_name().items()):
+    decode_runs = decode_files_by_name()
+    for (model, dtype), data in sorted(decode_runs.items()):
         points = data["points"]
         for context, goal in ((8192, 1.5), (16384, 2.0)):
             full, ten = points.get(f"{context}/full"), points.get(f"{context}/0.1")
@@ -173,7 +174,6 @@ def target_rows() -> list[tuple[str, str, str, str]]:
             share = ten["cache_resident_bytes"] / full["cache_resident_bytes"]
             rows.append(("5. cache bytes at 10% <= 12% of full (16k)", f"{model} {dtype}", f"{share:.1%}",
                          verdict(share <= 0.12)))
-    decode_runs = decode_files_by_name()
     peer_runs = [json.loads(p.read_text()) for p in sorted(bc.RESULTS.glob("peers*.json"))]
     for res in [res for run in peer_runs for res in run.get("results", [])]:
         where = f"{res['model']} {res['dtype']} {res['prompt_tokens'] // 1024}k"
