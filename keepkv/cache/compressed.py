@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from keepkv.cache.kv_cache import POSITION_DTYPE, LayerKVCache
+from keepkv.ops.flex_mods import visible as positions_visible
 
 
 class CompressedLayerCache(LayerKVCache):
@@ -121,9 +122,7 @@ class CompressedLayerCache(LayerKVCache):
         q_pos = positions.to(POSITION_DTYPE)[:, None, None, :, None]
         kv_pos = self.positions[:, :, None, None, :]
         live = torch.isfinite(self.log_votes)[:, :, None, None, :]
-        visible = (kv_pos <= q_pos) & valid[:, None, None, :, None] & live
-        if self.sliding_window is not None:
-            visible = visible & (q_pos - kv_pos < self.sliding_window)
+        visible = positions_visible(kv_pos, q_pos, self.sliding_window) & valid[:, None, None, :, None] & live
         # few passes over the [B, H_kv, G, T, C] block (it is the largest tensor of a prefill chunk): the bias
         # ln p / -inf is built at [B, H_kv, 1, T, C] and added in place, then one softmax; a row with no visible
         # slot (padding query) is all -inf, gives NaN in softmax, and is set to 0
@@ -143,10 +142,8 @@ class CompressedLayerCache(LayerKVCache):
         """``[batch, 1, w, capacity]`` bool: slot ``i`` is visible to window query ``t``."""
         q_pos = self.window_positions[:, None, :, None]
         kv_pos = self.positions[:, :, None, :]
-        visible = (kv_pos <= q_pos) & (q_pos >= 0) & torch.isfinite(self.log_votes)[:, :, None, :]
-        if self.sliding_window is not None:
-            visible = visible & (q_pos - kv_pos < self.sliding_window)
-        return visible
+        live = torch.isfinite(self.log_votes)[:, :, None, :]
+        return positions_visible(kv_pos, q_pos, self.sliding_window) & (q_pos >= 0) & live
 
     @contextlib.contextmanager
     def reuse_window_scores(self) -> Iterator[None]:

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 from keepkv.compile_limits import allow_graph_per_shape
-from keepkv.ops.flex_mods import FLEX_BLOCK_SIZE, generate_vote_score_mod, vote_block_mask
+from keepkv.ops.flex_mods import FLEX_BLOCK_SIZE, generate_vote_score_mod, visible, vote_block_mask
 
 ATTENTION_KERNELS = ("flex", "reference")
 
@@ -85,7 +85,7 @@ DECODE_PIECES = 8
 threads and 3 heads one thread idled half the time. Measured (SmolLM2 heads, 16k slots, compiled, per layer):
 1307 -> 1051 us (float32), 1110 -> 906 us (bfloat16); 4 to 16 pieces within 4% of each other. Only a divisor of
 the capacity is used (full caches are allocated in multiples of 256 slots): a separate tail piece cost two more
-small matrix products per layer, which made a 10% cache's step (~1.7k slots) 15% slower."""
+small matrix products per layer, which made a 10% cache's step (~1.7k slots) 9-12% slower."""
 
 _MIN_PIECE = 128  # pieces shorter than this buy nothing
 
@@ -121,10 +121,7 @@ def vote_attention_packed(
     log_votes, kv_positions = (t.view(batch, kv_heads, pieces, 1, piece) for t in (log_votes, kv_positions))
     logits = torch.matmul(q_grouped, keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(head_dim))
     q_pos = q_positions.repeat(1, group_size)[:, None, None, :, None]  # row (g, t) of the group -> pos_t
-    visible = kv_positions <= q_pos
-    if sliding_window is not None:
-        visible = visible & (q_pos - kv_positions < sliding_window)
-    logits = torch.where(visible, logits + log_votes, -float("inf"))  # [B, H_kv, pieces, G*T, piece]
+    logits = torch.where(visible(kv_positions, q_pos, sliding_window), logits + log_votes, -float("inf"))  # [B, H_kv, pieces, G*T, piece]
     row_max = logits.amax(dim=(2, 4), keepdim=True)
     weights = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))
     weights = weights / weights.sum(dim=(2, 4), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
@@ -149,12 +146,10 @@ def vote_attention_reference(
     logits = logits.reshape(batch, kv_heads, group_size, q_len, -1)
     q_pos = q_positions[:, None, None, :, None]
     kv_pos = kv_positions[:, :, None, None, :]
-    visible = kv_pos <= q_pos
-    if sliding_window is not None:
-        visible = visible & (q_pos - kv_pos < sliding_window)
     # the bias (ln p where visible, -inf elsewhere) is built at [B, H_kv, 1, T, C] and added in place: eager
     # prefill chunks are dominated by passes over the [B, H_kv, G, T, C] logits, so they are kept few
-    bias = log_votes[:, :, None, None, :].to(compute_dtype).masked_fill(~visible, -float("inf"))
+    bias = log_votes[:, :, None, None, :].to(compute_dtype).masked_fill(
+        ~visible(kv_pos, q_pos, sliding_window), -float("inf"))
     logits.add_(bias)
     weights = torch.softmax(logits, dim=-1)
     has_entries = torch.isfinite(bias).any(dim=-1, keepdim=True)  # a visible, non-empty slot

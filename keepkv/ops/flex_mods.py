@@ -44,6 +44,15 @@ def generate_vote_score_mod(log_votes: Tensor, group_size: int) -> ScoreMod:
     return vote_score_mod
 
 
+def visible(kv_pos: Tensor, q_pos: Tensor, sliding_window: int | None) -> Tensor:
+    """The visibility rule of every kernel (broadcasting): ``pos_i <= pos_q`` and, with a sliding window,
+    ``pos_q - pos_i < sliding_window``."""
+    seen = kv_pos <= q_pos
+    if sliding_window is not None:
+        seen = seen & (q_pos - kv_pos < sliding_window)
+    return seen
+
+
 def generate_visibility_mask_mod(
     kv_positions: Tensor, q_positions: Tensor, group_size: int, sliding_window: int | None
 ) -> MaskMod:
@@ -57,12 +66,7 @@ def generate_visibility_mask_mod(
     """
 
     def visibility_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        q_pos = q_positions[b, q_idx]
-        kv_pos = kv_positions[b, h // group_size, kv_idx]
-        visible = kv_pos <= q_pos
-        if sliding_window is not None:
-            visible = visible & (q_pos - kv_pos < sliding_window)
-        return visible
+        return visible(kv_positions[b, h // group_size, kv_idx], q_positions[b, q_idx], sliding_window)
 
     return visibility_mask_mod
 
