@@ -1,6 +1,13 @@
-"""How many shape-specialised graphs keepkv's compiled functions may have in one process."""
+"""Compile-cost controls: how many shape-specialised graphs keepkv's compiled functions may have in one process,
+and which code is compiled once and stamped out (the decoder block)."""
 
 from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
 
 GRAPHS_PER_FUNCTION = 64
 """Shapes a compiled function of keepkv may be compiled for in one process (see :func:`allow_graph_per_shape`)."""
@@ -17,3 +24,18 @@ def allow_graph_per_shape(limit: int = GRAPHS_PER_FUNCTION) -> None:
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 16 * limit)
+
+
+def repeated_region(fn: F) -> F:
+    """Mark ``fn`` (a decoder block's forward) as a region ``torch.compile`` compiles once and reuses.
+
+    ``torch.compiler.nested_compile_region`` (torch >= 2.8): while tracing a graph that calls ``fn`` N times (the
+    decode step calls every block: 30 for SmolLM2, 24 for Qwen2.5), dynamo and inductor compile the first call's
+    subgraph and stamp it out for the next ones, instead of lowering and scheduling N copies. The region is
+    recompiled when a call's inputs differ (shape, dtype, stride, globals such as a per-layer sliding window), so
+    results do not change; only the graph boundary does (no fusion across blocks: the residual add of one block
+    and the next block's RMSNorm stay two kernels). Measured (``tools/bench_decode.py compile``, SmolLM2 bf16,
+    2 threads): cold compile of the decode step 55 s -> 16 s, step time unchanged (32.1 vs 31.1 ms at 4k).
+    Eager calls: a no-op. Older torch: ``fn`` unchanged."""
+    mark = getattr(torch.compiler, "nested_compile_region", None)
+    return fn if mark is None else mark(fn)

@@ -249,3 +249,35 @@ def test_bytes_read_per_token_count_an_untied_embedding_as_one_row(tied):
     embedding = network.model.embed_tokens.weight
     table, row = embedding.numel() * embedding.element_size(), embedding.shape[1] * embedding.element_size()
     assert weight_bytes_read_per_token(network) == every_parameter - (0 if tied else table - row)
+
+
+def test_decode_graph_traces_the_decoder_block_once_and_calls_it_for_every_layer():
+    """Compile cost (issue 5, target 6): the decode step's graph holds one block subgraph, called once per layer
+    (``keepkv.compile_limits.repeated_region``), not ``num_layers`` inlined copies. Traced with dynamo only (a
+    capturing backend, no inductor), and the captured graph still gives the eager logits."""
+    from keepkv.generate import GenerationEngine
+    from tests.conftest import tiny_network
+
+    if not hasattr(torch.compiler, "nested_compile_region"):
+        pytest.skip("torch without nested_compile_region: blocks are inlined")
+    network = tiny_network(tiny_config(num_layers=4))
+    engine = GenerationEngine(network, compile=False)
+    engine.prepare_caches(batch_size=1, prompt_tokens=8, max_new_tokens=4)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    tokens, positions = torch.tensor([[3]]), torch.tensor([[0]])
+    with torch.inference_mode():
+        expected = engine._decode(tokens, positions)
+        engine.prepare_caches(batch_size=1, prompt_tokens=8, max_new_tokens=4)
+        torch._dynamo.reset()
+        got = torch.compile(engine._decode, backend=capture, fullgraph=True, dynamic=False)(tokens, positions)
+    assert len(graphs) == 1
+    calls = [node for node in graphs[0].graph.nodes
+             if node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == 4
+    assert len({call.args[0].target for call in calls}) == 1  # the same subgraph module every time
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keepkv.cache import LayerKVCache
+from keepkv.compile_limits import repeated_region
 from keepkv.models.config import ModelConfig
 from keepkv.ops.attention import vote_attention
 from keepkv.ops.linear import Linear
@@ -133,6 +134,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    @repeated_region  # compiled once, stamped out for every layer (see keepkv.compile_limits.repeated_region)
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, valid)
         return x + self.mlp(self.post_attention_layernorm(x))
