@@ -29,13 +29,15 @@ def allow_graph_per_shape(limit: int = GRAPHS_PER_FUNCTION) -> None:
 def repeated_region(fn: F) -> F:
     """Mark ``fn`` (a decoder block's forward) as a region ``torch.compile`` compiles once and reuses.
 
-    ``torch.compiler.nested_compile_region`` (torch >= 2.8): while tracing a graph that calls ``fn`` N times (the
+    ``torch.compiler.nested_compile_region`` (measured with torch 2.13): while tracing a graph that calls ``fn`` N times (the
     decode step calls every block: 30 for SmolLM2, 24 for Qwen2.5), dynamo and inductor compile the first call's
     subgraph and stamp it out for the next ones, instead of lowering and scheduling N copies. The region is
     recompiled when a call's inputs differ (shape, dtype, stride, globals such as a per-layer sliding window), so
     results do not change; only the graph boundary does (no fusion across blocks: the residual add of one block
-    and the next block's RMSNorm stay two kernels). Measured (``tools/bench_decode.py compile``, SmolLM2 bf16,
-    2 threads): cold compile of the decode step 55 s -> 16 s, step time unchanged (32.1 vs 31.1 ms at 4k).
+    and the next block's RMSNorm stay two kernels; one more wrapper call per layer). Measured
+    (``tools/bench_decode.py compile`` / ``decode``, torch 2.13 CPU, 2 threads, SmolLM2): cold compile of the
+    decode step 50 s -> 18 s (float32), 61 s -> 17 s (bfloat16); full-cache steps 0-6% faster at 4k-32k, 10%-cache
+    steps 2-3% slower (a fixed cost per step); ``docs/profile.md`` section 6.
     Eager calls: a no-op. Older torch: ``fn`` unchanged."""
     mark = getattr(torch.compiler, "nested_compile_region", None)
     return fn if mark is None else mark(fn)
