@@ -7,7 +7,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-F = TypeVar("F", bound=Callable)
+Function = TypeVar("Function", bound=Callable)
 
 GRAPHS_PER_FUNCTION = 64
 """Shapes a compiled function of keepkv may be compiled for in one process (see :func:`allow_graph_per_shape`)."""
@@ -26,12 +26,12 @@ def allow_graph_per_shape(limit: int = GRAPHS_PER_FUNCTION) -> None:
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 16 * limit)
 
 
-def repeated_region(fn: F) -> F:
+def repeated_region(fn: Function) -> Function:
     """Mark ``fn`` (a decoder block's forward) as a region ``torch.compile`` compiles once and reuses.
 
-    ``torch.compiler.nested_compile_region`` (measured with torch 2.13): while tracing a graph that calls ``fn`` N times (the
-    decode step calls every block: 30 for SmolLM2, 24 for Qwen2.5), dynamo and inductor compile the first call's
-    subgraph and stamp it out for the next ones, instead of lowering and scheduling N copies. The region is
+    ``torch.compiler.nested_compile_region`` (measured with torch 2.13): while tracing a graph that calls ``fn``
+    N times (the decode step calls every block: 30 for SmolLM2, 24 for Qwen2.5), dynamo and inductor compile the
+    first call's subgraph and stamp it out for the next ones, instead of lowering and scheduling N copies. The region is
     recompiled when a call's inputs differ (shape, dtype, stride, globals such as a per-layer sliding window), so
     results do not change; only the graph boundary does (no fusion across blocks: the residual add of one block
     and the next block's RMSNorm stay two kernels; one more wrapper call per layer). Measured

@@ -272,8 +272,7 @@ def test_decode_graph_traces_the_decoder_block_once_and_calls_it_for_every_layer
     tokens, positions = torch.tensor([[3]]), torch.tensor([[0]])
     with torch.inference_mode():
         expected = engine._decode(tokens, positions)
-        engine.prepare_caches(batch_size=1, prompt_tokens=8, max_new_tokens=4)
-        torch._dynamo.reset()
+        engine.prepare_caches(batch_size=1, prompt_tokens=8, max_new_tokens=4)  # the same empty caches again
         got = torch.compile(engine._decode, backend=capture, fullgraph=True, dynamic=False)(tokens, positions)
     assert len(graphs) == 1
     calls = [node for node in graphs[0].graph.nodes
