@@ -24,8 +24,9 @@ Contexts past a model's trained length (SmolLM2: 8k) extend positions beyond it:
 speed, and the override is explicit (``position_override`` in the JSON).
 
 **Bandwidth bound.** Bytes a step must move = every weight once (tied embeddings once; an input embedding not
-tied to the output head only for the row it looks up) + the KV buffers it reads (keys, values, log-votes, positions of every slot of the fixed-capacity buffers). ``fraction of the
-bandwidth bound = bytes / step time / copy bandwidth`` (:func:`bench_common.copy_bandwidth`).
+tied to the output head only for the row it looks up) + the KV buffers it reads (keys, values, log-votes,
+positions of every slot of the fixed-capacity buffers). ``fraction of the bandwidth bound = bytes / step time /
+copy bandwidth`` (:func:`bench_common.copy_bandwidth`).
 
 Results: ``results/bench/decode_<model>_<dtype>.json`` (resumable: finished points are kept unless
 ``--force``), ``decode_attention.json``, ``compile.json``; ``decode_throughput.png``.

@@ -121,7 +121,8 @@ def vote_attention_packed(
     log_votes, kv_positions = (t.view(batch, kv_heads, pieces, 1, piece) for t in (log_votes, kv_positions))
     logits = torch.matmul(q_grouped, keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(head_dim))
     q_pos = q_positions.repeat(1, group_size)[:, None, None, :, None]  # row (g, t) of the group -> pos_t
-    logits = torch.where(visible(kv_positions, q_pos, sliding_window), logits + log_votes, -float("inf"))  # [B, H_kv, pieces, G*T, piece]
+    # [B, H_kv, pieces, G*T, piece]: ln p where visible, -inf elsewhere
+    logits = torch.where(visible(kv_positions, q_pos, sliding_window), logits + log_votes, -float("inf"))
     row_max = logits.amax(dim=(2, 4), keepdim=True)
     weights = torch.exp(logits - torch.where(torch.isfinite(row_max), row_max, 0.0))
     weights = weights / weights.sum(dim=(2, 4), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
