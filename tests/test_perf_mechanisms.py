@@ -1,6 +1,7 @@
 """The mechanisms the performance targets rest on, checked without timing anything.
 
-- the decode path (q_len = 1) of the ``flex`` kernel runs the packed kernel, which equals the dense reference;
+- the decode path (q_len = 1) of the ``flex`` kernel runs the packed or the SDPA kernel (by dtype and cache size),
+  each of which equals the dense reference;
 - a compressed cache's resident bytes at ``kv_budget = 0.1`` are <= 12% of the full cache's (votes, positions,
   the observation window and all slack slots included);
 - a compression reads nothing back to the host (no ``.item()``, ``bool()``, ``int()``, ``float()``, ``tolist()``
@@ -21,7 +22,9 @@ from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
 from keepkv.cache.methods import make_method
 from keepkv.ops import attention
-from keepkv.ops.attention import vote_attention, vote_attention_packed, vote_attention_reference
+from keepkv.ops.attention import (
+    vote_attention, vote_attention_packed, vote_attention_reference, vote_attention_sdpa,
+)
 from tests.conftest import tiny_config
 from tests.test_attention import make_case
 
@@ -51,13 +54,51 @@ def test_packed_kernel_gives_zeros_for_rows_without_entries(capacity):
     assert torch.isfinite(out).all() and out[0].abs().max() == 0 and out[1].abs().max() > 0
 
 
-def test_flex_kernel_sends_one_token_queries_to_the_decode_kernel(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("capacity,q_len", [(37, 1), (1031, 1), (2 * 173, 3)])
+def test_sdpa_decode_kernel_equals_reference(dtype, window, capacity, q_len):
+    """SDPA + additive bias == dense reference (fp32 1e-5; 16-bit 2e-2: logits, bias and output in 16 bits)."""
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for seed in (0, 1):
+        case = make_case(seed, dtype=dtype, q_len=q_len, capacity=capacity)
+        out = vote_attention_sdpa(*case, sliding_window=window)
+        reference = vote_attention_reference(*case, sliding_window=window)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), reference.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kernel", [vote_attention_sdpa, torch.compile(vote_attention_sdpa, fullgraph=True)])
+def test_sdpa_kernel_gives_zeros_for_rows_without_entries(kernel):
+    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, q_len=1, capacity=37)
+    log_votes[0] = -math.inf
+    out = kernel(q, keys, values, log_votes, kv_positions, q_positions)
+    assert torch.isfinite(out).all() and out[0].abs().max() == 0 and out[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype,capacity,expected", [
+    (torch.float32, 37, "packed"), (torch.float32, 1000, "packed"),
+    (torch.bfloat16, 37, "sdpa"), (torch.float16, 4096, "sdpa"), (torch.bfloat16, 4097, "packed"),
+])
+def test_flex_kernel_sends_one_token_queries_to_the_decode_kernel(monkeypatch, dtype, capacity, expected):
+    """Decode (q_len = 1) never takes flex's template: 16-bit caches up to SDPA_DECODE_MAX_SLOTS take SDPA, others
+    the packed kernel; a prefill chunk (q_len > 1) takes flex."""
     calls = []
-    real = attention.vote_attention_packed
-    monkeypatch.setattr(attention, "vote_attention_packed", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    monkeypatch.setattr(attention, "vote_attention_flex", lambda *a, **k: pytest.fail("flex used for decode"))
-    vote_attention(*make_case(0, q_len=1), kernel="flex")
-    assert calls == [torch.Size([2, 9, 1, 16])]
+    for name in ("packed", "sdpa", "flex"):
+        monkeypatch.setattr(attention, f"vote_attention_{name}",
+                            lambda *a, name=name, **k: calls.append((name, a[0].shape)) or a[0])
+    case = make_case(0, dtype=dtype, q_len=1, capacity=capacity)
+    vote_attention(*case, kernel="flex")
+    assert calls == [(expected, torch.Size([2, 9, 1, 16]))]
+    calls.clear()
+    vote_attention(*make_case(0, dtype=dtype, q_len=4, capacity=capacity), kernel="flex")
+    assert [name for name, _ in calls] == ["flex"]
+
+
+def test_an_unknown_decode_kernel_is_refused(monkeypatch):
+    monkeypatch.setattr(attention, "DECODE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="unknown DECODE_KERNEL 'fast'; allowed: auto, packed, sdpa, flex"):
+        vote_attention(*make_case(0, q_len=1), kernel="flex")
 
 
 def smollm2_like(layers: int = 2):

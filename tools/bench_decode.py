@@ -5,7 +5,7 @@ Usage (each timed run under the CPU lock)::
     export OMP_NUM_THREADS=2 TORCHINDUCTOR_CACHE_DIR=/work/main/.cache/inductor KEEPKV_CACHE=/work/main/.cache/keepkv
     flock /tmp/keepkv-cpu.lock python tools/bench_decode.py decode --model SmolLM2-135M-Instruct --dtype float32 \
         --contexts 1024 4096 8192 16384 32768 --budgets full 0.1 0.2
-    flock /tmp/keepkv-cpu.lock python tools/bench_decode.py attention      # flex vs SDPA vs packed, decode q_len=1
+    flock /tmp/keepkv-cpu.lock python tools/bench_decode.py attention  # flex, SDPA, packed, keepkv SDPA
     flock /tmp/keepkv-cpu.lock python tools/bench_decode.py compile        # cold / warm compile of the decode step
     flock /tmp/keepkv-cpu.lock python tools/bench_decode.py bandwidth      # copy and read bandwidth
     python tools/bench_decode.py plot && python tools/bench_decode.py --readme   # PNG + README block from JSON
@@ -163,10 +163,13 @@ def time_kernel(fn, inner: int, runs: int) -> float:
 
 
 def cmd_attention(args) -> None:
-    from keepkv.ops.attention import vote_attention_flex, vote_attention_packed, vote_attention_reference
+    from keepkv.ops.attention import (
+        decode_kernel_for, vote_attention_flex, vote_attention_packed, vote_attention_reference, vote_attention_sdpa,
+    )
 
     sdpa = torch.compile(sdpa_additive, fullgraph=True, dynamic=False)
     packed = torch.compile(vote_attention_packed, fullgraph=True, dynamic=False)
+    sdpa_kernel = torch.compile(vote_attention_sdpa, fullgraph=True, dynamic=False)
     rows = []
     for model in args.models:
         for dtype_name in args.dtypes:
@@ -176,12 +179,15 @@ def cmd_attention(args) -> None:
                 reference = vote_attention_reference(*case).float()
                 row = {"model_shapes": model, "dtype": dtype_name, "capacity": capacity, "q_len": 1}
                 for kernel, fn in (("flex", vote_attention_flex), ("sdpa_additive_bias", sdpa),
-                                   ("packed", packed)):
+                                   ("packed", packed), ("sdpa_kernel", sdpa_kernel)):
                     out = fn(*case)
                     row[f"{kernel}_max_abs_error"] = (out.float() - reference).abs().max().item()
                     row[f"{kernel}_us"] = time_kernel(lambda: fn(*case), inner=20, runs=args.runs) * 1e6
                 row["flex_over_sdpa"] = row["flex_us"] / row["sdpa_additive_bias_us"]
                 row["flex_over_packed"] = row["flex_us"] / row["packed_us"]
+                # what keepkv's decode step runs here (DECODE_KERNEL = "auto"): packed or keepkv's SDPA call
+                row["decode_kernel"] = decode_kernel_for(dtype, capacity)
+                row["decode_us"] = row["packed_us" if row["decode_kernel"] == "packed" else "sdpa_kernel_us"]
                 rows.append(row)
                 print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
                       flush=True)

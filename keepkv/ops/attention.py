@@ -15,10 +15,12 @@ Three kernels compute the same thing:
   tiles nobody sees are skipped), run through ``torch.compile`` (a fused kernel;
   the eager flex path materialises the score matrix).
 - ``reference``: a dense eager implementation (float32 softmax) used by tests and by eager runs.
-- ``packed``: the decode (``q_len == 1``) path of the ``flex`` kernel: the ``G`` query heads of a KV head are
-  folded into one ``[G, D]`` query block (no K/V repeat), ``softmax(Q K^T / sqrt(d) + ln p)`` in float32 then
-  ``@ V``, over :data:`DECODE_PIECES` pieces of the cache. Same maths as ``flex``; chosen for decode because
-  it was measured faster on CPU (see :data:`DECODE_KERNEL`).
+- ``packed`` and ``sdpa``: the decode (``q_len == 1``) paths of the ``flex`` kernel, chosen per dtype and cache
+  size by :func:`decode_kernel_for` (measured faster on CPU than flex's template for one query row).
+  ``packed`` folds the ``G`` query heads of a KV head into one ``[G, D]`` query block (no K/V repeat),
+  ``softmax(Q K^T / sqrt(d) + ln p)`` in float32 then ``@ V``, over :data:`DECODE_PIECES` pieces of the cache;
+  ``sdpa`` is ``scaled_dot_product_attention`` with the equivalent additive bias (``ln p`` where visible, else
+  ``-inf``) built at ``[B, H, T, C]``. Same maths as ``flex``.
 A query row with nothing visible (a padding token's row) yields zeros in every kernel, never NaN.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -35,14 +38,38 @@ from keepkv.ops.flex_mods import FLEX_BLOCK_SIZE, generate_vote_score_mod, visib
 
 ATTENTION_KERNELS = ("flex", "reference")
 
-DECODE_KERNEL = "packed"
-"""Kernel of the ``flex`` path for one-token queries (decode): ``"packed"`` (default) or ``"flex"``.
+DECODE_KERNEL = "auto"
+"""Kernel of the ``flex`` path for one-token queries (decode): ``"auto"`` (default: :func:`decode_kernel_for`),
+``"packed"``, ``"sdpa"`` or ``"flex"``. Read when a graph is traced: set it before the first decode step.
 
 Measured (``tools/bench_decode.py attention``, torch 2.13 CPU, Intel Xeon, 2 threads, compiled, per layer,
 ``results/bench/decode_attention.json``): at 16k slots with SmolLM2 shapes (9/3 heads, d = 64) flex took 2.76 ms
 (float32) / 1.61 ms (bfloat16), SDPA with an equivalent additive bias 2.38 / 1.16 ms, the packed kernel 1.06 /
 0.98 ms. Flex's CPU template is built for long query blocks; with one query row per head it gains nothing from
 tiling. Prefill chunks keep FlexAttention (no ``T x C`` float bias is ever materialised there)."""
+
+DECODE_KERNELS = ("auto", "packed", "sdpa", "flex")
+
+SDPA_DECODE_MAX_SLOTS = 4096
+"""``"auto"`` runs 16-bit caches of at most this many slots per KV head through ``sdpa``, all others through
+``packed`` (docs/profile.md section 8). Per layer call (30 distinct caches in turn, compiled, SmolLM2 heads,
+bf16): ``sdpa`` 80 / 163 / 456 us against ``packed`` 131 / 275 / 487 us at 474 / 1703 / 4352 slots, but 965 vs
+805 us at 8448 slots; in float32 ``packed`` was as fast or faster at every size (88 vs 92 us at 474 slots, 626
+vs 934 us at 4352). In the model (SmolLM2 bf16, ``tools/bench_decode.py decode``), the 10% caches went from 38.4
+/ 36.5 / 34.0 to 43.0 / 41.2 / 38.0 tok/s at 4k / 8k / 16k context. SDPA's CPU kernel splits its work by query
+head (9 for SmolLM2) and keeps both threads busy where ``packed``'s skinny 16-bit matrix products over 3 KV
+heads do not; past a few thousand slots ``packed``, which reads each KV head once for its whole group, wins."""
+
+
+def decode_kernel_for(dtype: torch.dtype, capacity: int) -> str:
+    """The kernel ``DECODE_KERNEL = "auto"`` picks for one-token queries over ``capacity`` slots in ``dtype``:
+    ``"sdpa"`` for float16 / bfloat16 up to :data:`SDPA_DECODE_MAX_SLOTS` slots, else ``"packed"``."""
+    if DECODE_KERNEL != "auto":
+        return DECODE_KERNEL
+    if dtype in (torch.float16, torch.bfloat16) and capacity <= SDPA_DECODE_MAX_SLOTS:
+        return "sdpa"
+    return "packed"
+
 
 def _flex_with_vote_block_mask(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
@@ -130,6 +157,27 @@ def vote_attention_packed(
     return out.to(q.dtype).view(batch, num_heads, q_len, head_dim)
 
 
+def vote_attention_sdpa(
+    q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """``scaled_dot_product_attention`` with the additive bias ``ln p`` (visible) / ``-inf`` (not): a decode path
+    (same arguments and result as :func:`vote_attention_flex`).
+
+    The bias is built per KV head at ``[B, H_kv, T, C]`` in float32 (``ln p`` exact, as in the other kernels;
+    SDPA takes a float mask beside a 16-bit query) and repeated to the ``H`` query heads; ``enable_gqa`` shares
+    K/V, never copies them. Its score matrix is ``[B, H, T, C]``: meant for ``T = 1``. A row that sees nothing is
+    0, which is SDPA's own rule for a fully masked row since torch 2.5 (pytorch/pytorch#131060, #133882; tested
+    here). No output guard on top: a ``where(isnan(out), 0, out)`` cost a quarter of a bf16 decode step (33 vs
+    44 tok/s, SmolLM2 4k at 10%; measured, the cause not profiled).
+    """
+    group_size = q.shape[1] // keys.shape[1]
+    seen = visible(kv_positions[:, :, None, :], q_positions[:, None, :, None], sliding_window)  # [B, H_kv, T, C]
+    bias = torch.where(seen, log_votes[:, :, None, :], -float("inf"))
+    bias = bias.repeat_interleave(group_size, dim=1) if group_size > 1 else bias
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=group_size > 1)
+
+
 def vote_attention_reference(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
     sliding_window: int | None = None,
@@ -166,10 +214,15 @@ def vote_attention(
 ) -> Tensor:
     """Vote-weighted attention with the chosen kernel (``"flex"`` or ``"reference"``); see the module doc.
 
-    ``"flex"`` runs one-token queries (decode) through :data:`DECODE_KERNEL` (``packed`` by default)."""
+    ``"flex"`` runs one-token queries (decode) through :func:`decode_kernel_for` (see :data:`DECODE_KERNEL`)."""
     if kernel == "flex":
-        if q.shape[2] == 1 and DECODE_KERNEL == "packed":
+        decode_kernel = decode_kernel_for(q.dtype, keys.shape[2]) if q.shape[2] == 1 else "flex"
+        if decode_kernel == "packed":
             return vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
+        if decode_kernel == "sdpa":
+            return vote_attention_sdpa(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
+        if decode_kernel != "flex":
+            raise ValueError(f"unknown DECODE_KERNEL {decode_kernel!r}; allowed: {', '.join(DECODE_KERNELS)}")
         return vote_attention_flex(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
     if kernel == "reference":
         return vote_attention_reference(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
