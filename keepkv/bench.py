@@ -221,8 +221,17 @@ def run_point(network, context: int, budget: float | None, runs: int, on_run=Non
     fill_synthetic(engine, context, new_tokens)
     result = time_decode(engine, context, runs, compressed, on_run)
     result["budget"] = budget_key(budget)
-    result["bytes_per_token"] = weight_bytes_read_per_token(network) + result["kv_read_bytes"]
+    add_bandwidth_fields(result, weight_bytes_read_per_token(network))
     return result
+
+
+def add_bandwidth_fields(point: dict, weights_read: int, copy_bandwidth: float | None = None) -> None:
+    """``bytes_per_token`` = weight bytes a step reads + the KV bytes it read (``kv_read_bytes``); with the
+    machine's ``copy_bandwidth`` (bytes/s) also ``fraction_of_bandwidth_bound`` = bytes per token / seconds per
+    token / copy bandwidth. The one definition of both (stored points are re-derived with it)."""
+    point["bytes_per_token"] = weights_read + point["kv_read_bytes"]
+    if copy_bandwidth is not None:
+        point["fraction_of_bandwidth_bound"] = point["bytes_per_token"] / point["seconds_per_token"] / copy_bandwidth
 
 
 def add_bench_command(subparsers) -> None:

@@ -52,7 +52,7 @@ import bench_common as bc  # noqa: E402
 
 # ---- model-level decode benchmark (the measuring core lives in keepkv/bench.py) ---------------------------------
 from keepkv.bench import (  # noqa: E402
-    DECODE_SLACK, budget_key, fill_synthetic, load_network, make_engine, run_point, weight_bytes,
+    DECODE_SLACK, add_bandwidth_fields, budget_key, fill_synthetic, load_network, make_engine, run_point, weight_bytes,
     weight_bytes_read_per_token,  # noqa: F401
 )
 
@@ -87,8 +87,7 @@ def cmd_decode(args) -> None:
     weights, weights_read = weight_bytes(network), weight_bytes_read_per_token(network)
 
     def derive_bandwidth_fields(point: dict) -> None:  # from what was measured: KV bytes read, step time
-        point["bytes_per_token"] = weights_read + point["kv_read_bytes"]
-        point["fraction_of_bandwidth_bound"] = point["bytes_per_token"] / point["seconds_per_token"] / bandwidth
+        add_bandwidth_fields(point, weights_read, bandwidth)
 
     for point in points.values():  # stored points follow the current definition too
         derive_bandwidth_fields(point)
