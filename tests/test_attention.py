@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from keepkv.ops.attention import vote_attention, vote_attention_flex, vote_attention_reference
+from keepkv.ops.attention import vote_attention, vote_attention_flex, vote_attention_reference, votes_as_key_columns
 from keepkv.ops.flex_mods import generate_visibility_mask_mod, generate_vote_score_mod, vote_block_mask
 
 SHAPES = dict(batch=2, kv_heads=3, group=3, q_len=5, capacity=37, head_dim=16)
@@ -74,13 +74,33 @@ def test_votes_equal_duplicated_entries():
     torch.testing.assert_close(with_votes, duplicated, rtol=1e-6, atol=1e-6)
 
 
-def test_empty_rows_give_zeros_not_nan():
-    q, keys, values, log_votes, kv_positions, q_positions = make_case(2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_rows_give_zeros_not_nan(dtype):
+    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, dtype=dtype)
     log_votes[0] = -math.inf
     for kernel in ("reference", "flex"):
         out = vote_attention(q, keys, values, log_votes, kv_positions, q_positions, kernel=kernel)
         assert torch.isfinite(out).all()
         assert out[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 64, 80])
+def test_vote_columns_add_sqrt_d_ln_p_to_every_dot_product(dtype, head_dim):
+    """``q'·k' = q·k + sqrt(d) ln p`` (float32 accumulation) to 2^-14 of ``sqrt(d) |ln p|`` though the columns
+    are 16-bit; an empty slot's product is ``-inf``, never NaN; the width is a multiple of 16."""
+    q, keys, _, log_votes, _, _ = make_case(1, dtype=dtype, head_dim=head_dim)
+    log_votes = log_votes * 7.3  # votes far from powers of two: ln p is not exact in 16 bits
+    q_votes, keys_votes = votes_as_key_columns(q, keys, log_votes)
+    assert q_votes.shape[-1] % 16 == 0 and q_votes.shape[-1] >= head_dim + 2 and q_votes.dtype == dtype
+    group = q.shape[1] // keys.shape[1]
+    folded = q_votes.float() @ keys_votes.float().repeat_interleave(group, 1).transpose(-1, -2)
+    plain = q.float() @ keys.float().repeat_interleave(group, 1).transpose(-1, -2)
+    expected = math.sqrt(head_dim) * log_votes.repeat_interleave(group, 1)[:, :, None, :]
+    finite = torch.isfinite(expected).expand_as(folded)
+    assert not folded.isnan().any() and (folded[~finite] == -math.inf).all()
+    extra = (folded - plain)[finite]
+    torch.testing.assert_close(extra, expected.expand_as(folded)[finite], rtol=2**-14, atol=1e-4)
 
 
 def chunk_case(seed, capacity=100, q_len=40, window_slots=0, shuffle=False):

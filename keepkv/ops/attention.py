@@ -13,7 +13,8 @@ Three kernels compute the same thing:
 - ``flex``: ``torch.nn.attention.flex_attention`` with the ``score_mod`` adding ``ln p`` and a block mask
   computed from the positions (:mod:`keepkv.ops.flex_mods`: tiles every query sees whole skip the ``mask_mod``,
   tiles nobody sees are skipped), run through ``torch.compile`` (a fused kernel;
-  the eager flex path materialises the score matrix).
+  the eager flex path materialises the score matrix). For 16-bit inputs ``ln p`` enters through two extra key
+  columns instead of the ``score_mod`` (:func:`votes_as_key_columns`: the same sum, measured twice as fast).
 - ``reference``: a dense eager implementation (float32 softmax) used by tests and by eager runs.
 - ``packed`` and ``sdpa``: the decode (``q_len == 1``) paths of the ``flex`` kernel, chosen per dtype and cache
   size by :func:`decode_kernel_for` (measured faster on CPU than flex's template for one query row).
@@ -71,12 +72,43 @@ def decode_kernel_for(dtype: torch.dtype, capacity: int) -> str:
     return "packed"
 
 
+VOTE_COLUMN_DTYPES = (torch.bfloat16, torch.float16)
+"""Dtypes whose prefill chunks carry ``ln p`` as two extra key columns (:func:`votes_as_key_columns`) instead of
+the vote ``score_mod``. Measured (``tools/bench_prefill.py attention`` cases, a 512-query chunk, SmolLM2 heads,
+compiled, per layer call): bfloat16 9.9 / 19.6 / 75.3 ms with the ``score_mod`` against 5.4 / 10.2 / 37.6-38.5 ms
+with the columns at 2176 / 4096 / 16384 slots; float32 no faster (258.7 vs 258.8-259.1 ms at 16384 slots), so
+float32 keeps the ``score_mod``."""
+
+
+def votes_as_key_columns(q: Tensor, keys: Tensor, log_votes: Tensor) -> tuple[Tensor, Tensor]:
+    """``(q', k')`` with ``q'·k' = q·k + sqrt(d) ln p``, so ``softmax(q'·k' / sqrt(d))`` is the vote attention
+    with no ``score_mod`` at all (FlexAttention's CPU template then has no per-score gather to do).
+
+    ``q' = [q, 1, 1, 0 ...]``, ``k' = [k, hi, lo, 0 ...]`` with ``hi = round(sqrt(d) ln p)`` and
+    ``lo = round(sqrt(d) ln p - hi)`` in the key dtype (``lo = 0`` for an empty slot, whose ``hi = -inf``), so
+    ``ln p`` survives 16-bit keys to about 2^-16 of its size; the width is padded with zeros to a multiple of 16.
+    The products are accumulated in float32 by the kernel. Costs one copy of the keys per prefill chunk.
+    """
+    head_dim = q.shape[-1]
+    width = -(-(head_dim + 2) // 16) * 16
+    scaled = log_votes * math.sqrt(head_dim)  # float32
+    hi = scaled.to(keys.dtype)
+    lo = torch.where(torch.isfinite(scaled), scaled - hi.float(), 0.0).to(keys.dtype)
+    vote_columns = F.pad(torch.stack((hi, lo), dim=-1), (0, width - head_dim - 2))
+    query_columns = F.pad(q.new_ones(*q.shape[:-1], 2), (0, width - head_dim - 2))
+    return torch.cat((q, query_columns), dim=-1), torch.cat((keys, vote_columns), dim=-1)
+
+
 def _flex_with_vote_block_mask(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
     sliding_window: int | None, block_size: tuple[int, int],
 ) -> Tensor:
     group_size = q.shape[1] // keys.shape[1]
     block_mask = vote_block_mask(log_votes, kv_positions, q_positions, q.shape[1], sliding_window, block_size)
+    if q.dtype in VOTE_COLUMN_DTYPES:
+        q_votes, keys_votes = votes_as_key_columns(q, keys, log_votes)
+        return flex_attention(q_votes, keys_votes, values, block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]),
+                              enable_gqa=group_size > 1)
     score_mod = generate_vote_score_mod(log_votes, group_size)
     return flex_attention(q, keys, values, score_mod=score_mod, block_mask=block_mask, enable_gqa=group_size > 1)
 
@@ -93,8 +125,9 @@ def vote_attention_flex(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
     sliding_window: int | None = None, block_size: tuple[int, int] = FLEX_BLOCK_SIZE,
 ) -> Tensor:
-    """Compiled FlexAttention: the vote ``score_mod`` (``+ ln p``) and the data-dependent
-    :func:`vote_block_mask` (visibility), built and run in one compiled graph.
+    """Compiled FlexAttention: the vote ``score_mod`` (``+ ln p``; for 16-bit inputs the same sum carried by two
+    extra key columns, :func:`votes_as_key_columns`) and the data-dependent :func:`vote_block_mask` (visibility),
+    built and run in one compiled graph.
 
     Shapes: ``q [B, H, T, D]``, ``keys/values [B, H_kv, C, D]`` (same dtype as ``q``), ``log_votes`` and
     ``kv_positions [B, H_kv, C]``, ``q_positions [B, T]``; ``block_size`` the tile (query rows, slots).
