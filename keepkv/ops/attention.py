@@ -200,9 +200,9 @@ def vote_attention_sdpa(
     The bias is built per KV head at ``[B, H_kv, T, C]`` in float32 (``ln p`` exact, as in the other kernels;
     SDPA takes a float mask beside a 16-bit query) and repeated to the ``H`` query heads; ``enable_gqa`` shares
     K/V, never copies them. Its score matrix is ``[B, H, T, C]``: meant for ``T = 1``. A row that sees nothing is
-    0, which is SDPA's own rule for a fully masked row since torch 2.5 (pytorch/pytorch#131060, #133882; tested
-    here). No output guard on top: a ``where(isnan(out), 0, out)`` cost a quarter of a bf16 decode step (33 vs
-    44 tok/s, SmolLM2 4k at 10%; measured, the cause not profiled).
+    0, which is SDPA's own rule for a fully masked row since torch 2.5 (pytorch/pytorch#131060, #133882; on CPU
+    tested). No output guard on top: a ``where(isnan(out), 0, out)`` cost a quarter of a bf16 decode step (33
+    vs 44 tok/s, SmolLM2 4k at 10%; measured, the cause not profiled).
     """
     group_size = q.shape[1] // keys.shape[1]
     seen = visible(kv_positions[:, :, None, :], q_positions[:, None, :, None], sliding_window)  # [B, H_kv, T, C]
