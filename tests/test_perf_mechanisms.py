@@ -29,6 +29,15 @@ from tests.conftest import tiny_config
 from tests.test_attention import make_case
 
 
+def assert_decode_kernel_equals_reference(kernel, dtype, tol, window, capacity, q_len):
+    for seed in (0, 1):
+        case = make_case(seed, dtype=dtype, q_len=q_len, capacity=capacity)
+        out = kernel(*case, sliding_window=window)
+        reference = vote_attention_reference(*case, sliding_window=window)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), reference.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("window", [None, 5, 300])
 @pytest.mark.parametrize("capacity,q_len,pieces", [(37, 1, 1), (8 * 128, 1, 8), (1031, 1, 1), (1029, 1, 7),
@@ -38,39 +47,24 @@ def test_packed_decode_kernel_equals_reference(dtype, tol, window, capacity, q_l
     from keepkv.ops.attention import decode_pieces
 
     assert decode_pieces(capacity) == pieces
-    for seed in (0, 1):
-        case = make_case(seed, dtype=dtype, q_len=q_len, capacity=capacity)
-        packed = vote_attention_packed(*case, sliding_window=window)
-        reference = vote_attention_reference(*case, sliding_window=window)
-        assert packed.dtype == dtype
-        torch.testing.assert_close(packed.float(), reference.float(), rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("capacity", [37, 8 * 128 + 5])
-def test_packed_kernel_gives_zeros_for_rows_without_entries(capacity):
-    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, q_len=1, capacity=capacity)
-    log_votes[0] = -math.inf
-    out = vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions)
-    assert torch.isfinite(out).all() and out[0].abs().max() == 0 and out[1].abs().max() > 0
+    assert_decode_kernel_equals_reference(vote_attention_packed, dtype, tol, window, capacity, q_len)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("capacity,q_len", [(37, 1), (1031, 1), (2 * 173, 3)])
 def test_sdpa_decode_kernel_equals_reference(dtype, window, capacity, q_len):
-    """SDPA + additive bias == dense reference (fp32 1e-5; 16-bit 2e-2: logits, bias and output in 16 bits)."""
+    """SDPA + additive bias == dense reference (fp32 1e-5; 16-bit 2e-2: q, K, V and the output in 16 bits)."""
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for seed in (0, 1):
-        case = make_case(seed, dtype=dtype, q_len=q_len, capacity=capacity)
-        out = vote_attention_sdpa(*case, sliding_window=window)
-        reference = vote_attention_reference(*case, sliding_window=window)
-        assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), reference.float(), rtol=tol, atol=tol)
+    assert_decode_kernel_equals_reference(vote_attention_sdpa, dtype, tol, window, capacity, q_len)
 
 
-@pytest.mark.parametrize("kernel", [vote_attention_sdpa, torch.compile(vote_attention_sdpa, fullgraph=True)])
-def test_sdpa_kernel_gives_zeros_for_rows_without_entries(kernel):
-    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, q_len=1, capacity=37)
+@pytest.mark.parametrize("kernel,capacity", [
+    (vote_attention_packed, 37), (vote_attention_packed, 8 * 128 + 5), (vote_attention_sdpa, 37),
+    (torch.compile(vote_attention_sdpa, fullgraph=True), 37),
+])
+def test_decode_kernels_give_zeros_for_rows_without_entries(kernel, capacity):
+    q, keys, values, log_votes, kv_positions, q_positions = make_case(2, q_len=1, capacity=capacity)
     log_votes[0] = -math.inf
     out = kernel(q, keys, values, log_votes, kv_positions, q_positions)
     assert torch.isfinite(out).all() and out[0].abs().max() == 0 and out[1].abs().max() > 0

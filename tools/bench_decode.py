@@ -122,16 +122,15 @@ def cmd_decode(args) -> None:
 
 # ---- attention kernels at decode (q_len = 1) -------------------------------------------------------------------
 def sdpa_additive(q, keys, values, log_votes, kv_positions, q_positions, sliding_window=None):
-    """``scaled_dot_product_attention`` with the equivalent additive float bias (``ln p`` or ``-inf``)."""
+    """The yardstick: ``scaled_dot_product_attention`` with the equivalent additive bias in the query's dtype, as
+    a user would pass it (``keepkv.ops.attention.additive_vote_bias``; keepkv's own decode call keeps it float32)."""
     import torch.nn.functional as F
 
-    batch, heads, q_len, _ = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    visible = kv_positions[:, :, None, :] <= q_positions[:, None, :, None]
-    bias = torch.where(visible, log_votes[:, :, None, :], -float("inf")).to(q.dtype)
-    bias = bias[:, :, None].expand(batch, kv_heads, group, q_len, -1).reshape(batch, heads, q_len, -1)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=True)
+    from keepkv.ops.attention import additive_vote_bias
+
+    group = q.shape[1] // keys.shape[1]
+    bias = additive_vote_bias(log_votes, kv_positions, q_positions, group, sliding_window).to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=group > 1)
 
 
 def attention_case(shape: dict, capacity: int, q_len: int, dtype: torch.dtype, seed: int = 0):

@@ -77,7 +77,8 @@ VOTE_COLUMN_DTYPES = (torch.bfloat16, torch.float16)
 the vote ``score_mod``. Measured (``tools/bench_prefill.py attention`` cases, a 512-query chunk, SmolLM2 heads,
 compiled, per layer call): bfloat16 9.9 / 19.6 / 75.3 ms with the ``score_mod`` against 5.4 / 10.2 / 37.6-38.5 ms
 with the columns at 2176 / 4096 / 16384 slots; float32 no faster (258.7 vs 258.8-259.1 ms at 16384 slots), so
-float32 keeps the ``score_mod``."""
+float32 keeps the ``score_mod``. One-token queries (flex at decode, only with ``DECODE_KERNEL = "flex"``) keep it
+too: with the columns they took 420 / 2900 us instead of 237 / 1570 us (bf16, 1792 / 16384 slots)."""
 
 
 def votes_as_key_columns(q: Tensor, keys: Tensor, log_votes: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,7 +106,7 @@ def _flex_with_vote_block_mask(
 ) -> Tensor:
     group_size = q.shape[1] // keys.shape[1]
     block_mask = vote_block_mask(log_votes, kv_positions, q_positions, q.shape[1], sliding_window, block_size)
-    if q.dtype in VOTE_COLUMN_DTYPES:
+    if q.dtype in VOTE_COLUMN_DTYPES and q.shape[2] > 1:  # chunks only: one-row queries measured slower
         q_votes, keys_votes = votes_as_key_columns(q, keys, log_votes)
         return flex_attention(q_votes, keys_votes, values, block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]),
                               enable_gqa=group_size > 1)
@@ -205,10 +206,18 @@ def vote_attention_sdpa(
     vs 44 tok/s, SmolLM2 4k at 10%; measured, the cause not profiled).
     """
     group_size = q.shape[1] // keys.shape[1]
+    bias = additive_vote_bias(log_votes, kv_positions, q_positions, group_size, sliding_window)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=group_size > 1)
+
+
+def additive_vote_bias(
+    log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor, group_size: int, sliding_window: int | None = None,
+) -> Tensor:
+    """``[B, H, T, C]`` float32: ``ln p_i`` where query ``t`` sees slot ``i`` (:func:`visible`), else ``-inf``;
+    built per KV head and repeated to its ``group_size`` query heads."""
     seen = visible(kv_positions[:, :, None, :], q_positions[:, None, :, None], sliding_window)  # [B, H_kv, T, C]
     bias = torch.where(seen, log_votes[:, :, None, :], -float("inf"))
-    bias = bias.repeat_interleave(group_size, dim=1) if group_size > 1 else bias
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=group_size > 1)
+    return bias.repeat_interleave(group_size, dim=1) if group_size > 1 else bias
 
 
 def vote_attention_reference(
