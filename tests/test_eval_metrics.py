@@ -72,6 +72,51 @@ def test_method_config_parsing():
         MethodConfig.parse("keepkv:best")
 
 
+def test_method_config_options_are_part_of_its_identity():
+    """Configurations that differ only in an option get different labels, row fields and resumable unit keys
+    (the store would otherwise skip the second one as done)."""
+    plain = MethodConfig.parse("keepkv:minnorm")
+    layer = MethodConfig.parse("keepkv:minnorm@selection=layer@max_evicted_weight=0.5")
+    assert layer.options == (("max_evicted_weight", 0.5), ("selection", "layer"))
+    assert layer.method_options() == {"selection": "layer", "max_evicted_weight": 0.5, "variant": "minnorm"}
+    assert layer.label == "keepkv:minnorm@max_evicted_weight=0.5@selection=layer"
+    assert MethodConfig.parse(layer.label) == layer
+    assert layer.row_fields()["options"] == {"selection": "layer", "max_evicted_weight": 0.5}
+    assert "options" not in plain.row_fields()
+    assert unit_key("niah", "M", plain, 0.1, "ctx1024") != unit_key("niah", "M", layer, 0.1, "ctx1024")
+    from keepkv.errors import KeepKVError
+
+    for bad in ("keepkv@selection", "keepkv@=3", "keepkv@window=4@window=5", "full@window=4"):
+        with pytest.raises(KeepKVError):
+            MethodConfig.parse(bad)
+
+
+def test_report_labels_carry_the_options():
+    from keepkv.eval.report import label
+
+    row = _row(method="keepkv", variant="minnorm", options={"selection": "layer"})
+    assert label(row) == "keepkv:minnorm@selection=layer"
+    assert label(_row(method="keepkv", variant="minnorm")) == "keepkv:minnorm"
+
+
+def test_needle_digit_recall():
+    assert metrics.needle_digit_recall(" 7342819.", "7342819") == 1.0
+    assert metrics.needle_digit_recall("It is 7,342,819", "7342819") == 1.0
+    assert metrics.needle_digit_recall(" 7764558.", "7342819") == pytest.approx(3 / 7)  # 7, 4, 8 in order
+    assert metrics.needle_digit_recall(" 734.", "7342819") == pytest.approx(3 / 7)
+    assert metrics.needle_digit_recall("no number", "7342819") == 0.0
+
+
+def test_protocols_split_the_prompt_at_the_right_place():
+    """agnostic: context compressed, question fed after; aware: everything but the last token compressed."""
+    from keepkv.eval.data import PromptCell
+    from keepkv.eval.prompted import compressed_part, fed_part
+
+    cell = PromptCell("niah", "c", "ctx", "q?", ["1"], [1, 2, 3], [4, 5, 6], 8)
+    assert (compressed_part(cell, "agnostic"), fed_part(cell, "agnostic")) == ([1, 2, 3], [4, 5, 6])
+    assert (compressed_part(cell, "aware"), fed_part(cell, "aware")) == ([1, 2, 3, 4, 5], [6])
+
+
 def _row(method="snapkv", variant="", budget=0.1, metric="niah_exact_match", value=1.0, cell="ctx512/depth50", **extra):
     return {"metric": metric, "value": value, "model": "M", "method": method, "variant": variant, "budget": budget,
             "kept_entries_per_head": 51.0, "cell": cell, "seed": 0, **extra}

@@ -15,6 +15,9 @@ and a random ``merge_mask``. Claims tested (float64 1e-10 / float32 1e-5 where e
 5. Nothing non-finite reaches the cache (float32 / bfloat16 / float16, |logits| up to 1e4); each guard fires,
    falls back and is counted under its reason.
 6. The compiled op (fullgraph) equals the eager one and does not recompile for new data of the same shapes.
+7. The dominance guard (``max_evicted_weight = m``): the evicted side of a capped group weighs exactly ``m`` in the
+   merged value, uncapped groups are bitwise the unguarded merge, and minnorm still keeps every head's softmax
+   denominator (float64 1e-10).
 """
 
 from __future__ import annotations
@@ -455,13 +458,15 @@ def test_compiled_merge_equals_eager_and_does_not_recompile():
     must reuse the graph. Dynamo's cache is reset afterwards so these graphs do not count against the recompile
     limit of other tests that use :data:`merge_into_kept_compiled`."""
     try:
-        for variant, reference in (("zip", "scores"), ("zip", "queries"), ("minnorm", "queries"),
-                                   ("keep-key", "scores")):
+        for variant, reference, options in (("zip", "scores", {}), ("zip", "queries", {}), ("minnorm", "queries", {}),
+                                            ("keep-key", "scores", {}),
+                                            ("minnorm", "queries", {"max_evicted_weight": 0.5})):
             for seed in (0, 1):
                 case = fixed_case(seed)
                 with torch._dynamo.config.patch(error_on_recompile=seed > 0):
-                    compiled, compiled_stats = apply_merge(case, variant, reference, op=merge_into_kept_compiled)
-                eager, eager_stats = apply_merge(case, variant, reference)
+                    compiled, compiled_stats = apply_merge(case, variant, reference, op=merge_into_kept_compiled,
+                                                           **options)
+                eager, eager_stats = apply_merge(case, variant, reference, **options)
                 for name in ("keys", "values"):
                     torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-5)
                 assert torch.equal(torch.isneginf(compiled["log_votes"]), torch.isneginf(eager["log_votes"]))
@@ -469,3 +474,60 @@ def test_compiled_merge_equals_eager_and_does_not_recompile():
                 assert compiled_stats.as_dict() == eager_stats.as_dict(), (variant, reference)
     finally:
         torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------- 7. dominance guard
+def one_pair_case(evicted_logit_boost: float):
+    """One KV head, one query: slot 0 (kept target) and slot 1 (evicted, merged into 0), slot 2 untouched. The
+    evicted key is the target's plus a push along the query, so the evicted entry dominates the reference mass."""
+    g = torch.Generator().manual_seed(3)
+    dim = 8
+    query = torch.randn(1, 1, 1, dim, generator=g, dtype=torch.float64)
+    keys = torch.randn(1, 1, 3, dim, generator=g, dtype=torch.float64)
+    keys[0, 0, 1] = keys[0, 0, 0] + evicted_logit_boost * math.sqrt(dim) * query[0, 0, 0] / query.norm() ** 2
+    values = torch.randn(1, 1, 3, dim, generator=g, dtype=torch.float64)
+    return {"keys": keys, "values": values, "log_votes": torch.zeros(1, 1, 3, dtype=torch.float64),
+            "evicted_idx": torch.tensor([[[1]]]), "target_idx": torch.tensor([[[0]]]),
+            "merge_mask": torch.tensor([[[True]]]), "queries": query}
+
+
+@pytest.mark.parametrize("variant", MERGE_VARIANTS)
+def test_dominance_guard_caps_the_evicted_weight_of_the_value(variant):
+    case = one_pair_case(evicted_logit_boost=4.0)  # pi_e = e^4 / (1 + e^4) = 0.982
+    free, free_stats = apply_merge(case, variant)
+    guarded, guarded_stats = apply_merge(case, variant, max_evicted_weight=0.5)
+    v_kept, v_evicted = case["values"][0, 0, 0], case["values"][0, 0, 1]
+    pi_e = math.exp(4.0) / (1 + math.exp(4.0))
+    torch.testing.assert_close(free["values"][0, 0, 0], (1 - pi_e) * v_kept + pi_e * v_evicted, rtol=0, atol=1e-12)
+    torch.testing.assert_close(guarded["values"][0, 0, 0], 0.5 * v_kept + 0.5 * v_evicted, rtol=0, atol=1e-12)
+    assert (int(free_stats.capped), int(guarded_stats.capped)) == (0, 1)
+    assert float(guarded["log_votes"][0, 0, 0]) == pytest.approx(math.log(2))  # votes still add
+    assert torch.equal(guarded["keys"][0, 0, 2], case["keys"][0, 0, 2])
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=merge_cases(), reference=st.sampled_from(REFERENCES), bound=st.sampled_from([0.2, 0.5, 0.9]))
+def test_guarded_minnorm_keeps_every_heads_denominator(case, reference, bound):
+    merged, stats = apply_merge(case, "minnorm", reference, max_evicted_weight=bound)
+    assume(int(stats.fallbacks.sum()) == 0)
+    keys, _, log_votes = without_dropped(case)
+    torch.testing.assert_close(log_denominators(case["queries"], merged["keys"], merged["log_votes"]),
+                               log_denominators(case["queries"], keys, log_votes), rtol=0, atol=1e-10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=merge_cases(), variant=st.sampled_from(MERGE_VARIANTS), reference=st.sampled_from(REFERENCES))
+def test_guard_that_caps_nothing_changes_nothing(case, variant, reference):
+    """``m = 1`` is the unguarded op, bitwise; and no group is counted as capped."""
+    free, _ = apply_merge(case, variant, reference)
+    same, stats = apply_merge(case, variant, reference, max_evicted_weight=1.0)
+    for name in ("keys", "values", "log_votes"):
+        assert torch.equal(free[name], same[name])
+    assert int(stats.capped) == 0
+
+
+def test_guard_bound_is_checked():
+    case = one_pair_case(1.0)
+    for bound in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="max_evicted_weight"):
+            apply_merge(case, "minnorm", max_evicted_weight=bound)

@@ -537,3 +537,67 @@ def test_d2o_layer_budgets_from_variance():
     assert budgets[1] == max(budgets) and budgets[2] == min(budgets)  # flatter attention keeps more
     assert (budgets[1] - 5) <= math.e * (budgets[2] - 5) + 1
     assert variance_layer_budgets(20, 5, torch.tensor([0.2, 0.2])) == [20, 20]
+
+
+# ---- KeepKV's selection options ---------------------------------------------------------------------------------
+def keepkv_head_scores(cache, queries, kv_head, window, per_token):
+    """KeepKV's score of each position for one KV head (row 0): the mean over the last ``window`` queries and the
+    group's query heads of the vote-weighted attention (causal), divided by the votes when ``per_token``."""
+    keyed = entries(cache, 0, kv_head)
+    group = queries.shape[1] // cache.keys.shape[1]
+    tokens = queries.shape[2]
+    totals = dict.fromkeys(keyed, 0.0)
+    for t in range(tokens - window, tokens):
+        for g in range(group):
+            visible = {pos: entry for pos, entry in keyed.items() if pos <= t}
+            for pos, a in dense_attention(queries[0, kv_head * group + g, t], visible).items():
+                totals[pos] += a / (window * group)
+    if per_token:
+        totals = {pos: total / keyed[pos][2] for pos, total in totals.items()}
+    return totals
+
+
+def max_pooled(scores: dict[int, float], protected: set[int], kernel: int) -> dict[int, float]:
+    """Max over the positions within ``kernel // 2`` (protected ones count as 0; slots are positions here)."""
+    plain = {pos: (0.0 if pos in protected else s) for pos, s in scores.items()}
+    reach = kernel // 2
+    return {pos: max(plain[p] for p in plain if abs(p - pos) <= reach) for pos in plain}
+
+
+@pytest.mark.parametrize("selection", ["layer", "head"])
+@pytest.mark.parametrize("normalization", ["per-token", "total"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_keepkv_selection_and_score_normalization(selection, normalization, kernel):
+    """No merging (``similarity_threshold=1``): the kept set is sinks + recent window + the top scores, ranked per
+    KV head (``head``) or by the mean over the layer's KV heads (``layer``: every head keeps the same positions);
+    ``per-token`` divides an entry's attention by its votes (entries standing for several tokens lose rank);
+    ``kernel_size`` max-pools each head's scores along the positions first."""
+    method = make_method("keepkv", selection=selection, score_normalization=normalization, similarity_threshold=1.0,
+                         sinks=2, window=6, kernel_size=kernel)
+    cache, queries = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
+    votes = torch.randint(1, 6, cache.log_votes.shape, generator=torch.Generator().manual_seed(1)).float()
+    cache.log_votes.copy_(torch.log(votes))  # as if earlier merges had happened
+    scores = [keepkv_head_scores(cache, queries, h, 6, normalization == "per-token") for h in range(3)]
+    scores = [max_pooled(s, {0, 1, *range(24, 30)}, kernel) for s in scores]
+    if selection == "layer":
+        scores = [{pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}] * 3
+    budget = 14
+    method.compress(cache, 0, budget)
+    protected = {0, 1, *range(24, 30)}
+    kept = [kept_positions(cache, 0, h) for h in range(3)]
+    for h in range(3):
+        candidates = {pos: s for pos, s in scores[h].items() if pos not in protected}
+        assert kept[h] == protected | top_positions(candidates, budget - len(protected)), h
+    if selection == "layer":
+        assert kept[0] == kept[1] == kept[2]
+
+
+def test_keepkv_layer_selection_differs_from_per_head_selection():
+    """The two selections are different rules on the same cache (else the option would be idle)."""
+    kept = {}
+    for selection in ("layer", "head"):
+        method = make_method("keepkv", selection=selection, similarity_threshold=1.0, sinks=2, window=6)
+        cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
+        method.compress(cache, 0, 14)
+        kept[selection] = [kept_positions(cache, 0, h) for h in range(3)]
+    assert kept["layer"] != kept["head"]

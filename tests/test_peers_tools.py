@@ -138,7 +138,7 @@ def test_score_rows_use_keepkv_scorers():
     rows = score_kvpress.score_rows(raw)
     assert [(r["task"], r["metric"], r["value"]) for r in rows] == [
         ("qa", "qa_f1", 1.0), ("qa", "qa_exact_match", 1.0), ("niah", "niah_exact_match", 1.0),
-        ("niah", "niah_exact_match", 0.0)]
+        ("niah", "niah_digits", 1.0), ("niah", "niah_exact_match", 0.0), ("niah", "niah_digits", 1.0)]
     for row in rows:
         validate_row(row)  # every key the report needs: rows lacking one are skipped by read_rows
         assert row["engine"] == "kvpress"

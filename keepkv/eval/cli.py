@@ -52,6 +52,9 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
     if task == "niah":
         parser.add_argument("--lengths", type=_ints, default=None, help="context lengths in tokens, e.g. 2048,4096")
         parser.add_argument("--depths", type=_floats, default=None, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
+        parser.add_argument("--samples", type=int, default=None, help="haystack/needle draws per length and depth")
+        parser.add_argument("--protocols", default=None,
+                            help="comma list of agnostic (question after compression), aware (question compressed)")
     if task == "qa":
         parser.add_argument("--count", type=int, default=None, help="number of questions")
         parser.add_argument("--context-tokens", type=int, default=None)
@@ -135,7 +138,8 @@ def run_one(task: str, model, g, store, *, seed: int = 0, progress: bool = True,
 
         run_niah(model, configs, budgets, pick("lengths", g.niah_lengths), pick("depths", g.niah_depths), store,
                  seed=seed, export_prompts=pick("export_prompts", None), progress=progress,
-                 run=not pick("export_only", False))
+                 run=not pick("export_only", False), samples=pick("samples", g.niah_samples),
+                 protocols=tuple(pick("protocols", ",".join(g.niah_protocols)).split(",")))
     elif task == "qa":
         from keepkv.eval.qa import run_qa
 

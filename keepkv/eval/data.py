@@ -121,23 +121,34 @@ def take_tokens(tokenizer, text: str, count: int, start_char: int = 0) -> str:
     return tokenizer.decode(ids[:count])
 
 
-def niah_cell(tokenizer, context_tokens: int, depth: float, seed: int, max_new_tokens: int = 12) -> PromptCell:
+def niah_cell(tokenizer, context_tokens: int, depth: float, seed: int, max_new_tokens: int = 12,
+              sample: int = 0) -> PromptCell:
     """Needle at ``depth`` (0 = start, 1 = end; at the nearest sentence end) of a Paul Graham haystack whose
-    context part is ``context_tokens`` tokens (within a few tokens); a seeded 7-digit number."""
-    rng = random.Random(seed * 1_000_003 + context_tokens * 101 + round(depth * 100))
+    context part is ``context_tokens`` tokens (within a few tokens); a seeded 7-digit number. Sample 0 takes the
+    haystack from the start of the essays, sample ``k > 0`` from a seeded paragraph start further on (and another
+    number), so samples are independent draws of haystack and needle."""
+    rng = random.Random(seed * 1_000_003 + context_tokens * 101 + round(depth * 100) + sample * 7_777_777)
     number = str(rng.randint(1_000_000, 9_999_999))
     needle = NEEDLE.format(number=number)
     overhead = len(split_chat_prompt(tokenizer, NIAH_INSTRUCTION + " " + needle + "\n\n", NIAH_QUESTION)[0])
-    haystack = take_tokens(tokenizer, paul_graham_text(), context_tokens - overhead)
+    text = paul_graham_text()
+    start = 0
+    if sample:
+        paragraph_starts = [i + 2 for i in range(len(text) - 2) if text[i:i + 2] == "\n\n"]
+        usable = [i for i in paragraph_starts if i < len(text) - context_tokens * 8]
+        start = rng.choice(usable) if usable else 0
+    haystack = take_tokens(tokenizer, text, context_tokens - overhead, start_char=start)
     target = int(depth * len(haystack))
     ends = [i + 2 for i in range(len(haystack) - 1) if haystack[i] == "." and haystack[i + 1] in " \n"]
     at = min([0, len(haystack), *ends], key=lambda i: abs(i - target))
     document = (haystack[:at] + " " + needle + " " + haystack[at:]).strip()
     context = NIAH_INSTRUCTION + document + "\n\n"
     context_ids, question_ids = split_chat_prompt(tokenizer, context, NIAH_QUESTION, NIAH_ANSWER_PREFIX)
-    return PromptCell("niah", f"ctx{context_tokens}/depth{round(depth * 100)}", context, NIAH_QUESTION, [number],
+    name = f"ctx{context_tokens}/depth{round(depth * 100)}" + (f"/s{sample}" if sample else "")
+    return PromptCell("niah", name, context, NIAH_QUESTION, [number],
                       context_ids, question_ids, max_new_tokens,
-                      {"depth": depth, "target_tokens": context_tokens, "answer_prefix": NIAH_ANSWER_PREFIX})
+                      {"depth": depth, "target_tokens": context_tokens, "answer_prefix": NIAH_ANSWER_PREFIX,
+                       "sample": sample})
 
 
 def squad_questions(count: int, seed: int) -> list[dict[str, Any]]:

@@ -88,7 +88,7 @@ def run_fidelity(model, configs: list[MethodConfig], budgets: list[float], conte
             errors = relative_l2(full_out, out)  # [steps, layers]
             kl = kl_divergence(full_logits, logits)
             top1 = top1_agreement(full_logits, logits)
-            base = {"model": model.name, "method": config.method, "variant": config.variant, "budget": budget,
+            base = {"model": model.name, **config.row_fields(), "budget": budget,
                     "kept_entries_per_head": kept, "cell": cell, "seed": seed, "steps": steps,
                     "context_tokens": context_tokens}
             rows = [

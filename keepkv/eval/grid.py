@@ -41,6 +41,8 @@ class ModelGrid:
     ppl_chunk: int = 64
     niah_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
     niah_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    niah_samples: int = 1
+    niah_protocols: tuple[str, ...] = ("agnostic",)
     qa_count: int = 8
     qa_context: int = 2048
     qa_batch: int = 4

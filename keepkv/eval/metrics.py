@@ -60,6 +60,23 @@ def needle_found(answer: str, needle: str) -> bool:
     return re.search(rf"(?<!\d){re.escape(needle)}(?!\d)", digits) is not None
 
 
+def needle_digit_recall(answer: str, needle: str) -> float:
+    """Partial credit for NIAH, in ``[0, 1]``: the longest common subsequence of the needle's digits and the
+    answer's first whole number, over the needle's length (``7764558`` for ``7342819`` -> 3/7). A finer signal
+    than exact match for choosing between close configurations; exact match stays the headline."""
+    numbers = re.findall(r"\d+", re.sub(r"(?<=\d)[,\s](?=\d{3}\b)", "", answer))
+    if not numbers:
+        return 0.0
+    said = numbers[0]
+    previous = [0] * (len(said) + 1)
+    for digit in needle:
+        current = [0]
+        for j, other in enumerate(said):
+            current.append(previous[j] + 1 if digit == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1] / len(needle)
+
+
 def normalize_answer(text: str) -> str:
     """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
     text = text.lower()

@@ -13,26 +13,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from keepkv.eval.data import PromptCell, niah_cell, write_prompts
-from keepkv.eval.metrics import needle_found
+from keepkv.eval.metrics import needle_digit_recall, needle_found
 from keepkv.eval.results import MethodConfig, ResultStore
 
 
-def niah_cells(tokenizer, lengths: list[int], depths: list[float], seed: int = 0) -> dict[str, list[PromptCell]]:
-    """Groups ``ctx<L>`` -> the cells of every depth at length ``L``."""
-    return {f"ctx{length}": [niah_cell(tokenizer, length, depth, seed) for depth in depths] for length in lengths}
+def niah_cells(tokenizer, lengths: list[int], depths: list[float], seed: int = 0,
+               samples: int = 1) -> dict[str, list[PromptCell]]:
+    """Groups ``ctx<L>`` (sample 0) and ``ctx<L>/s<k>`` -> the cells of every depth at length ``L``."""
+    return {
+        f"ctx{length}" + (f"/s{sample}" if sample else ""): [
+            niah_cell(tokenizer, length, depth, seed, sample=sample) for depth in depths
+        ]
+        for length in lengths for sample in range(samples)
+    }
 
 
 def score_niah(answer: str, cell: PromptCell) -> dict[str, float]:
-    return {"niah_exact_match": float(needle_found(answer, cell.answers[0]))}
+    return {"niah_exact_match": float(needle_found(answer, cell.answers[0])),
+            "niah_digits": needle_digit_recall(answer, cell.answers[0])}
 
 
 def run_niah(model, configs: list[MethodConfig], budgets: list[float], lengths: list[int], depths: list[float],
              store: ResultStore, seed: int = 0, export_prompts: str | Path | None = None, progress: bool = True,
-             run: bool = True) -> None:
+             run: bool = True, protocols: tuple[str, ...] = ("agnostic",), samples: int = 1) -> None:
+    """Every (length, depth) cell, every configuration and budget, under each of ``protocols``
+    (:data:`keepkv.eval.prompted.PROTOCOLS`)."""
     from keepkv.eval.prompted import run_prompted
 
-    groups = niah_cells(model.tokenizer, lengths, depths, seed)
+    groups = niah_cells(model.tokenizer, lengths, depths, seed, samples)
     if export_prompts:
         write_prompts([cell for cells in groups.values() for cell in cells], export_prompts)
-    if run:
-        run_prompted("niah", model, groups, configs, budgets, store, score_niah, seed, progress=progress)
+    for protocol in protocols if run else ():
+        run_prompted("niah", model, groups, configs, budgets, store, score_niah, seed, progress=progress,
+                     protocol=protocol)

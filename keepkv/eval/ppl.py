@@ -70,9 +70,9 @@ def run_ppl(model, configs: list[MethodConfig], budgets: list[float], tokens: in
                 bar.set_postfix_str(f"{cell} {config.label} {budget}")
                 nll, kept = streaming_nll(model, config, budget, ids, chunk)
                 store.write("ppl", unit, [{
-                    "metric": "ppl", "value": math.exp(nll), "model": model.name, "method": config.method,
-                    "variant": config.variant, "budget": budget, "kept_entries_per_head": kept, "cell": cell,
-                    "seed": seed, "nll": nll, "tokens": len(ids), "chunk": chunk,
+                    "metric": "ppl", "value": math.exp(nll), "model": model.name, **config.row_fields(),
+                    "budget": budget, "kept_entries_per_head": kept, "cell": cell, "seed": seed, "nll": nll,
+                    "tokens": len(ids), "chunk": chunk,
                 }])
             bar.update(1)
     bar.close()

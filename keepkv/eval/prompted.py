@@ -1,5 +1,14 @@
 """The shared runner of NIAH and QA: one full prefill per cell group, then per method and budget compress a copy,
-feed the question, decode greedily, score (see :mod:`keepkv.eval.session` for the protocol)."""
+feed the rest of the prompt, decode greedily, score (see :mod:`keepkv.eval.session`).
+
+Two protocols (spec ``evaluation.md``, always reported side by side):
+
+- ``agnostic`` (kvpress's setting): the context is compressed before the question is read; the question is fed
+  after the compression. Metrics keep their names (``niah_exact_match``).
+- ``aware`` (the KeepKV, SnapKV and LongBench setting): the question is part of the compressed prompt; only the
+  prompt's last token is fed after the compression (so its logits, and every answer token, come from the
+  compressed cache). Metrics get the suffix ``_aware`` (``niah_exact_match_aware``), unit groups ``/aware``.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +19,23 @@ from keepkv.eval.data import PromptCell
 from keepkv.eval.results import MethodConfig, ResultStore, unit_key
 from keepkv.eval.session import EvalModel
 
+PROTOCOLS = ("agnostic", "aware")
+
 
 def run_prompted(
     task: str, model: EvalModel, groups: dict[str, list[PromptCell]], configs: list[MethodConfig],
     budgets: list[float], store: ResultStore, score: Callable[[str, PromptCell], dict[str, float]], seed: int,
-    decode_slack: int = 64, progress: bool = True,
+    decode_slack: int = 64, progress: bool = True, protocol: str = "agnostic",
 ) -> None:
     """For every group of cells (rows of one batch), every configuration and budget: answer and write rows
     ``{metric: value}`` from ``score(answer_text, cell)``. Finished units are skipped; a group whose units are
-    all finished is not even prefilled. Order: :func:`priority_plan`."""
+    all finished is not even prefilled. Order: :func:`priority_plan`. ``protocol``: one of :data:`PROTOCOLS`."""
     from tqdm import tqdm
 
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+    if protocol == "aware":
+        groups = {f"{name}/aware": cells for name, cells in groups.items()}
     plan = priority_plan(configs, budgets)
     units = [(b, c, g) for c, b in plan for g in groups]
     todo = [(b, c, g) for b, c, g in units if not store.done(unit_key(task, model.name, c, b, g))]
@@ -33,25 +48,35 @@ def run_prompted(
         pending = [c for b, c, g in todo if g == group]
         if pending:
             bar.set_postfix_str(f"prefill {group}")
-            prefills[group] = model.shared_prefill([cell.context_ids for cell in groups[group]], pending)
+            prefills[group] = model.shared_prefill([compressed_part(cell, protocol) for cell in groups[group]], pending)
     for budget, config, group in todo:
         cells = groups[group]
         bar.set_postfix_str(f"{group} {config.label} {budget}")
-        answers, kept = model.answer(prefills[group], config, budget, [cell.question_ids for cell in cells],
+        answers, kept = model.answer(prefills[group], config, budget, [fed_part(cell, protocol) for cell in cells],
                                      max(cell.max_new_tokens for cell in cells), decode_slack=decode_slack)
         rows: list[dict[str, Any]] = []
         for cell, ids in zip(cells, answers):
             text = model.tokenizer.decode(ids)
             for metric, value in score(text, cell).items():
                 rows.append({
-                    "metric": metric, "value": value, "model": model.name, "method": config.method,
-                    "variant": config.variant, "budget": budget, "kept_entries_per_head": kept,
+                    "metric": metric if protocol == "agnostic" else f"{metric}_aware", "protocol": protocol, "value": value, "model": model.name, **config.row_fields(),
+                    "budget": budget, "kept_entries_per_head": kept,
                     "cell": cell.cell, "seed": seed, "answer": text, "context_tokens": len(cell.context_ids),
                     "decode_slack": decode_slack, **{k: v for k, v in cell.extra.items()},
                 })
         store.write(task, unit_key(task, model.name, config, budget, group), rows)
         bar.update(1)
     bar.close()
+
+
+def compressed_part(cell: PromptCell, protocol: str) -> list[int]:
+    """The tokens prefilled and then compressed: the context (agnostic) or all but the prompt's last token."""
+    return cell.context_ids if protocol == "agnostic" else cell.context_ids + cell.question_ids[:-1]
+
+
+def fed_part(cell: PromptCell, protocol: str) -> list[int]:
+    """The tokens fed after the compression: the question (agnostic) or the prompt's last token (aware)."""
+    return cell.question_ids if protocol == "agnostic" else cell.question_ids[-1:]
 
 
 BUDGET_PRIORITY = (0.1, 0.2, 0.05, 0.5)

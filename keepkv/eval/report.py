@@ -26,6 +26,9 @@ COLUMNS = [
     ("top-1", "fidelity", "top1", True, "{:.2f}"),
     ("ppl ratio", "ppl", "ppl_ratio", False, "{:.3f}"),
     ("NIAH EM", "niah", "niah_exact_match", True, "{:.2f}"),
+    ("NIAH EM (aware)", "niah", "niah_exact_match_aware", True, "{:.2f}"),
+    ("NIAH digits", "niah", "niah_digits", True, "{:.2f}"),
+    ("NIAH digits (aware)", "niah", "niah_digits_aware", True, "{:.2f}"),
     ("QA F1", "qa", "qa_f1", True, "{:.2f}"),
 ]
 HEADLINE = [c for c in COLUMNS if c[2] in ("kl", "ppl_ratio", "niah_exact_match", "qa_f1")]
@@ -35,6 +38,7 @@ COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results res
 
 def label(row: dict[str, Any]) -> str:
     name = row["method"] if not row.get("variant") else f"{row['method']}:{row['variant']}"
+    name += "".join(f"@{key}={value}" for key, value in sorted((row.get("options") or {}).items()))
     return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"
 
 
@@ -52,8 +56,26 @@ def _budget(row: dict[str, Any]) -> float:
     return float(row["budget"])
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_interval(values: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (``BOOTSTRAP_RESAMPLES`` resamples, seeded, so a
+    report is reproducible); ``(v, v)`` for a single value."""
+    import random
+
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (math.nan, math.nan)
+    rng = random.Random(seed)
+    count = len(values)
+    means = sorted(sum(rng.choices(values, k=count)) / count for _ in range(BOOTSTRAP_RESAMPLES))
+    tail = (1 - level) / 2
+    return means[int(tail * (BOOTSTRAP_RESAMPLES - 1))], means[int((1 - tail) * (BOOTSTRAP_RESAMPLES - 1))]
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    """``(model, label, budget, metric) -> {"value", "kept", "n"}``; adds ``ppl_ratio``."""
+    """``(model, label, budget, metric) -> {"value", "kept", "n", "low", "high"}`` (``low``/``high``: the 95%
+    bootstrap interval of the mean over cells); adds ``ppl_ratio``."""
     rows = list(rows)
     full_ppl = {(r["engine"], r["model"], r["cell"]): r["value"] for r in rows
                 if r["task"] == "ppl" and r["metric"] == "ppl" and r["method"] == "full"}
@@ -66,11 +88,21 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows + derived:
         groups[(r["model"], label(r), _budget(r), r["metric"])].append(r)
-    return {
-        key: {"value": mean(float(r["value"]) for r in group),
-              "kept": mean(float(r["kept_entries_per_head"]) for r in group), "n": len(group)}
-        for key, group in groups.items()
-    }
+    summary = {}
+    for key, group in groups.items():
+        values = [float(r["value"]) for r in group]
+        low, high = bootstrap_interval(values)
+        summary[key] = {"value": mean(values), "kept": mean(float(r["kept_entries_per_head"]) for r in group),
+                        "n": len(group), "low": low, "high": high}
+    return summary
+
+
+def with_interval(entry: dict[str, Any], fmt: str) -> str:
+    """``0.42 [0.30, 0.55] (n=40)`` for an aggregate entry, or just the value when it has one cell."""
+    if entry["n"] < 2:
+        return fmt.format(entry["value"])
+    return (f"{fmt.format(entry['value'])} [{fmt.format(entry['low'])}, {fmt.format(entry['high'])}] "
+            f"(n={entry['n']})")
 
 
 def _order(labels: set[str]) -> list[str]:
@@ -93,7 +125,7 @@ def full_table(agg: dict[tuple, dict[str, Any]]) -> str:
                 cells, kept = [], []
                 for _, task, metric, _, fmt in COLUMNS:
                     entry = agg.get((model, lab, budget, metric))
-                    cells.append(fmt.format(entry["value"]) if entry else "")
+                    cells.append(with_interval(entry, fmt) if entry else "")
                     if entry:
                         kept.append(entry["kept"])
                 kept_text = f"{mean(kept):.0f}" if kept else ""

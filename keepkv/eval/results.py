@@ -46,13 +46,27 @@ REQUIRED_KEYS = (
     "task", "metric", "value", "model", "method", "variant", "budget", "kept_entries_per_head", "cell", "seed",
     "engine", "keepkv_version", "torch_version",
 )
-KEEPKV_VARIANTS = ("zip", "convex", "keep-key", "minnorm")
+
+
+OPTION_SEPARATOR = "@"
+
+
+def parse_option_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, anything else stays a string (``"layer"``)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     """One method configuration of a comparison: a registry name, KeepKV's merge variant ("" when none) and
-    extra options."""
+    extra options (sorted ``(name, value)`` pairs). Written ``method[:variant][@name=value...]``, e.g.
+    ``keepkv:minnorm@selection=head@reference=ema``; the label is that text, so rows of configurations that
+    differ only in an option never mix."""
 
     method: str
     variant: str = ""
@@ -60,11 +74,20 @@ class MethodConfig:
 
     @property
     def label(self) -> str:
-        return self.method if not self.variant else f"{self.method}:{self.variant}"
+        text = self.method if not self.variant else f"{self.method}:{self.variant}"
+        return text + "".join(f"{OPTION_SEPARATOR}{name}={value}" for name, value in self.options)
 
     @property
     def is_full(self) -> bool:
         return self.method == "full"
+
+    def row_fields(self) -> dict[str, Any]:
+        """The keys a result row identifies its configuration by: ``method``, ``variant`` and (when any)
+        ``options``."""
+        fields: dict[str, Any] = {"method": self.method, "variant": self.variant}
+        if self.options:
+            fields["options"] = dict(self.options)
+        return fields
 
     def method_options(self) -> dict[str, Any]:
         options = dict(self.options)
@@ -75,20 +98,33 @@ class MethodConfig:
     @classmethod
     def parse(cls, text: str) -> MethodConfig:
         """``"snapkv"``, ``"keepkv:minnorm"``, ``"snapkv+keepkv"`` (KeepKV's default variant),
-        ``"criticalkv+keepkv:convex"``."""
+        ``"criticalkv+keepkv:convex"``, ``"keepkv:minnorm@selection=head@max_evicted_weight=1.0"``."""
         from keepkv.errors import KeepKVError
 
-        name, _, variant = text.strip().partition(":")
+        head, *option_texts = text.strip().split(OPTION_SEPARATOR)
+        options = []
+        for option in option_texts:
+            key, sep, value = option.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise KeepKVError(f"bad option {option!r} in {text!r}: the form is method@name=value")
+            options.append((key.strip(), parse_option_value(value.strip())))
+        if len({key for key, _ in options}) != len(options):
+            raise KeepKVError(f"{text!r} names an option twice")
+        name, _, variant = head.partition(":")
         name = name.lower()
-        if variant and variant not in KEEPKV_VARIANTS:
-            raise KeepKVError(f"unknown KeepKV variant {variant!r} in {text!r}; allowed: {', '.join(KEEPKV_VARIANTS)}")
+        from keepkv.ops.merge import MERGE_VARIANTS
+
+        if variant and variant not in MERGE_VARIANTS:
+            raise KeepKVError(f"unknown KeepKV variant {variant!r} in {text!r}; allowed: {', '.join(MERGE_VARIANTS)}")
         if "keepkv" in name and not variant:
             from keepkv.cache.methods.keepkv import KeepKV
 
             variant = KeepKV.variant  # the library's default variant, recorded explicitly in every row
         if variant and "keepkv" not in name:
             raise KeepKVError(f"{text!r}: only keepkv and X+keepkv take a variant")
-        return cls(name, variant)
+        if name == "full" and options:
+            raise KeepKVError(f"{text!r}: the full cache takes no options")
+        return cls(name, variant, tuple(sorted(options)))
 
 
 def versions() -> dict[str, str]:
@@ -100,8 +136,11 @@ def versions() -> dict[str, str]:
 
 
 def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, group: str) -> str:
-    """The identity of one unit of work (a resumable step)."""
-    return json.dumps([task, model, config.method, config.variant, budget, group])
+    """The identity of one unit of work (a resumable step): every option of the configuration is part of it."""
+    key: list[Any] = [task, model, config.method, config.variant, budget, group]
+    if config.options:
+        key.append([list(option) for option in config.options])
+    return json.dumps(key)
 
 
 def validate_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,15 @@ minnorm    ``k_r = kbar + delta``, ``delta`` the least-norm solution of ``l_g(k_
 
 Merging identical entries (same ``k`` and ``v``) is exact for every query with every variant (``k_r = k``).
 
+**Dominance guard** (``max_evicted_weight = m < 1``; spec §8). Nothing above stops the evicted members of a group
+from outweighing the kept target (``sum_e pi_e > pi_c``), so one merge can overwrite a kept fact with its
+neighbours. With ``m < 1`` the weights of a group that has a live target are capped before ``kbar`` and ``v_r``
+are formed: ``pi_e <- pi_e * min(1, m / sum_e pi_e)``, ``pi_c <- 1 - min(m, sum_e pi_e)``; votes still add.
+minnorm's key targets come from the members' logits and votes, not from ``pi``, so every head's softmax
+denominator stays exact; the value (and zip's / convex's key) then leans to the kept entry, and the reference
+output is exact only for groups the cap did not touch (counted in :class:`MergeStats` as ``capped``).
+``m = 1`` (the default of this op) is the unguarded rule.
+
 **Guards and fallbacks** (counted per reason in :class:`MergeStats`; a group counts once, under its first reason):
 
 - ``zero_denominator``: zip's ``|sum_i pi_i ln s_i|`` (queries as reference: every ``|q_g·kbar|/sqrt(d)``) is
@@ -113,17 +122,19 @@ class MergeStats:
     - ``fallbacks``: ``int64 [len(FALLBACK_REASONS)]``, groups that did not get their variant's own key, per
       reason (``zero_denominator``, ``bad_scale``, ``bad_correction``, ``non_finite_key``; see the module doc).
       Each group counts under its first reason only, so ``fallbacks.sum()`` is the number of groups that fell back.
+    - ``capped``: groups whose evicted weight the dominance guard capped (``max_evicted_weight < 1``).
     """
 
     merged: Tensor = field(default_factory=_zeros_counter)
+    capped: Tensor = field(default_factory=_zeros_counter)
     dropped: Tensor = field(default_factory=_zeros_counter)
     groups: Tensor = field(default_factory=_zeros_counter)
     fallbacks: Tensor = field(default_factory=lambda: _zeros_counter((len(FALLBACK_REASONS),)))
 
     def as_dict(self) -> dict[str, int]:
-        """Host-side summary: ``merged``, ``dropped``, ``groups``, ``fallbacks`` (total) and one
+        """Host-side summary: ``merged``, ``dropped``, ``groups``, ``capped``, ``fallbacks`` (total) and one
         ``fallbacks_<reason>`` entry per reason."""
-        report = {name: int(getattr(self, name)) for name in ("merged", "dropped", "groups")}
+        report = {name: int(getattr(self, name)) for name in ("merged", "dropped", "groups", "capped")}
         per_reason = self.fallbacks.tolist()
         report["fallbacks"] = int(sum(per_reason))
         for reason, count in zip(FALLBACK_REASONS, per_reason):
@@ -206,6 +217,20 @@ def _segments(member_group: Tensor, is_member: Tensor, groups: int) -> tuple[Ten
     return order, segments
 
 
+def cap_evicted_weight(weight: Tensor, is_target: Tensor, segments: _Segments, max_evicted_weight: float
+                       ) -> tuple[Tensor, Tensor]:
+    """The dominance guard (module doc): member weights ``pi [B, H, L]`` with the evicted share of every group
+    that has a target capped at ``max_evicted_weight`` (the target takes the rest); and which groups were capped
+    ``[B, H, M]``. Each group's weights still sum to 1."""
+    evicted_share = segments.sum(torch.where(is_target, 0.0, weight))  # [B, H, M]
+    has_target = segments.sum(is_target.to(weight.dtype)) > 0
+    capped = has_target & (evicted_share > max_evicted_weight)
+    scale = torch.where(capped, max_evicted_weight / evicted_share.clamp_min(torch.finfo(weight.dtype).tiny), 1.0)
+    excess = torch.where(capped, evicted_share - max_evicted_weight, 0.0)
+    weight = torch.where(is_target, weight + segments.spread(excess), weight * segments.spread(scale))
+    return weight, capped
+
+
 def _minnorm_keys(
     key_mean: Tensor, member_logits: Tensor, log_p: Tensor, log_P: Tensor, segments: _Segments, queries: Tensor,
     longest: Tensor, max_scale: float,
@@ -267,6 +292,7 @@ def merge_into_kept(
     keys: Tensor, values: Tensor, log_votes: Tensor, evicted_idx: Tensor, target_idx: Tensor, merge_mask: Tensor,
     ref_log_scores: Tensor | None, ref_queries: Tensor | None, variant: str = "zip", *,
     stats: MergeStats | None = None, max_scale: float = MAX_SCALE, zip_fallback: str = "minnorm",
+    max_evicted_weight: float = 1.0,
 ) -> None:
     """Merge the entries at ``evicted_idx`` into those at ``target_idx``, in place (see the module doc).
 
@@ -287,6 +313,8 @@ def merge_into_kept(
         stats: optional :class:`MergeStats` to accumulate into (device tensors, no host sync).
         max_scale: bound on zip's ``lambda`` and on minnorm's key length relative to the group's longest key.
         zip_fallback: key of an ill-conditioned zip group, one of :data:`ZIP_FALLBACKS`.
+        max_evicted_weight: the dominance guard's bound on the evicted members' total weight in a group with a live
+            target, in ``(0, 1]`` (``1`` = unguarded; see the module doc).
 
     After the call every target that received a merge holds the merged key, value and ``ln P``; every evicted
     slot is empty (``log_votes = -inf``, zero key and value); all other slots are untouched.
@@ -299,6 +327,8 @@ def merge_into_kept(
         raise ValueError("the minnorm variant needs ref_queries [batch, kv_heads, G, head_dim]")
     if ref_log_scores is None and ref_queries is None:
         raise ValueError("merge_into_kept needs ref_log_scores [batch, kv_heads, capacity] or ref_queries")
+    if not 0.0 < max_evicted_weight <= 1.0:
+        raise ValueError(f"max_evicted_weight must lie in (0, 1], got {max_evicted_weight}")
     batch, heads, capacity, dim = keys.shape
     merges = evicted_idx.shape[-1]
     if merges == 0:
@@ -352,6 +382,10 @@ def merge_into_kept(
     by_votes = torch.exp(log_p - segments.spread(log_P))
     weight = torch.where(segments.spread(massless), by_votes, by_mass)
     weight = torch.where(is_member, weight, torch.zeros_like(weight))  # pi_i, [B, H, 2M]
+    capped = torch.zeros_like(group_valid)
+    if max_evicted_weight < 1.0:
+        is_target = is_member & (order >= merges)  # the second half of member_slot holds the targets
+        weight, capped = cap_evicted_weight(weight, is_target, segments, max_evicted_weight)
 
     key_mean = segments.sum(weight[..., None] * member_keys)  # kbar [B, H, M, D]
     value_mean = segments.sum(weight[..., None] * member_values)  # v_r
@@ -415,6 +449,7 @@ def merge_into_kept(
         stats.merged = stats.merged.to(device) + merging.sum()
         stats.dropped = stats.dropped.to(device) + live_listed - merging.sum()
         stats.groups = stats.groups.to(device) + group_valid.sum()
+        stats.capped = stats.capped.to(device) + (capped & group_valid).sum()
         stats.fallbacks = stats.fallbacks.to(device) + first.flatten(1).sum(-1)
 
 

@@ -48,11 +48,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.cache.methods.snapkv import pool_along_slots
 from keepkv.cache.policy import CompressionMethod
 from keepkv.errors import KeepKVError
 from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept, merge_into_kept_compiled
 
 REFERENCES = ("ema", "last")
+SELECTIONS = ("layer", "head")
+SCORE_NORMALIZATIONS = ("per-token", "total")
 
 
 def group_log_scores(cache: CompressedLayerCache) -> Tensor:
@@ -77,16 +80,39 @@ def ema_log_scores(log_scores: Tensor, visible: Tensor, alpha: float) -> Tensor:
 
 @dataclass
 class KeepKV(CompressionMethod):
-    """Options: ``variant`` (zip | convex | keep-key | minnorm), ``similarity_threshold`` (T, 0.8),
-    ``reference`` (ema | last), ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32)."""
+    """Options:
+
+    - ``variant`` (zip | convex | keep-key | minnorm): the merged key (:mod:`keepkv.ops.merge`);
+    - ``similarity_threshold`` (``T``, 0.8): the cosine above which an evicted entry merges;
+    - ``reference`` (ema | last): the merge reference. ``last``: the newest query of every query head of the
+      group, for both the key target and the value weights (one reference: the compressing step is exact for it,
+      zip and minnorm alike). ``ema``: the paper's predicted scores set the weights (and zip's scale); minnorm's
+      key targets still come from the newest queries (a mix, kept for comparison);
+    - ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32);
+    - ``selection`` (layer | head): ``layer`` ranks every KV head of a layer by the mean of their scores, so all
+      heads keep the same tokens (a fact spread over several tokens is kept or lost whole, as TOVA does);
+      ``head`` ranks each KV head separately (the paper's per-head PyramidInfer ranking);
+    - ``score_normalization`` (per-token | total): ``per-token`` divides a merged entry's attention by its votes,
+      as the official code averages a cluster's scores per token, so a cluster does not survive by its size;
+    - ``max_evicted_weight`` (``m``, 1.0 = unguarded): the dominance guard of the merge, the evicted members of
+      a group weigh at most ``m`` in total and the kept entry at least ``1 - m`` (:mod:`keepkv.ops.merge`);
+    - ``kernel_size`` (1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
+      neighbours of an important token (the other digits of a number) are kept with it
+      (:func:`keepkv.cache.methods.snapkv.pool_along_slots`; protected and empty slots count as 0).
+
+    Defaults are the measured best configuration (``docs/keepkv-quality.md``)."""
 
     name = "keepkv"
     is_eviction_selector = False  # KeepKV merges; as a selector for X+keepkv use a plain eviction scorer
     layer_free = True  # scores, match and merge read only the cache: compiled, one graph serves every layer
-    variant: str = "minnorm"  # measured best (results/eval, README "Results"); "zip" is the paper's rule
+    variant: str = "minnorm"
     similarity_threshold: float = 0.8
     reference: str = "ema"
     alpha: float = 0.9
+    selection: str = "head"
+    score_normalization: str = "total"
+    max_evicted_weight: float = 1.0
+    kernel_size: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,18 +124,42 @@ class KeepKV(CompressionMethod):
             raise KeepKVError(f"keepkv: similarity_threshold must lie in [-1, 1], got {self.similarity_threshold}")
         if not 0.0 < float(self.alpha) < 1.0:
             raise KeepKVError(f"keepkv: alpha must lie in (0, 1), got {self.alpha}")
+        if self.selection not in SELECTIONS:
+            raise KeepKVError(f"keepkv: unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
+        if self.score_normalization not in SCORE_NORMALIZATIONS:
+            raise KeepKVError(f"keepkv: unknown score_normalization {self.score_normalization!r}; allowed: "
+                              f"{', '.join(SCORE_NORMALIZATIONS)}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise KeepKVError(f"keepkv: kernel_size must be an odd integer >= 1, got {self.kernel_size}")
+        if not 0.0 < float(self.max_evicted_weight) <= 1.0:
+            raise KeepKVError(f"keepkv: max_evicted_weight must lie in (0, 1] (1 = no guard), "
+                              f"got {self.max_evicted_weight}")
         self.stats = MergeStats()
 
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
+        """``[batch, kv_heads, capacity]``: mean vote-weighted attention of the window queries and the group's query
+        heads; divided by the entry's votes with ``score_normalization="per-token"``; the mean over the layer's KV
+        heads (the same for every head) with ``selection="layer"``; max-pooled along the cache over the selectable
+        slots first with ``kernel_size > 1``."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
         present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
-        return attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
+        scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
+        if self.score_normalization == "per-token":
+            live = torch.isfinite(cache.log_votes)
+            scores = torch.where(live, scores * torch.exp(-cache.log_votes.masked_fill(~live, 0.0)), 0.0)
+        if self.kernel_size > 1:
+            selectable = torch.isfinite(cache.log_votes) & ~self.protected_mask(cache)
+            scores = pool_along_slots(scores * selectable, self.kernel_size, "maxpool")
+        if self.selection == "layer":
+            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+        return scores
 
-    def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor:
-        """``[batch, kv_heads, capacity]`` float32 predicted ``ln s_i`` used as the merge reference."""
-        log_scores = group_log_scores(cache)  # [B, Hkv, w, C]
+    def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor | None:
+        """``[batch, kv_heads, capacity]`` float32 predicted ``ln s_i`` (the EMA), or ``None`` for
+        ``reference="last"``: the merge then takes the newest queries as its one reference."""
         if self.reference == "last":
-            return log_scores[:, :, -1]
+            return None
+        log_scores = group_log_scores(cache)  # [B, Hkv, w, C]
         visible = cache.visible_from_window().expand_as(log_scores)
         return ema_log_scores(log_scores, visible, float(self.alpha))
 
@@ -139,4 +189,5 @@ class KeepKV(CompressionMethod):
         merge(
             cache.keys, cache.values, cache.log_votes, evicted_slots, target_slots, merge_mask,
             self.reference_log_scores(cache), newest_queries, self.variant, stats=self.stats,
+            max_evicted_weight=float(self.max_evicted_weight),
         )
