@@ -99,6 +99,23 @@ def test_report_labels_carry_the_options():
     assert label(_row(method="keepkv", variant="minnorm")) == "keepkv:minnorm"
 
 
+def test_labels_from_resolved_options_name_what_differs_from_todays_defaults():
+    """A row records every hyper-parameter; its label lists only those that differ from the current defaults, so
+    rows of an older default never pass for today's ``keepkv:minnorm``, and unit keys follow the same rule."""
+    from keepkv.eval.report import label
+
+    default = MethodConfig.parse("keepkv:minnorm")
+    resolved = default.row_fields()["resolved_options"]
+    assert resolved["similarity_threshold"] == 0.8 and "selection" in resolved
+    assert label(_row(method="keepkv", variant="minnorm", resolved_options=resolved)) == "keepkv:minnorm"
+    other = "head" if resolved["selection"] == "layer" else "layer"
+    older = {**resolved, "selection": other}
+    assert label(_row(method="keepkv", variant="minnorm", resolved_options=older)) == f"keepkv:minnorm@selection={other}"
+    written = MethodConfig.parse(f"keepkv:minnorm@selection={resolved['selection']}")  # the default, written out
+    assert unit_key("niah", "M", written, 0.1, "g") == unit_key("niah", "M", default, 0.1, "g")
+    assert MethodConfig.parse("snapkv+keepkv").resolved_options()["selector.name"] == "snapkv"
+
+
 def test_needle_digit_recall():
     assert metrics.needle_digit_recall(" 7342819.", "7342819") == 1.0
     assert metrics.needle_digit_recall("It is 7,342,819", "7342819") == 1.0

@@ -26,7 +26,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
-    parser.add_argument("--grid", default="quick", choices=["quick", "full"],
+    parser.add_argument("--grid", default="quick", choices=["quick", "full", "quality"],
                         help="default sizes, models, methods and budgets (default: quick)")
     parser.add_argument("--results", default="results/eval", help="results directory (JSON lines + PNGs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of needles, questions and distractors")

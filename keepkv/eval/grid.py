@@ -25,6 +25,24 @@ ALL_CONFIGS = [
 ]
 BUDGETS = [0.05, 0.1, 0.2, 0.5]
 
+_KEEPKV_OLD = "keepkv:minnorm@selection=head@score_normalization=total@kernel_size=1@max_evicted_weight=1.0@reference=ema"
+_KEEPKV_LAYER = "keepkv:minnorm@selection=layer"
+_KEEPKV_POOLED = "keepkv:minnorm@selection=layer@kernel_size=7"
+QUALITY_CONFIGS = [
+    "full", "snapkv", "tova", "h2o",
+    _KEEPKV_OLD, f"{_KEEPKV_OLD}@similarity_threshold=1.0",
+    _KEEPKV_LAYER, f"{_KEEPKV_LAYER}@similarity_threshold=1.0",
+    f"{_KEEPKV_LAYER}@score_normalization=per-token",
+    f"{_KEEPKV_LAYER}@score_normalization=per-token@max_evicted_weight=0.5",
+    f"{_KEEPKV_LAYER}@score_normalization=per-token@max_evicted_weight=0.5@reference=last",
+    _KEEPKV_POOLED, f"{_KEEPKV_POOLED}@similarity_threshold=1.0", f"{_KEEPKV_POOLED}@score_normalization=per-token",
+    f"{_KEEPKV_POOLED}@max_evicted_weight=0.5", f"{_KEEPKV_POOLED}@reference=last",
+    "keepkv:keep-key@selection=layer@kernel_size=7", "keepkv:convex@selection=layer@kernel_size=7",
+]
+"""The option study behind KeepKV's defaults (``docs/keepkv-quality.md``): the earlier default (every option
+written out), each new option added one at a time, and each configuration again without merging
+(``similarity_threshold=1.0``: its own base selector), beside the eviction methods it must beat."""
+
 
 @dataclass
 class ModelGrid:
@@ -53,6 +71,11 @@ class ModelGrid:
 
 
 GRIDS: dict[str, list[ModelGrid]] = {
+    "quality": [
+        ModelGrid(SMOLLM2, configs=QUALITY_CONFIGS, budgets=[0.1, 0.2, 0.5], fidelity_context=1024,
+                  fidelity_contexts=8, niah_lengths=[1024], niah_depths=[0.1, 0.3, 0.5, 0.7, 0.9], niah_samples=4,
+                  niah_protocols=("aware", "agnostic"), tasks=("fidelity", "niah")),
+    ],
     "quick": [
         ModelGrid(SMOLLM2, configs=["full", "keepkv:minnorm"], budgets=[0.25], fidelity_context=256, fidelity_steps=4,
                   ppl_tokens=256, niah_lengths=[384], niah_depths=[0.5], qa_count=1, qa_context=384, qa_batch=1),

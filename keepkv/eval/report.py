@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -31,15 +32,33 @@ COLUMNS = [
     ("NIAH digits (aware)", "niah", "niah_digits_aware", True, "{:.2f}"),
     ("QA F1", "qa", "qa_f1", True, "{:.2f}"),
 ]
-HEADLINE = [c for c in COLUMNS if c[2] in ("kl", "ppl_ratio", "niah_exact_match", "qa_f1")]
+HEADLINE = [c for c in COLUMNS if c[2] in ("kl", "ppl_ratio", "niah_exact_match", "niah_exact_match_aware", "qa_f1")]
 README_BEGIN = re.compile(r"(<!-- eval:begin[^\n]*-->\n)(.*?)(<!-- eval:end -->)", re.S)
 COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results results/eval --readme README.md")
 
 
 def label(row: dict[str, Any]) -> str:
+    """``method[:variant][@option=value...]``: with ``resolved_options`` in the row, the options that differ from
+    the library's current defaults for that method (so ``keepkv:minnorm`` always means today's default and rows
+    of an older default show what differs); else the options as written. Peer engines' rows get ``[engine]``."""
     name = row["method"] if not row.get("variant") else f"{row['method']}:{row['variant']}"
-    name += "".join(f"@{key}={value}" for key, value in sorted((row.get("options") or {}).items()))
+    options = row.get("options") or {}
+    if row.get("resolved_options"):
+        defaults = _current_defaults(row["method"], row.get("variant", ""))
+        options = {k: v for k, v in row["resolved_options"].items() if k != "variant" and defaults.get(k) != v}
+    name += "".join(f"@{key}={value}" for key, value in sorted(options.items()))
     return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"
+
+
+@lru_cache(maxsize=None)
+def _current_defaults_cached(method: str, variant: str) -> tuple[tuple[str, Any], ...]:
+    from keepkv.eval.results import MethodConfig
+
+    return tuple(MethodConfig(method, variant).resolved_options().items())
+
+
+def _current_defaults(method: str, variant: str) -> dict[str, Any]:
+    return dict(_current_defaults_cached(method, variant))
 
 
 def is_peer(lab: str) -> bool:
@@ -105,6 +124,14 @@ def with_interval(entry: dict[str, Any], fmt: str) -> str:
             f"(n={entry['n']})")
 
 
+def compact_interval(entry: dict[str, Any], fmt: str) -> str:
+    """``0.42±0.12`` (the larger half-width of the 95% bootstrap interval), or the value alone for one cell."""
+    if entry["n"] < 2:
+        return fmt.format(entry["value"])
+    half = max(entry["value"] - entry["low"], entry["high"] - entry["value"])
+    return f"{fmt.format(entry['value'])}±{fmt.format(half)}"
+
+
 def _order(labels: set[str]) -> list[str]:
     from keepkv.eval.grid import ALL_CONFIGS
     from keepkv.eval.results import MethodConfig
@@ -141,7 +168,8 @@ def headline_tables(agg: dict[tuple, dict[str, Any]]) -> str:
         budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})
         labels = _order({k[1] for k in agg if k[0] == model})
         head = " / ".join(f"{b * 100:g}%" for b in budgets)
-        out.append(f"**{model}** (each cell: budget {head}; `full` = uncompressed)\n")
+        out.append(f"**{model}** (each cell: budget {head}, mean ± the half-width of its 95% bootstrap interval over "
+                   "cells; `full` = uncompressed)\n")
         out.append("| method | " + " | ".join(c[0] for c in HEADLINE) + " |")
         out.append("|---|" + "---|" * len(HEADLINE))
         for lab in labels:
@@ -150,7 +178,7 @@ def headline_tables(agg: dict[tuple, dict[str, Any]]) -> str:
                 values = []
                 for b in ([1.0] if is_full(lab) else budgets):
                     entry = agg.get((model, lab, b, metric))
-                    values.append(fmt.format(entry["value"]) if entry else "–")
+                    values.append(compact_interval(entry, fmt) if entry else "–")
                 cells.append(" / ".join(values))
             out.append(f"| {lab} | " + " | ".join(cells) + " |")
         out.append("")

@@ -81,10 +81,22 @@ class MethodConfig:
     def is_full(self) -> bool:
         return self.method == "full"
 
+    def resolved_options(self) -> dict[str, Any]:
+        """Every hyper-parameter of the method this configuration builds, defaults included, flattened
+        (``selector.window`` for the selector of ``X+keepkv``); ``{}`` for the full cache. This, not the text the
+        configuration was written with, is what identifies a configuration across library versions: a changed
+        default makes a new configuration."""
+        if self.is_full:
+            return {}
+        from keepkv.cache.methods import make_method
+
+        return flatten_options(make_method(self.method, **self.method_options()).options())
+
     def row_fields(self) -> dict[str, Any]:
-        """The keys a result row identifies its configuration by: ``method``, ``variant`` and (when any)
-        ``options``."""
-        fields: dict[str, Any] = {"method": self.method, "variant": self.variant}
+        """The keys a result row identifies its configuration by: ``method``, ``variant``, ``options`` (as
+        written, when any) and ``resolved_options`` (:meth:`resolved_options`)."""
+        fields: dict[str, Any] = {"method": self.method, "variant": self.variant,
+                                  "resolved_options": self.resolved_options()}
         if self.options:
             fields["options"] = dict(self.options)
         return fields
@@ -127,6 +139,18 @@ class MethodConfig:
         return cls(name, variant, tuple(sorted(options)))
 
 
+def flatten_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"window": 32, "selector": {"name": "snapkv", "window": 32}}`` ->
+    ``{"window": 32, "selector.name": "snapkv", "selector.window": 32}``, keys sorted."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(flatten_options(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return dict(sorted(flat.items()))
+
+
 def versions() -> dict[str, str]:
     import torch
 
@@ -136,10 +160,13 @@ def versions() -> dict[str, str]:
 
 
 def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, group: str) -> str:
-    """The identity of one unit of work (a resumable step): every option of the configuration is part of it."""
+    """The identity of one unit of work (a resumable step): every hyper-parameter of the configuration, defaults
+    included (:meth:`MethodConfig.resolved_options`), is part of it, so a run after a default changed redoes the
+    work instead of skipping it as done."""
     key: list[Any] = [task, model, config.method, config.variant, budget, group]
-    if config.options:
-        key.append([list(option) for option in config.options])
+    resolved = config.resolved_options()
+    if resolved:
+        key.append(sorted(resolved.items()))
     return json.dumps(key)
 
 
