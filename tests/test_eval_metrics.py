@@ -198,3 +198,17 @@ def test_labels_tell_peer_and_full_rows_apart():
 
     assert is_full("full") and is_full("full [kvpress]") and not is_full("fullkv") and not is_full("snapkv")
     assert is_peer("snapkv [kvpress]") and not is_peer("snapkv+keepkv:minnorm") and not is_peer("full")
+
+
+def test_a_configuration_written_twice_runs_once_and_counts_once():
+    from keepkv.eval.prompted import priority_plan
+    from keepkv.eval.report import aggregate
+
+    written_out = MethodConfig.parse("keepkv:minnorm@similarity_threshold=0.8")  # the default, written out
+    plan = priority_plan([MethodConfig.parse("keepkv"), written_out], [0.1])
+    assert len(plan) == 1
+    rows = [_row(method="keepkv", variant="minnorm", cell="c0", value=1.0, task="niah", engine="keepkv"),
+            _row(method="keepkv", variant="minnorm", cell="c0", value=1.0, task="niah", engine="keepkv"),
+            _row(method="keepkv", variant="minnorm", cell="c1", value=0.0, task="niah", engine="keepkv")]
+    entry = aggregate(rows)[("M", "keepkv:minnorm", 0.1, "niah_exact_match")]
+    assert (entry["n"], entry["value"]) == (2, 0.5)

@@ -179,7 +179,7 @@ def test_compression_is_per_layer_every_w_steps_not_per_token(smollm2_eager):
 
 
 def test_window_scores_are_computed_once_per_compression_with_identical_results(monkeypatch):
-    """The selection scorer and KeepKV's merge reference share one window-score product (same numbers)."""
+    """The selection scorer and KeepKV's EMA merge reference share one window-score product (same numbers)."""
     import contextlib
 
     calls = []
@@ -188,10 +188,10 @@ def test_window_scores_are_computed_once_per_compression_with_identical_results(
                         lambda self: calls.append(1) or real(self))
     shared, separate = filled_cache(seed=3), filled_cache(seed=3)
     with torch.inference_mode():
-        make_method("keepkv").compress(shared, 0, 64)
+        make_method("keepkv", reference="ema").compress(shared, 0, 64)
         assert len(calls) == 1
         monkeypatch.setattr(CompressedLayerCache, "reuse_window_scores", lambda self: contextlib.nullcontext())
-        make_method("keepkv").compress(separate, 0, 64)
+        make_method("keepkv", reference="ema").compress(separate, 0, 64)
         assert len(calls) == 3
     for name in ("keys", "values", "log_votes", "positions"):
         assert torch.equal(getattr(shared, name), getattr(separate, name)), name

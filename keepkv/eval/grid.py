@@ -38,6 +38,7 @@ QUALITY_CONFIGS = [
     _KEEPKV_POOLED, f"{_KEEPKV_POOLED}@similarity_threshold=1.0", f"{_KEEPKV_POOLED}@score_normalization=per-token",
     f"{_KEEPKV_POOLED}@max_evicted_weight=0.5", f"{_KEEPKV_POOLED}@reference=last",
     "keepkv:keep-key@selection=layer@kernel_size=7", "keepkv:convex@selection=layer@kernel_size=7",
+    f"{_KEEPKV_POOLED}@window=8", f"{_KEEPKV_POOLED}@window=1",
 ]
 """The option study behind KeepKV's defaults (``docs/keepkv-quality.md``): the earlier default (every option
 written out), each new option added one at a time, and each configuration again without merging

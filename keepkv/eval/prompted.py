@@ -83,8 +83,13 @@ BUDGET_PRIORITY = (0.1, 0.2, 0.05, 0.5)
 
 
 def priority_plan(configs: list[MethodConfig], budgets: list[float]) -> list[tuple[MethodConfig, float]]:
-    """``(configuration, budget)`` pairs, budget-major (10%, 20%, 5%, 50%, then others; ``full`` once, first)."""
+    """``(configuration, budget)`` pairs, budget-major (10%, 20%, 5%, 50%, then others; ``full`` once, first).
+    Configurations that build the same method (the default written out, or twice) run once."""
     ordered = sorted(budgets, key=lambda b: BUDGET_PRIORITY.index(b) if b in BUDGET_PRIORITY else len(BUDGET_PRIORITY))
+    distinct = {}
+    for config in configs:
+        distinct.setdefault((config.method, config.variant, tuple(config.resolved_options().items())), config)
+    configs = list(distinct.values())
     plan = [(c, 1.0) for c in configs if c.is_full]
     plan += [(c, b) for b in ordered for c in configs if not c.is_full]
     return plan

@@ -66,6 +66,12 @@ def is_peer(lab: str) -> bool:
     return lab.endswith("]") and " [" in lab
 
 
+def is_keepkv(lab: str) -> bool:
+    """A KeepKV configuration of keepkv's own (``keepkv:...``, ``X+keepkv:...``), any options."""
+    name = lab.split("@", 1)[0].split(":", 1)[0]
+    return not is_peer(lab) and (name == "keepkv" or name.endswith("+keepkv"))
+
+
 def is_full(lab: str) -> bool:
     """The uncompressed reference of any engine (``full``, ``full [kvpress]``)."""
     return lab.split(" [", 1)[0] == "full"
@@ -92,6 +98,16 @@ def bootstrap_interval(values: list[float], level: float = 0.95, seed: int = 0) 
     return means[int(tail * (BOOTSTRAP_RESAMPLES - 1))], means[int((1 - tail) * (BOOTSTRAP_RESAMPLES - 1))]
 
 
+def distinct_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (engine, task, model, configuration, budget, cell, metric), the last one written: a unit that
+    ran twice (the same configuration written two ways) must not count its cells twice in a mean or an interval."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r.get("engine", "keepkv"), r.get("task"), r["model"], label(r), _budget(r), r["cell"], r["metric"])
+        latest[key] = r
+    return list(latest.values())
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """``(model, label, budget, metric) -> {"value", "kept", "n", "low", "high"}`` (``low``/``high``: the 95%
     bootstrap interval of the mean over cells); adds ``ppl_ratio``."""
@@ -105,7 +121,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
             if reference:
                 derived.append({**r, "metric": "ppl_ratio", "value": r["value"] / reference})
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows + derived:
+    for r in distinct_rows(rows + derived):
         groups[(r["model"], label(r), _budget(r), r["metric"])].append(r)
     summary = {}
     for key, group in groups.items():
@@ -229,7 +245,7 @@ def findings(agg: dict[tuple, dict[str, Any]]) -> str:
             lines.append(f"- Best {title} (wins over models x metrics, mean over budgets): "
                          + ", ".join(f"`{c}` {n}" for c, n in ranking) + ".")
             lines.extend(f"  - {d}" for d in detail)
-    keepkv_family = list(dict.fromkeys(variants + selectors))
+    keepkv_family = sorted({k[1] for k in agg if is_keepkv(k[1])} | set(variants + selectors))
     losses = []
     for model in models:
         budgets = sorted({k[2] for k in agg if k[0] == model and k[2] < 1.0})

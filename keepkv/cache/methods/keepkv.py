@@ -6,31 +6,29 @@ At each compression of a layer, per batch row and KV head (spec ``shared/spec/ke
 1. **Base selection** splits the live entries into kept ``C`` and evicted ``E``: sinks (4) and the recent window
    (``window``, 32) are protected; the rest is ranked by the paper's PyramidInfer-style recent-query attention
    ``score_i = mean over the window queries t and the group's query heads g of A_{g,t,i}``
-   (vote-weighted attention probabilities: an entry holding ``p`` votes counts ``p`` times).
+   (vote-weighted attention probabilities: an entry holding ``p`` votes counts ``p`` times). By default
+   (``selection="layer"``) the ranking is the mean of that score over the layer's KV heads, so every head keeps
+   the same tokens: a fact that spans several tokens (a 7-digit number) is kept or lost whole, where per-head
+   ranking (``selection="head"``, the paper's) keeps different pieces of it in different heads.
 2. **Matching**: each evicted key ``k_e`` goes to ``c* = argmax_{c in C} cos(k_e, k_c)``; it is merged only if
    that cosine exceeds ``similarity_threshold`` (``T = 0.8``), otherwise it is simply evicted.
 3. **Merging**: all evicted entries sharing a target are merged into it in one N-way step
    (:func:`keepkv.ops.merge.merge_into_kept`) with the chosen ``variant`` (``zip`` = the paper's rule, ``convex``
    = the official code, ``keep-key``, ``minnorm``); votes add: ``p_r = p_c + sum_e p_e``.
 
-**Default variant: ``minnorm``** (spec §5: "make the best measured one the default"). Over the full evaluation
-grid (``results/eval/REPORT.md``, the README's Results) it wins 3 of the 8 model x metric comparisons of the
-variants, ``convex`` 2 (Qwen2.5-Coder-0.5B KL and perplexity), ``keep-key`` 1 (Qwen QA), NIAH ties. On
-SmolLM2-135M (GQA 9/3) it has the lowest next-token KL of every configuration at every budget; the paper's ``zip``
-is the worst KeepKV variant on both models: with ``G > 1`` query heads per KV head and an EMA reference,
-rescaling the whole key moves its logit for every other query. ``variant="zip"`` reproduces the paper.
+**Defaults** are the configuration measured best (spec §5; the study, its command and every number with its
+interval: ``docs/keepkv-quality.md``): the ``minnorm`` key (the smallest key change that keeps every query head's
+softmax denominator), layer-shared selection and the paper's EMA reference. ``reference="last"`` (one reference
+for the key target and the value weights, exact for the newest queries) measured no better on needles and
+slightly worse on next-token KL. ``variant="zip", selection="head"`` reproduces the paper.
 
-**Base selector: KeepKV's own** (above, the paper's). With the ``minnorm`` merge it wins 3 of 8 comparisons
-(SmolLM2 KL and QA, Qwen KL), SnapKV's and CriticalKV's selection one each (perplexity), the rest tie; no
-selector dominates, so the paper's stays (``snapkv+keepkv`` / ``criticalkv+keepkv`` compose the others).
-
-Reference scores for the merge (spec §4): ``reference="ema"`` (default) predicts each entry's future
-unnormalised score with the paper's exponential moving average over the observation window (the last ``window``
-queries, oldest first) ``S_t = alpha S_{t-1} + (1 - alpha) s_t``, bias-corrected by ``1 / (1 - alpha^m)`` where
-``m`` is the number of window queries that saw the entry; kept in log space. keepkv computes it lazily, from the
-stored window queries, at each compression — the same numbers as a per-step EMA truncated to the window
-(``alpha^w = 0.9^32 = 0.034``), with no extra work in the decode step. ``reference="last"`` uses the newest
-query alone, for which ``zip`` is exact (single-step losslessness, Theorem 3).
+Reference scores for the merge (spec §4): ``reference="ema"`` predicts each entry's future unnormalised score with
+the paper's exponential moving average over the observation window (the last ``window`` queries, oldest first)
+``S_t = alpha S_{t-1} + (1 - alpha) s_t``, bias-corrected by ``1 / (1 - alpha^m)`` where ``m`` is the number of
+window queries that saw the entry; kept in log space and computed lazily at each compression from the stored
+window queries (the same numbers as a per-step EMA truncated to the window; no extra work in the decode step).
+It sets the value weights (and zip's scale), while minnorm's key targets still come from the newest queries.
+``reference="last"`` uses the newest query of each query head for both (single-step losslessness, Theorem 3).
 
 GQA (spec §6): scores of a KV head are the group mean ``s_i = mean_g exp(q_g·k_i/sqrt(d))``, i.e. the reference
 log-score is ``logsumexp_g(l_{g,i}) - ln G``; ``zip`` is exact for that reference, ``minnorm`` additionally
@@ -90,8 +88,7 @@ class KeepKV(CompressionMethod):
       key targets still come from the newest queries (a mix, kept for comparison);
     - ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32);
     - ``selection`` (layer | head): ``layer`` ranks every KV head of a layer by the mean of their scores, so all
-      heads keep the same tokens (a fact spread over several tokens is kept or lost whole, as TOVA does);
-      ``head`` ranks each KV head separately (the paper's per-head PyramidInfer ranking);
+      heads keep the same tokens (as TOVA does); ``head`` ranks each KV head separately (the paper's);
     - ``score_normalization`` (per-token | total): ``per-token`` divides a merged entry's attention by its votes,
       as the official code averages a cluster's scores per token, so a cluster does not survive by its size;
     - ``max_evicted_weight`` (``m``, 1.0 = unguarded): the dominance guard of the merge, the evicted members of
@@ -100,7 +97,7 @@ class KeepKV(CompressionMethod):
       neighbours of an important token (the other digits of a number) are kept with it
       (:func:`keepkv.cache.methods.snapkv.pool_along_slots`; protected and empty slots count as 0).
 
-    Defaults are the measured best configuration (``docs/keepkv-quality.md``)."""
+    Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
     name = "keepkv"
     is_eviction_selector = False  # KeepKV merges; as a selector for X+keepkv use a plain eviction scorer
@@ -109,7 +106,7 @@ class KeepKV(CompressionMethod):
     similarity_threshold: float = 0.8
     reference: str = "ema"
     alpha: float = 0.9
-    selection: str = "head"
+    selection: str = "layer"
     score_normalization: str = "total"
     max_evicted_weight: float = 1.0
     kernel_size: int = 1
