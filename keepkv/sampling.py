@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from keepkv.errors import KeepKVError
+from keepkv.checks import require_int, require_real
+
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,13 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise KeepKVError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise KeepKVError(f"top_k must be a positive integer or None, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise KeepKVError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        """Types and ranges: ``temperature`` a finite number >= 0 (0 = greedy), ``top_k`` None or an integer
+        >= 1, ``top_p`` None or a number in (0, 1], ``seed`` None or an integer in [0, 2**64) (what
+        ``torch.Generator.manual_seed`` takes). Raises :class:`KeepKVError` naming the argument."""
+        require_real(self.temperature, "temperature", 0.0)
+        require_int(self.top_k, "top_k", 1, allow_none=True)
+        require_real(self.top_p, "top_p", 0.0, 1.0, low_inclusive=False, allow_none=True)
+        require_int(self.seed, "seed", 0, MAX_SEED, allow_none=True)
 
     @property
     def greedy(self) -> bool:

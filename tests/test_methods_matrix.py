@@ -59,12 +59,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread synchronisation would dominate (and the box may be shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this file runs on one thread (conftest.one_thread)."""
 
 
 def build_method(name: str, layers: int = 1, heads: int = 4, head_dim: int = 8, seed: int = 0):
@@ -262,7 +258,7 @@ def test_generation_runs_through_prefill_and_decode_compression(name, tiny_gqa_n
     entries = manager.entries_per_head()  # [layers, batch, kv_heads]
     for layer, cache in enumerate(manager.caches):
         assert_finite(cache)
-        assert cache.capacity == manager.layer_slots[layer] + manager.room
+        assert cache.capacity == max(manager.layer_slots) + manager.room  # one capacity for every layer
         assert (entries[layer] <= cache.capacity).all()
         if not uses_head_budgets(method):
             assert (entries[layer] <= manager.layer_budgets[layer] + manager.room).all()

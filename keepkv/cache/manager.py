@@ -14,9 +14,24 @@
     the cache grow by the new tokens instead.
 
   Peak cache memory is therefore ``max(B + chunk, B + W)`` slots per head, whatever the prompt length.
-  With per-layer budgets ``B_l`` (PyramidKV, D2O; their mean is ``B``) each layer has its own ``B_l + chunk`` /
-  ``B_l + W`` buffer, so the total is unchanged; head-adaptive budgets (Ada-KV) need ``slots_l > B_l`` slots per
-  head (see :mod:`keepkv.cache.budgets`).
+  With per-layer budgets ``B_l`` (PyramidKV, D2O; their mean is ``B``) every layer's buffer is padded to one
+  capacity, ``max_l slots_l + chunk`` / ``max_l slots_l + W``: layer ``l`` still holds at most ``B_l`` live
+  entries after a compression (its other slots are empty, ``log_votes = -inf``, masked in attention), but all
+  layers have the same shapes, so the compiled decode step compiles the decoder block once and reuses it for
+  every layer (:func:`keepkv.compile_limits.repeated_region`; one shape per layer would exceed dynamo's reuse
+  limit and compile for minutes) and the prefill attention kernel compiles once. The price is resident memory:
+  ``L (max_l slots_l + room)`` slots instead of ``sum_l (slots_l + room)``. Head-adaptive budgets (Ada-KV) need
+  ``slots_l > B_l`` slots per head (see :mod:`keepkv.cache.budgets`). Compiled compression ops (KeepKV's merge)
+  would still compile one graph per distinct layer budget, so a generation with per-layer budgets compresses
+  eagerly (``compiled_ops_suspended``; the decode step and the prefill kernel stay compiled).
+
+  Capacity never exceeds what the generation can hold: the budget is capped at ``prompt + max_new_tokens``
+  entries (:func:`keepkv.cache.budget.entries_for_budget`) and the prefill buffer at the chunk-padded prompt, so
+  a budget at least as long as the prompt behaves like the full cache (nothing compressed at prefill).
+
+  A batch shares one budget: ``B`` comes from the longest prompt of the batch, so with a fractional budget a
+  shorter row keeps up to ``ceil(f * longest)`` entries, more than ``ceil(f * its length)``
+  (``row_budgets`` records what each row would have kept alone).
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from keepkv.cache.budget import entries_for_budget
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.kv_cache import LayerKVCache
 from keepkv.cache.policy import CompressionMethod
+from keepkv.errors import KeepKVError
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -55,7 +71,7 @@ class FullCacheManager:
         return round_up(padded_prompt_tokens + max_new_tokens, CAPACITY_QUANTUM)
 
     def allocate(self, batch_size: int, padded_prompt_tokens: int, max_new_tokens: int, chunk: int,
-                 prompt_tokens: int | None = None) -> list[LayerKVCache]:
+                 prompt_tokens: int | None = None, row_prompt_tokens: list[int] | None = None) -> list[LayerKVCache]:
         """Caches for a batch whose prompt takes ``padded_prompt_tokens`` slots (chunk padding included)."""
         capacity = self.capacity_for(padded_prompt_tokens, max_new_tokens)
         c = self.config
@@ -120,9 +136,11 @@ class CompressedCacheManager(FullCacheManager):
 
     Layers may have different budgets (``method.plan_layer_budgets``: PyramidKV; ``method.measure_layer_budgets``
     at the first compression: D2O) and need ``method.slots_for_budget(B_l)`` slots after compression (more than
-    ``B_l`` with Ada-KV head budgets). Each layer's buffer is sized ``slots_l + chunk`` in prefill and
-    ``slots_l + W`` in decode, so every layer has the same room for new tokens; ``layer_budgets``,
-    ``layer_slots`` and ``cursors`` (host mirrors of the tensor cursors) are per layer.
+    ``B_l`` with Ada-KV head budgets). Every layer's buffer has the same capacity, ``max_l slots_l + chunk`` in
+    prefill (at most the chunk-padded prompt) and ``max_l slots_l + W`` in decode (:meth:`layer_capacity`), so
+    the compiled graphs see one shape for every layer; ``layer_budgets``, ``layer_slots`` and ``cursors`` (host
+    mirrors of the tensor cursors) are per layer. ``row_budgets``: the budget each batch row would have alone
+    (``B`` is the longest row's; module docstring).
     """
 
     def __init__(
@@ -137,6 +155,8 @@ class CompressedCacheManager(FullCacheManager):
         self.compressions = 0
         self.layer_budgets: list[int] = []
         self.layer_slots: list[int] = []
+        self.row_budgets: list[int] = []
+        self.compiled_ops_suspended = False  # True while per-layer budgets make this generation compress eagerly
         self.cursors: list[int] = []
         self.budgets_measured = False
         self.room = 0
@@ -160,14 +180,15 @@ class CompressedCacheManager(FullCacheManager):
         room; :meth:`compress_inside_next_forward` then compresses them. Returns the caches to attach.
         """
         batch = source[0].keys.shape[0]
-        self.budget = entries_for_budget(self.kv_budget, prompt_tokens, self.method.protected_entries)
+        self.budget = self._budget_for(prompt_tokens, max_new_tokens)
+        self.row_budgets = [self.budget] * batch
         self.max_new_tokens = max_new_tokens
         self.method.reset_state()
         self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
         self.budgets_measured = False
         self.compressions = 0
         room = 0 if compress else max_new_tokens
-        self.caches = self._new_caches(batch, [old.capacity + room for old in source])
+        self.caches = self._new_caches(batch, max(old.capacity for old in source) + room)
         with torch.inference_mode():
             for old, new in zip(source, self.caches):
                 old.copy_into(new)
@@ -216,10 +237,36 @@ class CompressedCacheManager(FullCacheManager):
                                f"{self.config.num_layers} layers")
         self.layer_budgets = list(layer_budgets)
         self.layer_slots = [self.method.slots_for_budget(b) for b in self.layer_budgets]
+        # compiled compression ops (KeepKV's merge, a whole compiled compression) get one graph per budget: with a
+        # different budget in every layer that is one compile per layer (PyramidKV + KeepKV: 30 graphs, minutes
+        # of inductor). Such generations compress eagerly (at compressions only; the decode step stays compiled)
+        varied = len(set(self.layer_budgets)) > 1
+        if varied and self.method.use_compiled_ops:
+            self.method.use_compiled_ops, self.compiled_ops_suspended = False, True
+        elif not varied and self.compiled_ops_suspended:
+            self.method.use_compiled_ops, self.compiled_ops_suspended = True, False
+
+    def layer_capacity(self, room: int) -> int:
+        """The capacity of every layer's buffer: ``max_l slots_l + room`` (one shape for all layers: the compiled
+        decoder block and prefill kernel are then compiled once, see the module docstring)."""
+        return max(self.layer_slots) + room
+
+    def _budget_for(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        return entries_for_budget(self.kv_budget, prompt_tokens, self.method.protected_entries,
+                                  max_new_tokens=max_new_tokens, max_context=self.config.max_position_embeddings)
+
+    def _row_budget(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """The budget a row of ``prompt_tokens`` would have alone (never above the batch's ``budget``; a row too
+        short for its own fractional budget gets the protected entries instead of an error)."""
+        try:
+            own = self._budget_for(prompt_tokens, max_new_tokens)
+        except KeepKVError:
+            own = self.method.protected_entries
+        return min(own, self.budget)
 
     def _resize(self, room: int) -> bool:
-        """Give each layer ``slots_l + room`` slots (copying its entries); True if any cache was replaced."""
-        capacities = [slots + room for slots in self.layer_slots]
+        """Give each layer ``max_l slots_l + room`` slots (copying its entries); True if any cache was replaced."""
+        capacities = [self.layer_capacity(room)] * len(self.caches)
         if [cache.capacity for cache in self.caches] == capacities:
             return False
         batch = self.caches[0].keys.shape[0]
@@ -236,15 +283,25 @@ class CompressedCacheManager(FullCacheManager):
         return True
 
     def allocate(self, batch_size: int, padded_prompt_tokens: int, max_new_tokens: int, chunk: int,
-                 prompt_tokens: int | None = None) -> list[LayerKVCache]:
+                 prompt_tokens: int | None = None, row_prompt_tokens: list[int] | None = None) -> list[LayerKVCache]:
+        """Budgets (``B`` from ``prompt_tokens``, the longest row; a :class:`~keepkv.errors.KeepKVError` for a
+        budget below the protected entries or above the model's context, raised before any allocation) and the
+        prefill buffers. ``row_prompt_tokens``: each row's own length (only for ``row_budgets``)."""
         prompt_tokens = padded_prompt_tokens if prompt_tokens is None else prompt_tokens
-        self.budget = entries_for_budget(self.kv_budget, prompt_tokens, self.method.protected_entries)
+        # refused (KeepKVError) before anything is allocated; capped at what the generation can hold
+        self.budget = self._budget_for(prompt_tokens, max_new_tokens)
+        lengths = row_prompt_tokens if row_prompt_tokens is not None else [prompt_tokens] * batch_size
+        self.row_budgets = [self._row_budget(length, max_new_tokens) for length in lengths]
         self.max_new_tokens = max_new_tokens
         self.method.reset_state()
         self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
         self.budgets_measured = False
         self.room = chunk
-        self.caches = self._new_caches(batch_size, [slots + chunk for slots in self.layer_slots])
+        # a prompt that fits in the budgeted slots (or in fewer than slots + chunk) needs no more than its padded
+        # length: no compression during prefill, the capacity of the full cache
+        slots = max(self.layer_slots)
+        capacity = min(slots + chunk, max(slots, padded_prompt_tokens))
+        self.caches = self._new_caches(batch_size, capacity)
         self.cursors = [0] * self.config.num_layers
         self.filled = 0
         self.compressions = 0
@@ -289,15 +346,13 @@ class CompressedCacheManager(FullCacheManager):
         return replaced
 
     def end_prefill(self) -> bool:
-        """Compress to the budgets and move into the decode buffers (``slots_l + W`` slots, or
-        ``slots_l + max_new`` for methods that compress only once). Returns True: the caches were replaced."""
+        """Compress to the budgets and move into the decode buffers (``max_l slots_l + W`` slots, or
+        ``max_l slots_l + max_new`` for methods that compress only once). Returns True: the caches were replaced."""
         self._measure_budgets()
         if any(cursor > budget for cursor, budget in zip(self.cursors, self.layer_budgets)):
             self.compress_all()
         self.room = self.decode_slack if self.method.compresses_during_decode else max(self.max_new_tokens, 1)
-        decode_caches = self._new_caches(
-            self.caches[0].keys.shape[0], [slots + self.room for slots in self.layer_slots]
-        )
+        decode_caches = self._new_caches(self.caches[0].keys.shape[0], self.layer_capacity(self.room))
         with torch.inference_mode():
             for old, new in zip(self.caches, decode_caches):
                 old.copy_into(new)

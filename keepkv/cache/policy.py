@@ -33,6 +33,7 @@ prefill and whenever the cache has no room left (see :mod:`keepkv.cache.manager`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -41,10 +42,24 @@ import torch
 from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.checks import is_integer, is_real, shown
 from keepkv.errors import KeepKVError
 
 if TYPE_CHECKING:
     from torch import nn
+
+
+def _check_option_type(method: str, option: str, default: Any, value: Any) -> None:
+    """Raise unless ``value`` has the kind of ``default`` (int: non-negative integer; float: finite real number,
+    ints accepted; str: string). Options with other defaults are left to the method."""
+    if isinstance(default, bool):
+        return
+    if isinstance(default, int) and not (is_integer(value) and value >= 0):
+        raise KeepKVError(f"{method}: option {option} must be a non-negative integer, got {shown(value)}")
+    if isinstance(default, float) and not (is_real(value) and math.isfinite(value)):
+        raise KeepKVError(f"{method}: option {option} must be a finite number (e.g. {default!r}), got {shown(value)}")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise KeepKVError(f"{method}: option {option} must be a str (e.g. {default!r}), got {shown(value)}")
 
 
 @dataclass
@@ -65,11 +80,11 @@ class CompressionMethod:
     window: int = 32
 
     def __post_init__(self) -> None:
+        """Check every option against the type of its default: an ``int`` option takes a non-negative integer, a
+        ``float`` option a finite real number (an int is fine, a bool or a string is not), a ``str`` option a
+        string. Subclasses check ranges and choices after calling this."""
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(field.default, int) and not isinstance(field.default, bool):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise KeepKVError(f"{self.name}: option {field.name} must be a non-negative integer, got {value!r}")
+            _check_option_type(self.name, field.name, field.default, getattr(self, field.name))
         self.selector: CompressionMethod | None = None
         self._compiled_entries = None  # torch.compile of _layer_free_entries, made on first use
 

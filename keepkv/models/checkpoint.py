@@ -21,20 +21,24 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, NoReturn
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from keepkv.checks import is_integer, shown
 from keepkv.errors import CheckpointError, suggest
-from keepkv.models.config import ModelConfig
+from keepkv.models.config import INT_FIELD_LIMITS, ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 GGUF_ARCHITECTURES = ("llama", "qwen2")
 SAFETENSORS_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_NAMES_IN_MESSAGE = 8
+# A config implying more than this many times the weights a checkpoint holds describes another model: refused at
+# once (before the per-tensor inventory, which lists the names for smaller gaps).
+IMPLAUSIBLE_PARAMETER_RATIO = 2
 
 # GGUF tensor names -> Hugging Face names. Per-layer names map ``blk.{i}.<gguf>`` -> ``model.layers.{i}.<hf>``.
 GGUF_GLOBAL_NAMES = {
@@ -131,6 +135,32 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def implied_parameter_count(config: ModelConfig) -> int:
+    """How many weights :func:`expected_shapes` lists for ``config``, in closed form (no per-layer loop)."""
+    hidden, vocab, inner = config.hidden_size, config.vocab_size, config.intermediate_size
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_layer = 2 * hidden + 2 * q_rows * hidden + 2 * kv_rows * hidden + 3 * inner * hidden
+    if config.attention_bias:
+        per_layer += q_rows + 2 * kv_rows
+    embeddings = vocab * hidden * (1 if config.tie_word_embeddings else 2)
+    return embeddings + config.num_layers * per_layer + hidden
+
+
+def check_parameter_count(config: ModelConfig, present: int, source: str | Path, dtype: torch.dtype) -> None:
+    """Refuse a config that implies far more weights than the checkpoint holds (``present`` elements), before any
+    per-tensor work or allocation: more than :data:`IMPLAUSIBLE_PARAMETER_RATIO` times means config and weights
+    belong to different models (smaller gaps are itemised by :func:`check_tensor_inventory`)."""
+    implied = implied_parameter_count(config)
+    if implied <= IMPLAUSIBLE_PARAMETER_RATIO * present:
+        return
+    gib = implied * torch.empty((), dtype=dtype).element_size() / 2**30
+    raise CheckpointError(
+        f"{source}: its config implies {implied:,} parameters ({gib:,.1f} GiB in {str(dtype).removeprefix('torch.')})"
+        f" but the checkpoint holds only {present:,} weights: the config does not describe these weights (check "
+        f"num_hidden_layers, hidden_size, intermediate_size, vocab_size and the head counts)"
+    )
+
+
 def _listed(names: Iterable[str]) -> str:
     """``"a, b, c"``, cut to :data:`MAX_NAMES_IN_MESSAGE` names with ``"... and N more"``."""
     names = list(names)
@@ -189,9 +219,10 @@ def load_hf_folder(
 ) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Read a Hugging Face model folder: ``config.json`` plus safetensors weights cast to ``dtype`` on ``device``.
 
-    Weights come from ``model.safetensors.index.json`` (sharded), else ``model.safetensors``, else unindexed
-    ``model*.safetensors`` shards. Headers are read and checked against :func:`expected_shapes` before any tensor
-    data is; extra tensors (``rotary_emb.inv_freq``, a tied ``lm_head.weight``) are ignored.
+    Weights come from ``model.safetensors.index.json`` (sharded; every shard it names must lie inside the folder),
+    else ``model.safetensors``, else unindexed ``model*.safetensors`` shards. Headers are read and checked against
+    the config (:func:`check_parameter_count`, then :func:`expected_shapes`) before any tensor data is; extra
+    tensors (``rotary_emb.inv_freq``, a tied ``lm_head.weight``) are ignored. Every loaded tensor must be finite.
     """
     folder = Path(folder)
     refuse_pickle(folder)
@@ -201,40 +232,67 @@ def load_hf_folder(
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no config.json; a Hugging Face model folder needs config.json")
     config = ModelConfig.from_hf_file(config_path)
+    index = _read_weight_index(folder)
+    weight_files = sorted(set(index.values())) if index is not None else _unindexed_weight_files(folder)
+    headers = {file: _read_safetensors_header(file) for file in weight_files}
+    where = str(weight_files[0]) if len(weight_files) == 1 else f"{folder} (safetensors shards)"
+    present = sum(math.prod(shape) for header in headers.values() for shape, _ in header.values())
+    check_parameter_count(config, present, where, dtype)
     expected = expected_shapes(config)
-    file_of_name = _safetensors_files_by_name(folder, expected)
-    headers = {file: _read_safetensors_header(file) for file in sorted(set(file_of_name.values()))}
+    if index is not None:
+        file_of_name = {name: file for name, file in index.items() if name in expected}
+    else:
+        file_of_name = {name: file for file, header in headers.items() for name in header if name in expected}
     found = {name: headers[file][name][0] for name, file in file_of_name.items() if name in headers[file]}
-    files = list(headers)
-    where = str(files[0]) if len(files) == 1 else f"{folder} (safetensors shards)"
     check_tensor_inventory(expected, found, where, {name: file.name for name, file in file_of_name.items()})
     _check_float_dtypes({name: headers[file_of_name[name]][name][1] for name in expected}, file_of_name)
     return config, _read_safetensors_tensors(expected, file_of_name, dtype, device)
 
 
-def _safetensors_files_by_name(folder: Path, expected: Mapping[str, tuple[int, ...]]) -> dict[str, Path]:
-    """For each tensor name the checkpoint holds, the safetensors file that holds it (headers not yet checked).
+def _read_weight_index(folder: Path) -> dict[str, Path] | None:
+    """``{tensor name: shard file}`` from ``model.safetensors.index.json``, or ``None`` when there is no index.
 
-    Only names in ``expected`` are listed. With an index, names come from its ``weight_map`` and every shard a
-    needed name points to must exist; without one, from the headers of the weights files. Only pickle weights, or
-    none, is an error.
+    Every shard must be a relative path inside ``folder`` (:func:`_confined_shard`) and exist.
     """
     index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path} is corrupt: no readable weight_map ({err})") from None
-        files = {name: folder / shard for name, shard in weight_map.items()}
-        absent = sorted({str(files[name]) for name in expected if name in files and not files[name].is_file()})
-        if absent:
-            raise CheckpointError(f"{index_path} lists shard(s) that are missing from the folder: {_listed(absent)}")
-        return {name: file for name, file in files.items() if name in expected}
+    if not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path} is corrupt: no readable weight_map ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map):
+        raise CheckpointError(f"{index_path} is corrupt: weight_map must map tensor names to shard files, got "
+                              f"{shown(weight_map)}")
+    files = {name: _confined_shard(folder, shard, index_path) for name, shard in weight_map.items()}
+    absent = sorted({str(file) for file in files.values() if not file.is_file()})
+    if absent:
+        raise CheckpointError(f"{index_path} lists shard(s) that are missing from the folder: {_listed(absent)}")
+    return files
+
+
+def _confined_shard(folder: Path, shard: Any, index_path: Path) -> Path:
+    """``folder / shard`` for a shard named by the index; a name that could reach outside the folder (absolute,
+    a drive, a ``..`` component) or is not a string is a :class:`CheckpointError`. The check is on the name, not
+    the resolved path: a hub snapshot's shards are symlinks into its blob store, which is fine."""
+    if not isinstance(shard, str) or not shard.strip():
+        raise CheckpointError(f"{index_path}: a shard must be a file name in the folder, got {shown(shard)}")
+    posix, windows = PurePosixPath(shard.replace("\\", "/")), PureWindowsPath(shard)
+    if posix.is_absolute() or windows.drive or windows.root or ".." in posix.parts:
+        raise CheckpointError(
+            f"{index_path} points outside the model folder: shard {shard!r}; shard paths must be relative to the "
+            "folder, without '..', a leading '/' or a drive"
+        )
+    return folder / posix
+
+
+def _unindexed_weight_files(folder: Path) -> list[Path]:
+    """``model.safetensors``, else every ``model*.safetensors``; only pickle weights, or none, is an error."""
     single = folder / "model.safetensors"
     weight_files = [single] if single.is_file() else sorted(folder.glob("model*.safetensors"))
     if not weight_files:
         _raise_no_weights(folder)
-    return {name: file for file in weight_files for name in _read_safetensors_header(file) if name in expected}
+    return weight_files
 
 
 def _raise_no_weights(folder: Path) -> NoReturn:
@@ -289,10 +347,27 @@ def _read_safetensors_tensors(
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+                    tensors[name] = require_finite(handle.get_tensor(name).to(device=device, dtype=dtype), name, file)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{file} is truncated or corrupt: reading its tensors failed ({err})") from None
     return tensors
+
+
+def require_finite(tensor: Tensor, name: str, source: str | Path) -> Tensor:
+    """``tensor`` if it holds no NaN or infinity, else a :class:`CheckpointError` naming it and ``source``.
+
+    Cheap: one float32 sum decides (NaN and infinities make it non-finite); only a non-finite sum, which a huge
+    but finite tensor could also give, pays for the exact element check.
+    """
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return tensor
+    non_finite = int((~torch.isfinite(tensor)).sum())
+    if non_finite:
+        raise CheckpointError(
+            f"{source}: tensor {name} holds {non_finite:,} NaN or infinite value(s) out of {tensor.numel():,}; the "
+            "checkpoint is corrupt (every weight must be a finite number)"
+        )
+    return tensor
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -368,13 +443,17 @@ def _load_gguf_contents(
     tokenizer_data = gguf_tokenizer_data(metadata)
     tensors, rope_factors = _gguf_tensors_by_hf_name(reader.tensors, path)
     config = _gguf_config(metadata, arch, tokenizer_data, tensors, rope_factors)
+    check_parameter_count(config, sum(int(np.prod(tensor.shape)) for tensor in reader.tensors), path, dtype)
     expected = expected_shapes(config)
     check_tensor_inventory(expected, {name: _hf_shape(tensor) for name, tensor in tensors.items()}, path)
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise CheckpointError(f"{path} holds tensors keepkv's {arch} decoder has no place for: {_listed(unexpected)}")
     _check_quantization_types(tensors.values(), path)
-    state = {name: _gguf_tensor_to_torch(tensors[name], name, config, dtype, device) for name in expected}
+    state = {
+        name: require_finite(_gguf_tensor_to_torch(tensors[name], name, config, dtype, device), name, path)
+        for name in expected
+    }
     return config, state, tokenizer_data
 
 
@@ -394,9 +473,20 @@ class GGUFMetadata:
             raise CheckpointError(f"{self.path} lacks the GGUF metadata key {key!r}, which keepkv needs")
         return self.fields[key].contents()
 
-    def optional_int(self, key: str) -> int | None:
+    def optional_int(self, key: str, low: int | None = None, high: int | None = None) -> int | None:
+        """The integer at ``key`` (``None`` when absent) within ``[low, high]``; anything else names the key."""
         value = self.get(key)
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        if not is_integer(value) or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f" in [{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise CheckpointError(f"{self.path}: GGUF metadata {key} must be an integer{bounds}, got {shown(value)}")
+        return int(value)
+
+    def require_int(self, key: str, low: int | None = None, high: int | None = None) -> int:
+        """:meth:`optional_int` of a key that must be present."""
+        self.require(key)
+        return self.optional_int(key, low, high)
 
 
 def gguf_tokenizer_data(metadata: GGUFMetadata) -> GGUFTokenizerData:
@@ -467,37 +557,41 @@ def _gguf_config(
     metadata: GGUFMetadata, arch: str, tokenizer_data: GGUFTokenizerData, tensors: Mapping[str, Any], rope_factors
 ) -> ModelConfig:
     """A :class:`ModelConfig` from ``{arch}.*`` metadata; tie/bias flags from which tensors the file holds."""
-    hidden = int(metadata.require(f"{arch}.embedding_length"))
-    num_heads = int(metadata.require(f"{arch}.attention.head_count"))
+    hidden = metadata.require_int(f"{arch}.embedding_length", *INT_FIELD_LIMITS["hidden_size"])
+    num_heads = metadata.require_int(f"{arch}.attention.head_count", *INT_FIELD_LIMITS["num_heads"])
     num_kv_heads = _uniform_int(metadata, f"{arch}.attention.head_count_kv", default=num_heads)
-    head_dim = metadata.optional_int(f"{arch}.attention.key_length") or hidden // num_heads
-    value_dim = metadata.optional_int(f"{arch}.attention.value_length") or head_dim
-    rotary_dim = metadata.optional_int(f"{arch}.rope.dimension_count") or head_dim
+    head_dim = metadata.optional_int(f"{arch}.attention.key_length", 0) or hidden // num_heads
+    value_dim = metadata.optional_int(f"{arch}.attention.value_length", 0) or head_dim
+    rotary_dim = metadata.optional_int(f"{arch}.rope.dimension_count", 0) or head_dim
     if value_dim != head_dim or rotary_dim != head_dim:
         raise CheckpointError(
             f"{metadata.path}: key length {head_dim}, value length {value_dim} and rotary dimension {rotary_dim} "
             "differ; keepkv's decoder needs them equal"
         )
     rope_theta = _decimal_float(metadata.get(f"{arch}.rope.freq_base", 10000.0))
-    return ModelConfig(
+    fields = dict(
         arch=arch,
         vocab_size=len(tokenizer_data.tokens),
         hidden_size=hidden,
-        intermediate_size=int(metadata.require(f"{arch}.feed_forward_length")),
-        num_layers=int(metadata.require(f"{arch}.block_count")),
+        intermediate_size=metadata.require_int(f"{arch}.feed_forward_length", *INT_FIELD_LIMITS["intermediate_size"]),
+        num_layers=metadata.require_int(f"{arch}.block_count", *INT_FIELD_LIMITS["num_layers"]),
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         rope_theta=rope_theta,
         rope_scaling=_gguf_rope_scaling(metadata, arch, rope_theta, head_dim, rope_factors),
         rms_norm_eps=_decimal_float(metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(metadata.get(f"{arch}.context_length", 4096)),
+        max_position_embeddings=metadata.optional_int(f"{arch}.context_length", 1) or 4096,
         tie_word_embeddings="lm_head.weight" not in tensors,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
         bos_token_id=tokenizer_data.bos_token_id,
         eos_token_ids=tokenizer_data.eos_token_ids,
         pad_token_id=tokenizer_data.pad_token_id,
     )
+    try:
+        return ModelConfig(**fields)
+    except CheckpointError as err:  # ModelConfig checks the rest; say which file
+        raise CheckpointError(f"{metadata.path}: {err}") from None
 
 
 def _decimal_float(value: float) -> float:

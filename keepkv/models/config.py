@@ -13,10 +13,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keepkv.checks import is_integer, require_bool, require_int, require_real, shown
 from keepkv.errors import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_SCALING = ("default", "linear", "llama3")
+LLAMA3_ROPE_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+# Sanity bounds on a config's sizes, far above every released decoder (vocabularies ~262k, hidden 16k, 126
+# layers, 128 heads): a size beyond them is a broken config, refused before anything is allocated for it.
+MAX_CONTEXT = 1 << 30
+MAX_HEAD_DIM = 1 << 12
+INT_FIELD_LIMITS = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 17),
+    "intermediate_size": (1, 1 << 19),
+    "num_layers": (1, 4096),
+    "num_heads": (1, 4096),
+    "num_kv_heads": (1, 4096),
+    "head_dim": (0, MAX_HEAD_DIM),  # 0: hidden_size // num_heads
+    "max_position_embeddings": (1, MAX_CONTEXT),
+}
+# config.json keys of the integer fields (Hugging Face names -> ModelConfig names)
+HF_INT_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+}
 
 
 @dataclass(frozen=True)
@@ -50,29 +75,36 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.arch not in SUPPORTED_ARCHITECTURES:
+        """Check every field's type and range (so no size can divide by zero, grow memory without bound or
+        become NaN later); derive ``head_dim``. Raises :class:`CheckpointError` naming the field."""
+        if not isinstance(self.arch, str) or self.arch not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
                 f"unsupported architecture {self.arch!r}; keepkv supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        for name, (low, high) in INT_FIELD_LIMITS.items():
+            require_int(getattr(self, name), f"config field {name}", low, high, error=CheckpointError)
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            if int(getattr(self, name)) <= 0:
-                raise CheckpointError(f"config field {name} must be a positive integer, got {getattr(self, name)!r}")
+        require_int(self.head_dim, "config field head_dim", 2, MAX_HEAD_DIM, error=CheckpointError)
         if self.num_heads % self.num_kv_heads:
             raise CheckpointError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2:
             raise CheckpointError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in SUPPORTED_ROPE_SCALING:
-                raise CheckpointError(
-                    f"unsupported rope_scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_SCALING)}"
-                )
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise CheckpointError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        require_real(self.rope_theta, "config field rope_theta", 0.0, low_inclusive=False, error=CheckpointError)
+        require_real(self.rms_norm_eps, "config field rms_norm_eps", 0.0, 1.0, error=CheckpointError)
+        require_int(self.sliding_window, "config field sliding_window", 1, MAX_CONTEXT, allow_none=True,
+                    error=CheckpointError)
+        for name in ("tie_word_embeddings", "attention_bias"):
+            require_bool(getattr(self, name), f"config field {name}", error=CheckpointError)
+        for name in ("bos_token_id", "pad_token_id"):
+            require_int(getattr(self, name), f"config field {name}", allow_none=True, error=CheckpointError)
+        if not isinstance(self.eos_token_ids, tuple) or not all(is_integer(i) for i in self.eos_token_ids):
+            raise CheckpointError(
+                f"config field eos_token_ids must be a tuple of integers, got {shown(self.eos_token_ids)}"
+            )
+        _check_rope_scaling(self.rope_scaling)
 
     @property
     def group_size(self) -> int:
@@ -88,57 +120,152 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Build from a Hugging Face ``config.json`` dict; the ``model_type`` decides the architecture."""
+        """Build from a Hugging Face ``config.json`` dict; the ``model_type`` decides the architecture.
+
+        Every field is checked under its config.json name before use: a string, ``null``, fraction or bool where
+        an integer belongs, a NaN, a size beyond :data:`INT_FIELD_LIMITS`, a ``rope_scaling`` that is not an
+        object ... is a :class:`CheckpointError` naming the field and what is allowed. Optional fields set to
+        ``null`` take their defaults.
+        """
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"config.json must hold a JSON object of fields, got {shown(hf)}")
         model_type = hf.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(model_type, str) or model_type not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(
                 f"unsupported architecture model_type={model_type!r}; keepkv supports "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        try:
-            num_heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
-            eos = hf.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            rope_scaling = hf.get("rope_scaling")
-            rope_theta = hf.get("rope_theta")
-            rope_params = hf.get("rope_parameters")  # transformers >= 5 folds theta + scaling in here
-            if isinstance(rope_params, dict):
-                rope_theta = rope_params.get("rope_theta", rope_theta)
-                if rope_params.get("rope_type", "default") != "default":
-                    rope_scaling = rope_params
-            if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
-                rope_scaling = None
-            sliding = hf.get("sliding_window")
-            if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-                sliding = None
-            return cls(
-                arch=model_type,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
-                num_heads=num_heads,
-                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-                head_dim=int(hf.get("head_dim") or hidden // num_heads),
-                rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-                rope_scaling=dict(rope_scaling) if rope_scaling else None,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-                sliding_window=int(sliding) if sliding else None,
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-                pad_token_id=hf.get("pad_token_id"),
-            )
-        except KeyError as missing:
-            raise CheckpointError(f"config.json lacks the required field {missing}") from None
+        sizes = {name: _hf_int(hf, key, name) for key, name in HF_INT_KEYS.items()}
+        rope_theta, rope_scaling = _hf_rope(hf)
+        return cls(
+            arch=model_type,
+            **sizes,
+            num_kv_heads=_hf_int(hf, "num_key_value_heads", "num_kv_heads", default=sizes["num_heads"]),
+            head_dim=_hf_int(hf, "head_dim", "head_dim", default=0),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_norm_eps=require_real(_hf_value(hf, "rms_norm_eps", 1e-6), "config.json field rms_norm_eps", 0.0,
+                                      1.0, error=CheckpointError),
+            max_position_embeddings=_hf_int(hf, "max_position_embeddings", "max_position_embeddings", default=4096),
+            tie_word_embeddings=require_bool(_hf_value(hf, "tie_word_embeddings", False),
+                                             "config.json field tie_word_embeddings", error=CheckpointError),
+            attention_bias=require_bool(_hf_value(hf, "attention_bias", model_type == "qwen2"),
+                                        "config.json field attention_bias", error=CheckpointError),
+            sliding_window=_hf_sliding_window(hf, model_type),
+            bos_token_id=require_int(hf.get("bos_token_id"), "config.json field bos_token_id", allow_none=True,
+                                     error=CheckpointError),
+            eos_token_ids=_hf_token_ids(hf.get("eos_token_id")),
+            pad_token_id=require_int(hf.get("pad_token_id"), "config.json field pad_token_id", allow_none=True,
+                                     error=CheckpointError),
+        )
 
     @classmethod
     def from_hf_file(cls, path: str | Path) -> "ModelConfig":
+        """:meth:`from_hf_dict` of a ``config.json`` file; errors name the file."""
         path = Path(path)
         try:
-            return cls.from_hf_dict(json.loads(path.read_text()))
+            return cls.from_hf_dict(json.loads(path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{path} is not UTF-8 text ({err})") from None
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}") from None
+
+
+_REQUIRED = object()
+
+
+def _hf_value(hf: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """``hf[key]``; an optional field that is absent or ``null`` gives ``default``; a required one is an error."""
+    value = hf.get(key)
+    if value is not None:
+        return value
+    if default is _REQUIRED:
+        raise CheckpointError(f"config.json lacks the required field {key!r}" if key not in hf else
+                              f"config.json field {key} is null; it must be set")
+    return default
+
+
+def _hf_int(hf: dict[str, Any], key: str, field_name: str, default: Any = _REQUIRED) -> int:
+    """The integer config.json field ``key`` within the limits of the :class:`ModelConfig` field it fills."""
+    low, high = INT_FIELD_LIMITS[field_name]
+    return require_int(_hf_value(hf, key, default), f"config.json field {key}", low, high, error=CheckpointError)
+
+
+def _hf_sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
+    """The sliding window, or ``None`` (absent, ``null``, ``0``, or a Qwen2 config with ``use_sliding_window`` off)."""
+    sliding = hf.get("sliding_window")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        return None
+    if sliding is None or (is_integer(sliding) and sliding == 0):
+        return None
+    return require_int(sliding, "config.json field sliding_window", 1, MAX_CONTEXT, error=CheckpointError)
+
+
+def _hf_token_ids(eos: Any) -> tuple[int, ...]:
+    """``eos_token_id`` (``null``, an integer or a list of integers) as a tuple."""
+    values = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not all(is_integer(value) for value in values):
+        raise CheckpointError(f"config.json field eos_token_id must be null, an integer or a list of integers, "
+                              f"got {shown(eos)}")
+    return tuple(int(value) for value in values)
+
+
+def _rope_kind(scaling: dict[str, Any]) -> Any:
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _json_object_or_none(hf: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = hf.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise CheckpointError(f"config.json field {key} must be null or an object (e.g. "
+                              f'{{"rope_type": "linear", "factor": 2.0}}), got {shown(value)}')
+    return value
+
+
+def _hf_rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling or None)`` from ``rope_theta`` / ``rope_scaling`` or transformers 5's
+    ``rope_parameters`` (which folds both in); a ``"default"`` scaling is no scaling."""
+    rope_theta = hf.get("rope_theta")
+    rope_scaling = _json_object_or_none(hf, "rope_scaling")
+    rope_params = _json_object_or_none(hf, "rope_parameters")
+    if rope_params is not None:
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+        if rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+    if rope_scaling is not None and _rope_kind(rope_scaling) == "default":
+        rope_scaling = None
+    theta = require_real(10000.0 if rope_theta is None else rope_theta, "config.json field rope_theta", 0.0,
+                         low_inclusive=False, error=CheckpointError)
+    return theta, dict(rope_scaling) if rope_scaling else None
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    """``None`` or a dict of a supported type whose parameters are positive finite numbers (``llama3``: all four
+    of :data:`LLAMA3_ROPE_FIELDS`, ``high_freq_factor > low_freq_factor``)."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise CheckpointError(
+            f"config field rope_scaling must be None or a dict with a rope_type, got {shown(scaling)}"
+        )
+    kind = _rope_kind(scaling)
+    if not isinstance(kind, str) or kind not in SUPPORTED_ROPE_SCALING:
+        raise CheckpointError(
+            f"unsupported rope_scaling type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_SCALING)}"
+        )
+    if kind == "linear":
+        require_real(scaling.get("factor", 1.0), "rope_scaling factor", 0.0, low_inclusive=False, error=CheckpointError)
+    if kind == "llama3":
+        missing = [name for name in LLAMA3_ROPE_FIELDS if scaling.get(name) is None]
+        if missing:
+            raise CheckpointError(f"llama3 rope_scaling lacks {', '.join(missing)}; it needs "
+                                  f"{', '.join(LLAMA3_ROPE_FIELDS)}")
+        low, high = (require_real(scaling[name], f"rope_scaling {name}", 0.0, low_inclusive=False,
+                                  error=CheckpointError) for name in ("low_freq_factor", "high_freq_factor"))
+        require_real(scaling["factor"], "rope_scaling factor", 0.0, low_inclusive=False, error=CheckpointError)
+        require_real(scaling["original_max_position_embeddings"], "rope_scaling original_max_position_embeddings",
+                     1.0, error=CheckpointError)
+        if not high > low:
+            raise CheckpointError(f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got {high} <= {low}")

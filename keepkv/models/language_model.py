@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from keepkv.cache.manager import CompressedCacheManager
 from keepkv.cache.policy import CompressionMethod
+from keepkv.checks import require_bool, require_int, require_text, shown
 from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine, GenerationStats
 from keepkv.models.config import ModelConfig
@@ -18,6 +20,16 @@ from keepkv.models.transformer import Transformer
 from keepkv.sampling import SamplingConfig
 
 PADDING_SIDES = ("left", "right")
+TORCH_COMPILER_MODULES = r"torch\._(dynamo|inductor)(\.|$)"
+
+
+def hide_torch_compiler_deprecations() -> None:
+    """Hide the ``FutureWarning``s torch's compiler raises from its own internals while it compiles keepkv's
+    kernels (inductor's "``torch._prims_common.check`` is deprecated"): deprecations inside torch that a keepkv
+    user cannot act on. Narrow: only ``FutureWarning``, only those attributed to ``torch._dynamo`` /
+    ``torch._inductor`` modules; called when a compiling model starts a generation, never at import. Idempotent
+    (``warnings.filterwarnings`` replaces an identical filter)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=TORCH_COMPILER_MODULES)
 
 
 class LanguageModel:
@@ -78,9 +90,8 @@ class LanguageModel:
         if padding_side not in PADDING_SIDES:
             raise KeepKVError(f"padding_side must be one of {PADDING_SIDES}, got {padding_side!r}")
         encoded = []
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise KeepKVError(f"a prompt must be a str, got {type(prompt).__name__}")
+        for row, prompt in enumerate(prompts):
+            require_text(prompt, "prompt" if len(prompts) == 1 else f"prompt[{row}]")
             if not prompt.strip():
                 raise KeepKVError("the prompt is empty: give at least one non-blank character")
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
@@ -106,8 +117,11 @@ class LanguageModel:
     def _token_stream(
         self, prompts: Sequence[str], max_new_tokens: int, sampling: SamplingConfig, chat: bool, padding_side: str
     ) -> Iterator[Tensor]:
-        if max_new_tokens < 1:
-            raise KeepKVError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        """Check the arguments, encode the prompts, then start the engine (nothing heavy before the checks)."""
+        require_int(max_new_tokens, "max_new_tokens", 1)
+        require_bool(chat, "chat")
+        if self.engine.compile:
+            hide_torch_compiler_deprecations()
         input_ids, valid = self.encode_prompts(
             prompts, chat=chat, padding_side=padding_side, max_new_tokens=max_new_tokens
         )
@@ -119,17 +133,17 @@ class LanguageModel:
     def generate(
         self, prompt: str | Sequence[str], max_new_tokens: int = 128, *, temperature: float = 0.0,
         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-        stop: Sequence[str] = (), chat: bool = False, padding_side: str = "left",
+        stop: str | Sequence[str] | None = (), chat: bool = False, padding_side: str = "left",
     ) -> str | list[str]:
         """The continuation of ``prompt`` (text only, prompt excluded); a list of prompts gives a list.
 
         ``temperature=0`` is greedy. Generation ends at an end-of-sequence token, at the first of the ``stop``
-        strings (cut from the output), or after ``max_new_tokens``. ``chat=True`` wraps the prompt as a user
-        message with the checkpoint's chat template.
+        strings (cut from the output), or after ``max_new_tokens``. ``stop`` is one string or a list of them, none
+        empty. ``chat=True`` wraps the prompt as a user message with the checkpoint's chat template. Every argument
+        is checked before the prompt is encoded; a bad one is a :class:`KeepKVError` naming it.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise KeepKVError("no prompt given: pass a string or a non-empty list of strings")
+        prompts = prompt_list(prompt)
+        stop = stop_sequences(stop)
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
         generated: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
@@ -154,7 +168,9 @@ class LanguageModel:
         top_p: float | None = None, seed: int | None = None, chat: bool = False,
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as tokens arrive (a piece may span tokens when a
-        character needs several byte-level tokens)."""
+        character needs several byte-level tokens). Arguments as for :meth:`generate`, checked at the first
+        ``next()``."""
+        require_text(prompt, "prompt")
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
         eos = set(self.tokenizer.eos_token_ids)
         generated: list[int] = []
@@ -177,6 +193,8 @@ class LanguageModel:
 
         ``attention_mask`` (1 = real token, 0 = padding) defaults to all ones.
         """
+        if not isinstance(token_ids, Tensor):
+            raise KeepKVError(f"token_ids must be an integer tensor [batch, seq], got {shown(token_ids)}")
         if token_ids.dim() != 2 or token_ids.dtype not in (torch.int32, torch.int64):
             raise KeepKVError(f"token_ids must be an integer tensor [batch, seq], got {tuple(token_ids.shape)} "
                               f"{token_ids.dtype}")
@@ -193,7 +211,9 @@ class LanguageModel:
 
     def cache_report(self) -> dict[str, Any]:
         """What the cache actually holds after the last generation: entries per layer and KV head (real counts,
-        not the asked budget), resident bytes, compressions, and the merge counters of merging methods."""
+        not the asked budget), resident bytes, compressions, the merge counters of merging methods, and
+        ``row_budgets``: the budget each batch row would have had alone (a batch shares its longest row's budget,
+        see :mod:`keepkv.cache.budget`)."""
         manager = self.engine.cache_manager
         report: dict[str, Any] = {"method": self.method, "kv_budget": self.kv_budget}
         if not manager.caches:
@@ -203,7 +223,7 @@ class LanguageModel:
             entries_per_layer_and_head=entries.tolist(), entries_per_head_mean=float(entries.float().mean()),
             entries_per_head_max=int(entries.max()), resident_bytes=manager.resident_bytes(),
             capacity_per_layer=[cache.capacity for cache in manager.caches], budget=getattr(manager, "budget", None),
-            compressions=getattr(manager, "compressions", 0),
+            compressions=getattr(manager, "compressions", 0), row_budgets=getattr(manager, "row_budgets", None),
         )
         stats = getattr(self.method_object, "stats", None)
         if stats is not None:
@@ -226,6 +246,35 @@ class LanguageModel:
             "cache_overhead_bytes_per_token": 2 * c.num_layers * c.num_kv_heads * 4,  # log_votes f32 + positions i32
             "method": self.method, "kv_budget": self.kv_budget,
         }
+
+
+def prompt_list(prompt: Any) -> list[str]:
+    """``prompt`` as a batch: a str is one prompt, a non-empty list or tuple a batch (each prompt is checked when
+    encoded); anything else (``None``, a dict, bytes ...) is a :class:`KeepKVError`."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, bytes):
+        require_text(prompt, "prompt")
+    if not isinstance(prompt, (list, tuple)):
+        raise KeepKVError(f"prompt must be a str or a list of str, got {shown(prompt)}")
+    if not prompt:
+        raise KeepKVError("no prompt given: pass a string or a non-empty list of strings")
+    return list(prompt)
+
+
+def stop_sequences(stop: Any) -> tuple[str, ...]:
+    """``stop`` as a tuple of stop strings: ``None`` or ``()`` is none, a str is one stop sequence (not a set of
+    characters), a list or tuple of str several. An empty stop string is refused: it would end generation at
+    once."""
+    if stop is None:
+        return ()
+    sequences = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(sequences, (list, tuple)) or not all(isinstance(text, str) for text in sequences):
+        raise KeepKVError(f"stop must be a str or a list of str, got {shown(stop)}")
+    if not all(sequences):
+        raise KeepKVError(f"stop holds an empty string, which would end generation at once; got {stop!r}: "
+                          "give non-empty stop strings")
+    return tuple(sequences)
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from keepkv.cache.budget import is_full_budget, validate_budget
-from keepkv.cache.methods import make_method
-
+from keepkv.cache.methods import FULL, make_method
+from keepkv.checks import require_bool, require_int, require_str, require_text, shown
 from keepkv.errors import KeepKVError
 from keepkv.models.checkpoint import load_gguf, load_hf_folder
 from keepkv.models.language_model import LanguageModel
@@ -23,6 +23,7 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEFAULT_DECODE_SLACK = 64
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -38,22 +39,35 @@ def parse_device(device: torch.device | str | None) -> torch.device:
     """A usable ``torch.device``; ``None`` picks ``cuda`` when available, else ``cpu``."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise KeepKVError(
+            f"device must be None, a str such as 'cpu' or 'cuda:0', or a torch.device, got {shown(device)}"
+        )
     try:
         parsed = torch.device(device)
         torch.empty(1, device=parsed)
-    except (RuntimeError, AssertionError) as err:
+    except (RuntimeError, AssertionError, ValueError, TypeError) as err:
         raise KeepKVError(f"device {str(device)!r} is not available here ({err}); try 'cpu'") from None
+    if parsed.type == "meta":
+        raise KeepKVError("device 'meta' holds no data, so no model can run on it; use 'cpu' or 'cuda'")
     return parsed
 
 
 def resolve_method(method: str | None, kv_budget: float | int | None, options: dict) -> tuple[str, object | None]:
     """``(method name, method object or None for the full cache)``.
 
-    ``kv_budget`` with no method means KeepKV; no budget (or ``1.0``) means the full cache.
+    ``kv_budget`` with no method means KeepKV; no budget (or ``1.0``) means the full cache. ``method="full"`` with a
+    budget below the whole prompt is refused: the full cache would ignore the budget.
     """
     kv_budget = validate_budget(kv_budget)
+    require_str(method, "method", allow_none=True)
     if method is None:
-        method = "full" if is_full_budget(kv_budget) else "keepkv"
+        method = FULL if is_full_budget(kv_budget) else "keepkv"
+    if method.lower() == FULL and not is_full_budget(kv_budget):
+        raise KeepKVError(
+            f"method 'full' keeps every entry, but kv_budget={kv_budget!r} asks for compression: drop kv_budget for "
+            "the full cache, or name a compressing method (e.g. method='keepkv')"
+        )
     method_object = make_method(method, **options)
     if method_object is not None and kv_budget is None:
         raise KeepKVError(f"method {method!r} needs a kv_budget: a fraction in (0, 1] or an integer >= 1")
@@ -62,10 +76,32 @@ def resolve_method(method: str | None, kv_budget: float | int | None, options: d
     return method.lower(), method_object
 
 
+def check_load_arguments(
+    name_or_path: Any, kv_budget: float | int | None, *, compile: Any, prefill_chunk_size: Any, decode_slack: Any,
+    revision: Any, local_files_only: Any,
+) -> int:
+    """Type- and range-check :func:`load`'s plain arguments (see its docstring); returns the decode slack to use."""
+    if not isinstance(name_or_path, Path):
+        require_text(name_or_path, "name_or_path")
+        if not name_or_path.strip():
+            raise KeepKVError("name_or_path is empty: give a model name, a folder or a .gguf file")
+    require_bool(compile, "compile")
+    require_int(prefill_chunk_size, "prefill_chunk_size", 1)
+    require_int(decode_slack, "decode_slack", 1, allow_none=True)
+    if decode_slack is not None and kv_budget is None:
+        raise KeepKVError(
+            f"decode_slack={decode_slack} only applies to a compressed cache, and no kv_budget was given: add a "
+            "kv_budget (e.g. kv_budget=0.1), or leave decode_slack out for the full cache"
+        )
+    require_str(revision, "revision", allow_none=True)
+    require_bool(local_files_only, "local_files_only", allow_none=True)
+    return DEFAULT_DECODE_SLACK if decode_slack is None else decode_slack
+
+
 def load(
     name_or_path: str | Path, kv_budget: float | int | None = None, method: str | None = None, *,
     dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None, compile: bool = True,
-    prefill_chunk_size: int = 512, decode_slack: int = 64, revision: str | None = None,
+    prefill_chunk_size: int = 512, decode_slack: int | None = None, revision: str | None = None,
     local_files_only: bool | None = None, **method_options: Any,
 ) -> LanguageModel:
     """Load a model for generation and scoring.
@@ -82,14 +118,20 @@ def load(
         compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
         prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory).
         decode_slack: ``W``, new tokens a compressed cache takes before it is compressed back to the budget
-            (``1`` = every step, as in the papers; larger amortises the compression cost).
+            (``1`` = every step, as in the papers; larger amortises the compression cost); ``None`` means
+            ``64``. It only means something for a compressed cache, so giving it without a ``kv_budget`` is an
+            error (you most likely forgot the budget); with ``kv_budget=1.0`` (the full cache) it is ignored.
         method_options: the method's hyper-parameters (e.g. ``window=32``, ``variant="zip"``); unknown ones
             are an error that lists the allowed ones.
         revision: hub revision to pin when downloading; ``local_files_only``: never touch the network.
-    Nothing is half-loaded: every check (config, tensor names and shapes, tokenizer) passes before a model is
-    returned, or an error says what is wrong.
+    Nothing is half-loaded: every check (arguments first, then config, tensor names and shapes, finite weights,
+    tokenizer) passes before a model is returned, or a :class:`KeepKVError` says what is wrong. The arguments are
+    checked before anything is read or downloaded.
     """
     method, method_object = resolve_method(method, kv_budget, method_options)
+    decode_slack = check_load_arguments(name_or_path, kv_budget, compile=compile,
+                                        prefill_chunk_size=prefill_chunk_size, decode_slack=decode_slack,
+                                        revision=revision, local_files_only=local_files_only)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     resolved = resolve(name_or_path, revision=revision, local_files_only=local_files_only)
     if resolved.kind == "gguf":

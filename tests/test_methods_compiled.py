@@ -1,0 +1,189 @@
+"""Every method spec on the **compiled** path (``compile=True``, the default of ``load``) of the real SmolLM2.
+
+Several methods run one after another in one process over one network and one :class:`GenerationEngine` (its
+compiled decode step and prefill kernel are shared: every spec uses the same integer budget, window, chunk and
+slack, so most specs reuse graphs compiled for an earlier one). The prompt (240 tokens) is prefilled in chunks of
+64 into ``B + 64`` slots with ``B = 64``, so compression happens during prefill, at its end and (``W = 8``, 20
+new tokens) during decode. Checked for each spec:
+
+- no NaN / inf logits at any step;
+- the cache invariants: after the end-of-prefill compression each layer and head holds at most its layer's slots
+  (``B_l``; with Ada-KV head budgets at most ``H_kv B_l`` per layer and row), and while decoding at most its
+  capacity; every layer has the same capacity (per-layer budgets are padded, see ``keepkv.cache.manager``);
+- layers with different budgets (PyramidKV, D2O, ``layer_budgets="pyramid"``) compile without hitting dynamo's
+  reuse limit of the decoder-block region;
+- for a few methods the greedy tokens equal the eager (dense reference attention) run.
+
+The default run covers the full cache, StreamingLLM, KeepKV and every spec with per-layer budgets; the other specs
+and the bfloat16 run are marked ``slow`` (``pytest -m slow tests/test_methods_compiled.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.methods import available_methods
+from keepkv.generate import GenerationEngine
+from keepkv.models.loading import resolve_method
+
+pytestmark = [pytest.mark.compile, pytest.mark.real_model]
+
+BUDGET, CHUNK, SLACK, PROMPT, NEW = 64, 64, 8, 240, 20
+COMMON = dict(window=8)  # one observation-window length for every spec: the decode graphs differ less
+SPECS: dict[str, tuple[str, dict]] = {
+    **{name: (name, {} if name == "full" else dict(COMMON)) for name in available_methods()},
+    "adakv-snapkv": ("adakv-snapkv", dict(COMMON)),
+    "adakv-pyramidkv": ("adakv-pyramidkv", dict(COMMON)),
+    "snapkv+keepkv": ("snapkv+keepkv", dict(COMMON)),
+    "pyramidkv+keepkv": ("pyramidkv+keepkv", dict(COMMON)),
+    "snapkv@pyramid": ("snapkv", dict(COMMON, layer_budgets="pyramid")),
+}
+# the default run: the full cache, a uniform eviction method, KeepKV and every spec with per-layer budgets (the
+# crash of issue 14); the other specs (and bfloat16) are marked slow: each new shape is a new decode-step graph
+DEFAULT_SPECS = ("full", "streamingllm", "keepkv", "pyramidkv", "snapkv@pyramid", "d2o", "adakv-pyramidkv",
+                 "pyramidkv+keepkv")
+SLOW_SPECS = tuple(spec for spec in SPECS if spec not in DEFAULT_SPECS)
+EAGER_PARITY = ("full", "streamingllm", "pyramidkv", "snapkv@pyramid", "d2o")
+TEXT_REPEAT = 8
+
+
+def make_manager(network, spec: str):
+    name, options = SPECS[spec]
+    dtype, device = network.model.embed_tokens.weight.dtype, network.inv_freq.device
+    _, method = resolve_method(name, None if name == "full" else BUDGET, dict(options))
+    if method is None:
+        return FullCacheManager(network.config, dtype, device)
+    return CompressedCacheManager(network.config, dtype, device, method, BUDGET, SLACK)
+
+
+def use_manager(engine: GenerationEngine, manager, compile: bool) -> None:
+    if isinstance(manager, CompressedCacheManager):
+        manager.method.use_compiled_ops = compile
+    engine.cache_manager = manager
+    manager.bind_network(engine.network)
+
+
+def run(engine: GenerationEngine, prompt: torch.Tensor) -> dict:
+    """Prefill, end of prefill, ``NEW - 1`` greedy decode steps; what the checks need."""
+    manager = engine.cache_manager
+    compressed = isinstance(manager, CompressedCacheManager)
+    valid = torch.ones_like(prompt, dtype=torch.bool)
+    engine.prepare_caches(1, prompt.shape[1], NEW)
+    finite, tokens = [], []
+    with torch.inference_mode():
+        logits, positions = engine.prefill(prompt, valid)
+        engine.end_prefill()
+        after_prefill = manager.entries_per_head()
+        finite.append(bool(torch.isfinite(logits).all()))
+        token = logits.argmax(-1)
+        tokens.append(int(token))
+        most_while_decoding = after_prefill.clone()
+        for _ in range(NEW - 1):
+            logits = engine.decode_step(token, positions)
+            positions = positions + 1
+            finite.append(bool(torch.isfinite(logits).all()))
+            token = logits.argmax(-1)
+            tokens.append(int(token))
+            most_while_decoding = torch.maximum(most_while_decoding, manager.entries_per_head())
+    return dict(
+        tokens=tokens, finite=finite, after_prefill=after_prefill, most=most_while_decoding,
+        capacities=[cache.capacity for cache in manager.caches],
+        slots=list(manager.layer_slots) if compressed else None,
+        budgets=list(manager.layer_budgets) if compressed else None,
+        compressions=manager.compressions if compressed else 0, manager=manager,
+    )
+
+
+def prompt_ids(model) -> torch.Tensor:
+    from pathlib import Path
+
+    text = (Path(__file__).parent / "data" / "jargon_ch4-6.txt").read_text()
+    ids = model.tokenizer.encode(text)[:PROMPT]
+    assert len(ids) == PROMPT
+    return torch.tensor([ids])
+
+
+def run_all(gguf, dtype, specs) -> dict[str, dict]:
+    from keepkv.models import load
+
+    model = load(gguf, dtype=dtype, device="cpu", compile=True, prefill_chunk_size=CHUNK)
+    engine = model.engine
+    prompt = prompt_ids(model)
+    return {spec: (use_manager(engine, make_manager(model.network, spec), True), run(engine, prompt))[1]
+            for spec in specs}
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(smollm2_gguf):
+    torch.set_num_threads(2)
+    return run_all(smollm2_gguf, torch.float32, DEFAULT_SPECS)
+
+
+@pytest.fixture(scope="module")
+def eager_runs(smollm2_eager):
+    engine = GenerationEngine(smollm2_eager.network, compile=False, prefill_chunk_size=CHUNK)
+    prompt = prompt_ids(smollm2_eager)
+    results = {}
+    for spec in EAGER_PARITY:
+        use_manager(engine, make_manager(smollm2_eager.network, spec), False)
+        results[spec] = run(engine, prompt)
+    return results
+
+
+def check_invariants(spec: str, result: dict) -> None:
+    assert all(result["finite"]), f"{spec}: non-finite logits at steps {result['finite']}"
+    capacities = result["capacities"]
+    assert len(set(capacities)) == 1, f"{spec}: layers of different capacities {capacities}"
+    most = result["most"]  # [layers, batch, kv_heads]
+    assert (most <= capacities[0]).all()
+    if result["slots"] is None:
+        return
+    manager = result["manager"]
+    # at least the end of prefill; methods compressing during decode also compress there (W = 8 < 20 new tokens)
+    least = 2 if manager.method.compresses_during_decode else 1
+    assert result["compressions"] >= least, f"{spec}: {result['compressions']} compressions"
+    slots = torch.tensor(result["slots"])[:, None, None]
+    budgets = torch.tensor(result["budgets"])[:, None]
+    after = result["after_prefill"]
+    adakv = getattr(manager.method.selector or manager.method, "head_budgets", "uniform") == "adakv"
+    if adakv:
+        assert (after <= slots).all() and (after.sum(dim=-1) <= budgets * after.shape[-1]).all(), spec
+    else:
+        assert (after <= budgets[..., None]).all(), f"{spec}: {after.amax(dim=(1, 2)).tolist()} > {result['budgets']}"
+    assert (most <= slots + manager.room).all(), spec
+    assert sum(result["budgets"]) <= manager.budget * len(result["budgets"]) + len(result["budgets"])
+
+
+@pytest.mark.parametrize("spec", DEFAULT_SPECS)
+def test_compiled_method_runs_with_cache_invariants(spec, compiled_runs):
+    check_invariants(spec, compiled_runs[spec])
+
+
+@pytest.mark.slow
+def test_compiled_other_methods_float32(smollm2_gguf):
+    torch.set_num_threads(2)
+    for spec, result in run_all(smollm2_gguf, torch.float32, SLOW_SPECS).items():
+        check_invariants(spec, result)
+
+
+def test_per_layer_budgets_share_one_capacity(compiled_runs):
+    """The specs whose layers have different budgets (the crash of issue 14) ran compiled, one capacity."""
+    for spec in ("pyramidkv", "d2o", "adakv-pyramidkv", "pyramidkv+keepkv", "snapkv@pyramid"):
+        budgets = compiled_runs[spec]["budgets"]
+        assert len(set(budgets)) > 1, f"{spec}: expected per-layer budgets, got {budgets}"
+        assert len(set(compiled_runs[spec]["capacities"])) == 1
+
+
+@pytest.mark.parametrize("spec", EAGER_PARITY)
+def test_compiled_greedy_tokens_equal_eager(spec, compiled_runs, eager_runs):
+    assert compiled_runs[spec]["tokens"] == eager_runs[spec]["tokens"], spec
+    assert compiled_runs[spec]["budgets"] == eager_runs[spec]["budgets"]
+
+
+@pytest.mark.slow
+def test_compiled_methods_bfloat16(smollm2_gguf):
+    torch.set_num_threads(2)
+    for spec, result in run_all(smollm2_gguf, torch.bfloat16, list(SPECS)).items():
+        check_invariants(spec, result)
