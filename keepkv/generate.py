@@ -99,10 +99,9 @@ class GenerationEngine:
         ``prompt_tokens``: the longest row (the padded width); ``row_prompt_tokens``: each row's real length
         (optional; a compressed cache reports the budget each row would have alone)."""
         padded = round_up(prompt_tokens, self.prefill_chunk_size) if self.compile else prompt_tokens
-        extra = {} if row_prompt_tokens is None else {"row_prompt_tokens": row_prompt_tokens}
         self.network.attach_caches(
             self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_chunk_size, prompt_tokens,
-                                        **extra)
+                                        row_prompt_tokens=row_prompt_tokens)
         )
 
     def cache_bytes(self) -> int:
@@ -203,8 +202,8 @@ class GenerationEngine:
         """
         stats = stats if stats is not None else GenerationStats()
         batch, prompt_len = input_ids.shape
-        rows = valid.sum(dim=1).tolist() if batch > 1 and hasattr(self.cache_manager, "row_budgets") else None
-        self.prepare_caches(batch, prompt_len, max_new_tokens, rows)  # (one host read, before prefill)
+        rows = valid.sum(dim=1).tolist() if batch > 1 else None  # one host read, before prefill
+        self.prepare_caches(batch, prompt_len, max_new_tokens, rows)
         stats.batch_size, stats.prompt_tokens = batch, prompt_len
         generator = sampling.make_generator(self.device)
         stop = torch.tensor(stop_token_ids or (-1,), device=self.device)

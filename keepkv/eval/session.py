@@ -36,7 +36,8 @@ class SharedPrefillManager(FullCacheManager):
         super().__init__(config, dtype, device)
         self.window, self.accumulate = window, accumulate
 
-    def allocate(self, batch_size, padded_prompt_tokens, max_new_tokens, chunk, prompt_tokens=None):
+    def allocate(self, batch_size, padded_prompt_tokens, max_new_tokens, chunk, prompt_tokens=None,
+                 row_prompt_tokens=None):
         c = self.config
         self.caches = [
             CompressedLayerCache(
