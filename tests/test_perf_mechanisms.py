@@ -210,10 +210,15 @@ def test_bench_command_is_registered_and_checks_its_input():
 
 
 @pytest.mark.compile
-def test_whole_compression_compiles_once_for_every_layer_and_equals_eager():
+@pytest.mark.parametrize("options", [
+    {},  # the defaults (layer-shared selection, EMA reference)
+    {"selection": "head", "reference": "last", "score_normalization": "per-token", "kernel_size": 3,
+     "max_evicted_weight": 0.5},  # every non-default option of the quality study at once
+])
+def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(options):
     """KeepKV's compiled compression (select + merge + compact in one graph) gives the eager result on every
     cache, and caches of the same shape (the layers) share one graph: no recompilation from layer to layer."""
-    eager_method, compiled_method = make_method("keepkv"), make_method("keepkv")
+    eager_method, compiled_method = make_method("keepkv", **options), make_method("keepkv", **options)
     compiled_method.use_compiled_ops = True
     assert compiled_method.compiles_whole_compression
     assert not make_method("criticalkv+keepkv").compiles_whole_compression  # per-layer W_O: stays eager
