@@ -69,14 +69,15 @@ def synthetic_positions(context: int, keep: int, generator):
     return torch.cat((sinks, middle, recent))
 
 
-def fill_synthetic(engine, context: int, new_tokens: int, seed: int = 0) -> None:
-    """Caches as a prefill of ``context`` tokens (then ``end_prefill``) would leave them (see module doc)."""
+def fill_synthetic(engine, context: int, new_tokens: int, seed: int = 0, batch: int = 1) -> None:
+    """Caches as a prefill of ``context`` tokens (then ``end_prefill``) would leave them (see module doc); with
+    ``batch`` rows every row holds the same synthetic state."""
     import torch
 
     from keepkv.cache.manager import CompressedCacheManager
 
     generator = torch.Generator().manual_seed(seed)
-    engine.prepare_caches(1, context, new_tokens)
+    engine.prepare_caches(batch, context, new_tokens)
     manager = engine.cache_manager
     compressed = isinstance(manager, CompressedCacheManager)
     with torch.inference_mode():
@@ -92,8 +93,9 @@ def fill_synthetic(engine, context: int, new_tokens: int, seed: int = 0) -> None
             cache.cursor.fill_(n)
             if compressed:
                 window = cache.window_queries.shape[2]
-                cache.window_queries.copy_(torch.randn(cache.window_queries.shape, generator=generator))
-                cache.window_positions.copy_(torch.arange(context - window, context)[None])
+                cache.window_queries.copy_(torch.randn(cache.window_queries.shape[1:], generator=generator)
+                                           .expand_as(cache.window_queries))
+                cache.window_positions.copy_(torch.arange(context - window, context).expand(batch, window))
     if compressed:
         manager.cursors = [cache.cursor.item() for cache in engine.caches]
         manager.filled = max(manager.cursors)

@@ -110,6 +110,13 @@ def require_str(
     raise error(f"{name} must be {'None or ' if allow_none else ''}a str, got {shown(value)}")
 
 
+def require_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of the strings ``choices``."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise KeepKVError(f"{name} must be one of {', '.join(map(repr, choices))}, got {shown(value)}")
+
+
 def require_text(value: Any, name: str) -> str:
     """``value`` if it is a ``str`` that is valid Unicode (encodable as UTF-8: no lone surrogates, which is what
     undecodable bytes in a file, a terminal or ``sys.argv`` turn into)."""

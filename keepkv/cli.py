@@ -34,6 +34,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool =
     parser.add_argument("--decode-slack", type=_integer(1), default=None, metavar="W", help="W: new tokens a "
                         "compressed cache takes before it is compressed back to its budget (1 = every step; default "
                         "64; needs --kv-budget)")
+    parser.add_argument("--prefill-compression", choices=("chunked", "once"), default=None, help="chunked "
+                        "(default): compress whenever budget + chunk slots fill; once: keep the whole prompt and "
+                        "compress once after it (more prefill memory; needs --kv-budget)")
     parser.add_argument("--no-compile", action="store_true", help="run eagerly (no torch.compile); slower decode "
                         "but no compile time")
     parser.add_argument("--prefill-chunk-size", type=_integer(1), default=512, metavar="N", help="prompt tokens per "
@@ -110,7 +113,8 @@ def _load(args: argparse.Namespace):
     started = time.perf_counter()
     model = load(args.model, kv_budget=args.kv_budget, method=args.method, dtype=args.dtype, device=args.device,
                  compile=not args.no_compile, prefill_chunk_size=args.prefill_chunk_size, revision=args.revision,
-                 decode_slack=args.decode_slack, **dict(args.method_option))
+                 decode_slack=args.decode_slack, prefill_compression=args.prefill_compression,
+                 **dict(args.method_option))
     print(f"loaded {model!r} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return model
 
@@ -239,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(commands)
     from keepkv.bench import add_bench_command
     add_bench_command(commands)
+    # -- serve (issue 18): the OpenAI-compatible HTTP server, keepkv/serve/ --
+    from keepkv.serve.cli import add_serve_command
+    add_serve_command(commands)
+    # -- end serve --
     return parser
 
 

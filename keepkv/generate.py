@@ -30,6 +30,7 @@ from keepkv.cache.manager import FullCacheManager, round_up
 from keepkv.compile_limits import allow_graph_per_shape
 from keepkv.errors import KeepKVError
 from keepkv.models.transformer import Transformer
+from keepkv.ops.attention import prefill_kernel_for
 from keepkv.sampling import SamplingConfig, sample_next_token
 
 def positions_from_valid(valid: Tensor) -> Tensor:
@@ -108,10 +109,31 @@ class GenerationEngine:
         return self.cache_manager.resident_bytes()
 
     # ---- forward passes -----------------------------------------------------------------------------------
+    def _split_prefill_past(self, valid: Tensor) -> list[int] | None:
+        """Per layer, the slots written before this chunk when the chunk may take the split prefill kernel
+        (:func:`keepkv.ops.attention.vote_attention_chunk`), else None. Conditions: compiled engine, the kernel
+        chosen for the device is ``"split"``, more than one token, no sliding window, no compression inside the
+        forward (oracle mode), and in every row no padding before a real token (one host read of the chunk's
+        ``valid``: prefill runs outside the compiled decode step)."""
+        if not self.compile or valid.shape[1] < 2 or self.config.sliding_window is not None:
+            return None
+        if prefill_kernel_for(self.device) != "split":
+            return None
+        if any(getattr(cache, "inline_compression", None) is not None for cache in self.caches):
+            return None
+        if not bool((valid[:, 1:] <= valid[:, :-1]).all()):
+            return None
+        cursors = getattr(self.cache_manager, "cursors", None)
+        return list(cursors) if cursors else [self.cache_manager.filled] * self.config.num_layers
+
     def _forward_chunk(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         if self.cache_manager.make_room(input_ids.shape[1]):
             self.network.attach_caches(self.caches)
-        hidden = self.network(input_ids, positions, valid)
+        self.network.set_prefill_past_slots(self._split_prefill_past(valid) if input_ids.shape[1] > 1 else None)
+        try:
+            hidden = self.network(input_ids, positions, valid)
+        finally:
+            self.network.set_prefill_past_slots(None)
         self.cache_manager.wrote(input_ids.shape[1])
         return hidden
 

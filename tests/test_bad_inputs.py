@@ -326,9 +326,9 @@ def test_generate_arguments_are_checked_before_prefill(engine_must_not_run, argu
                                                                        "max_new_tokens"),
     (dict(prompt="t5", seed="1"), "seed"), (dict(prompt="t5\udcff"), "surrogate"),
 ])
-def test_stream_arguments_are_checked_before_prefill(engine_must_not_run, arguments, named):
+def test_stream_arguments_are_checked_when_called(engine_must_not_run, arguments, named):
     with pytest.raises(KeepKVError, match=named):
-        next(engine_must_not_run.stream(**arguments))
+        engine_must_not_run.stream(**arguments)  # no next(): the call itself checks
 
 
 def test_logits_takes_a_tensor(tiny_model):

@@ -63,6 +63,49 @@ def test_compressing_a_shared_prefill_equals_the_engine_own_prefill(eval_model, 
         assert torch.allclose(a.values, b.values, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["keepkv", "snapkv"])
+def test_prefill_compression_once_equals_compressing_the_whole_prompt(eval_model, name):
+    """``prefill_compression="once"``: a prompt of several chunks is kept whole through prefill and compressed
+    once at its end, which is the shared-prefill protocol (full prefill, then compress); the chunked schedule
+    compresses during prefill and keeps other entries."""
+    config = MethodConfig.parse(name)
+    context = _prompt(eval_model, 400)
+    prefill = eval_model.shared_prefill([context], [config])
+    shared = eval_model.engine_for(config, 0.15)
+    shared.start_from_prefill(prefill.caches, len(context), 8)
+    ids = torch.tensor([context])
+    kept = {}
+    for schedule in ("once", "chunked"):
+        own = eval_model.engine_for(config, 0.15)
+        own.prefill_chunk_size = 96
+        own.cache_manager.prefill_compression = schedule
+        own.prepare_caches(1, len(context), 8)
+        with torch.inference_mode():
+            own.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+            compressed_in_prefill = own.cache_manager.compressions
+            own.end_prefill()
+        kept[schedule] = [cache.positions.clone() for cache in own.caches]
+        if schedule == "once":
+            assert (compressed_in_prefill, own.cache_manager.compressions) == (0, 1)
+            for a, b in zip(shared.caches, own.caches):
+                assert torch.equal(a.positions, b.positions)
+                assert torch.allclose(a.log_votes, b.log_votes, atol=1e-5)
+                assert torch.allclose(a.values, b.values, atol=1e-4)
+        else:
+            assert compressed_in_prefill >= 2
+    assert any(not torch.equal(a, b) for a, b in zip(kept["once"], kept["chunked"]))
+
+
+def test_prefill_compression_is_checked():
+    from keepkv.errors import KeepKVError
+    from keepkv.models import load
+
+    with pytest.raises(KeepKVError, match="prefill_compression.*'chunked', 'once'"):
+        load("SmolLM2-135M-Instruct", kv_budget=0.1, prefill_compression="all-at-once")
+    with pytest.raises(KeepKVError, match="prefill_compression.*no kv_budget"):
+        load("SmolLM2-135M-Instruct", prefill_compression="once")
+
+
 def test_quick_grid_end_to_end_is_resumable(tmp_path, smollm2_gguf, monkeypatch):
     """`keepkv eval all --grid quick` (SmolLM2, full + keepkv at one budget, tiny cells) writes schema-valid rows,
     the report and PNGs; a second run recomputes nothing."""

@@ -452,26 +452,32 @@ def fixed_case(seed, dtype=torch.float32):
             "queries": torch.randn(batch, heads, group, dim, generator=g).to(dtype)}
 
 
+COMPILED_MERGE_CASES = [
+    ("zip", "scores", {}), ("minnorm", "queries", {}), ("minnorm", "queries", {"max_evicted_weight": 0.5}),
+    pytest.param("zip", "queries", {}, marks=pytest.mark.slow),
+    pytest.param("keep-key", "scores", {}, marks=pytest.mark.slow),
+]
+
+
 @pytest.mark.compile
-def test_compiled_merge_equals_eager_and_does_not_recompile():
+@pytest.mark.parametrize("variant,reference,options", COMPILED_MERGE_CASES)
+def test_compiled_merge_equals_eager_and_does_not_recompile(variant, reference, options):
     """fullgraph=True (no graph break) per variant / reference; a second call with new data of the same shapes
     must reuse the graph. Dynamo's cache is reset afterwards so these graphs do not count against the recompile
-    limit of other tests that use :data:`merge_into_kept_compiled`."""
+    limit of other tests that use :data:`merge_into_kept_compiled`. (The default run compiles the paper's rule,
+    the default minnorm and the guard; the other two variants run with ``-m slow``.)"""
     try:
-        for variant, reference, options in (("zip", "scores", {}), ("zip", "queries", {}), ("minnorm", "queries", {}),
-                                            ("keep-key", "scores", {}),
-                                            ("minnorm", "queries", {"max_evicted_weight": 0.5})):
-            for seed in (0, 1):
-                case = fixed_case(seed)
-                with torch._dynamo.config.patch(error_on_recompile=seed > 0):
-                    compiled, compiled_stats = apply_merge(case, variant, reference, op=merge_into_kept_compiled,
-                                                           **options)
-                eager, eager_stats = apply_merge(case, variant, reference, **options)
-                for name in ("keys", "values"):
-                    torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-5)
-                assert torch.equal(torch.isneginf(compiled["log_votes"]), torch.isneginf(eager["log_votes"]))
-                torch.testing.assert_close(compiled["log_votes"], eager["log_votes"], rtol=1e-6, atol=1e-6)
-                assert compiled_stats.as_dict() == eager_stats.as_dict(), (variant, reference)
+        for seed in (0, 1):
+            case = fixed_case(seed)
+            with torch._dynamo.config.patch(error_on_recompile=seed > 0):
+                compiled, compiled_stats = apply_merge(case, variant, reference, op=merge_into_kept_compiled,
+                                                       **options)
+            eager, eager_stats = apply_merge(case, variant, reference, **options)
+            for name in ("keys", "values"):
+                torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-5)
+            assert torch.equal(torch.isneginf(compiled["log_votes"]), torch.isneginf(eager["log_votes"]))
+            torch.testing.assert_close(compiled["log_votes"], eager["log_votes"], rtol=1e-6, atol=1e-6)
+            assert compiled_stats.as_dict() == eager_stats.as_dict(), (variant, reference)
     finally:
         torch._dynamo.reset()
 

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keepkv.cache.budgets import adakv_head_budgets, pyramid_layer_budgets
+from keepkv.cache.budgets import adakv_head_budgets, cosine_layer_budgets, pyramid_layer_budgets
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.manager import CompressedCacheManager
 from keepkv.cache.methods import make_method
@@ -24,6 +24,7 @@ from keepkv.cache.methods.cam import counter_uniform
 from keepkv.cache.methods.criticalkv import value_output_norms
 from keepkv.cache.methods.d2o import variance_layer_budgets
 from keepkv.cache.methods.weightedkv import neighbour_slots
+from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine
 from keepkv.sampling import SamplingConfig
 from tests.conftest import TINY_VOCAB, tiny_config, tiny_network
@@ -239,6 +240,42 @@ def test_pyramid_budget_sequence(budget, num_layers, protected, beta):
     for layer, kept in enumerate(layer_budgets):
         exact = protected + largest - (largest - smallest) * layer / (num_layers - 1)
         assert abs(kept - exact) < 1 and kept >= protected
+
+
+@settings(max_examples=200, deadline=None)
+@given(budget=st.integers(1, 600), num_layers=st.integers(1, 40), protected=st.integers(0, 64),
+       decay=st.sampled_from([0.0, 0.5, 0.8, 1.0]))
+def test_cosine_budget_sequence(budget, num_layers, protected, decay):
+    """The official KeepKV code's cosine schedule: R_l proportional to (1-d)(cos(pi l/L)+1)/2 + d, mean exactly B."""
+    layer_budgets = cosine_layer_budgets(budget, num_layers, protected, decay)
+    assert len(layer_budgets) == num_layers and sum(layer_budgets) == budget * num_layers
+    selectable = budget - protected
+    if selectable <= 0 or num_layers == 1:
+        assert layer_budgets == [budget] * num_layers
+        return
+    assert all(a >= b for a, b in zip(layer_budgets, layer_budgets[1:])) and min(layer_budgets) >= protected
+    weights = [(1 - decay) * (math.cos(math.pi * layer / num_layers) + 1) / 2 + decay for layer in range(num_layers)]
+    for layer, kept in enumerate(layer_budgets):
+        assert abs(kept - protected - selectable * num_layers * weights[layer] / sum(weights)) < 1
+
+
+def test_keepkv_cosine_layer_budgets_size_each_layer():
+    config = tiny_config(num_layers=4)
+    network = tiny_network(config)
+    method = make_method("keepkv", sinks=2, window=4, layer_budgets="cosine", cosine_decay=0.5)
+    manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, kv_budget=30,
+                                     decode_slack=2)
+    engine = GenerationEngine(network, compile=False, prefill_chunk_size=8, cache_manager=manager)
+    ids = torch.randint(3, TINY_VOCAB, (1, 60), generator=torch.Generator().manual_seed(1))
+    list(engine.generate_tokens(ids, torch.ones_like(ids, dtype=torch.bool), 5, SamplingConfig()))
+    assert manager.layer_budgets == cosine_layer_budgets(30, 4, 6, 0.5)
+    assert manager.layer_budgets[0] > manager.layer_budgets[-1] and sum(manager.layer_budgets) == 120
+    entries = manager.entries_per_head()
+    for layer, kept in enumerate(manager.layer_budgets):
+        assert bool((entries[layer] <= kept + 2).all()) and bool((entries[layer] >= kept).all())
+    assert method.stats.merged > 0  # KeepKV still merges under per-layer budgets
+    with pytest.raises(KeepKVError, match="layer_budgets"):
+        make_method("keepkv", layer_budgets="linear")
 
 
 def test_pyramidkv_manager_sizes_each_layer():

@@ -320,3 +320,79 @@ def test_decode_graph_traces_the_decoder_block_once_and_calls_it_for_every_layer
     assert len(calls) == 4
     assert len({call.args[0].target for call in calls}) == 1  # the same subgraph module every time
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+# ---- the split prefill kernel (issue 15) ----------------------------------------------------------------------
+def chunk_case(seed, dtype, past, q_len=9, batch=2, kv_heads=3, group=3, head_dim=16, padded=0, empty_row=False):
+    """A cache of ``past`` old slots (shuffled positions < the chunk's, votes, empty slots) followed by the
+    chunk's ``q_len`` new slots (positions consecutive after them, ``ln p = 0``; the last ``padded`` are padding)."""
+    q, keys, values, log_votes, kv_positions, _ = make_case(seed, dtype=dtype, batch=batch, kv_heads=kv_heads,
+                                                            group=group, q_len=q_len, capacity=past + q_len,
+                                                            head_dim=head_dim)
+    start = past + 5
+    kv_positions[:, :, :past] = torch.stack([torch.randperm(start)[:past] for _ in range(batch * kv_heads)]).view(
+        batch, kv_heads, past).int()
+    kv_positions[:, :, past:] = (start + torch.arange(q_len)).int()
+    log_votes[:, :, past:] = 0.0
+    if padded:
+        log_votes[:, :, past + q_len - padded:] = -math.inf
+    if empty_row and past:
+        log_votes[0, :, :past] = -math.inf
+    q_positions = (start + torch.arange(q_len)).expand(batch, q_len).int()
+    return q, keys, values, log_votes, kv_positions, q_positions
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("past,padded,empty_row", [(0, 0, False), (37, 0, False), (37, 3, False), (300, 0, True)])
+def test_split_prefill_kernel_equals_reference(dtype, tol, past, padded, empty_row):
+    from keepkv.ops.attention import vote_attention_chunk
+
+    for seed in (0, 1):
+        q, keys, values, log_votes, kv_positions, q_positions = chunk_case(seed, dtype, past, padded=padded,
+                                                                          empty_row=empty_row)
+        out = vote_attention_chunk(q, keys[:, :, past:], values[:, :, past:], keys[:, :, :past],
+                                   values[:, :, :past], log_votes[:, :, :past], compiled=False)
+        reference = vote_attention_reference(q, keys, values, log_votes, kv_positions, q_positions)
+        real = q.shape[2] - padded  # a padding query's row is not defined by the split kernel
+        assert out.dtype == dtype and torch.isfinite(out[:, :, :real]).all()
+        torch.testing.assert_close(out[:, :, :real].float(), reference[:, :, :real].float(), rtol=tol, atol=tol)
+
+
+def test_split_prefill_merge_ignores_a_part_that_saw_nothing():
+    from keepkv.ops.attention import _merge_two
+
+    out_a, out_b = torch.randn(1, 2, 3, 4), torch.full((1, 2, 3, 4), float("nan"))
+    lse_a, lse_b = torch.randn(1, 2, 3), torch.full((1, 2, 3), -math.inf)
+    torch.testing.assert_close(_merge_two(out_a, lse_a, out_b, lse_b), out_a)
+    assert (_merge_two(out_b, lse_b, out_b, lse_b) == 0).all()  # nothing seen anywhere: zeros, never NaN
+
+
+def test_prefill_kernel_is_chosen_per_device_and_checked(monkeypatch):
+    from keepkv.ops.attention import prefill_kernel_for
+
+    assert prefill_kernel_for(torch.device("cpu")) == "split"
+    assert prefill_kernel_for(torch.device("meta")) == "flex"  # no fused attention with log-sum-exp there
+    monkeypatch.setattr(attention, "PREFILL_KERNEL", "flex")
+    assert prefill_kernel_for(torch.device("cpu")) == "flex"
+    monkeypatch.setattr(attention, "PREFILL_KERNEL", "dense")
+    with pytest.raises(ValueError, match="PREFILL_KERNEL"):
+        prefill_kernel_for(torch.device("cpu"))
+
+
+def test_engine_routes_only_eligible_chunks_to_the_split_kernel(monkeypatch):
+    from keepkv.generate import GenerationEngine
+    from tests.conftest import tiny_network
+
+    engine = GenerationEngine(tiny_network(), compile=True, prefill_chunk_size=8)  # nothing compiles here
+    engine.prepare_caches(2, 16, 4)
+    engine.cache_manager.filled = 8
+    right_padded = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    assert engine._split_prefill_past(right_padded) == [8, 8]  # every layer: the 8 slots written before
+    left_padded = torch.tensor([[True] * 8, [False] * 3 + [True] * 5])
+    assert engine._split_prefill_past(left_padded) is None  # padding before a real token: flex
+    assert engine._split_prefill_past(right_padded[:, :1]) is None  # one token: the decode kernels
+    monkeypatch.setattr(attention, "PREFILL_KERNEL", "flex")
+    assert engine._split_prefill_past(right_padded) is None
+    eager = GenerationEngine(tiny_network(), compile=False, prefill_chunk_size=8)
+    eager.prepare_caches(1, 8, 4)
+    assert eager._split_prefill_past(right_padded[:1]) is None  # eager runs keep the dense reference

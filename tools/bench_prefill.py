@@ -129,6 +129,157 @@ def cmd_memory(args) -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=1, default=str))
 
 
+# ---- profile: where a prefill's time goes ----------------------------------------------------------------------
+class _Timer:
+    """Accumulates wall-clock seconds of the wrapped callables, per label and per prefill chunk."""
+
+    def __init__(self) -> None:
+        self.chunk: dict[str, float] = {}
+        self.chunks: list[dict[str, float]] = []
+
+    def wrap(self, label: str, fn):
+        import time
+
+        def timed(*a, **k):
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.chunk[label] = self.chunk.get(label, 0.0) + time.perf_counter() - started
+        return timed
+
+    def end_chunk(self) -> None:
+        self.chunks.append(self.chunk)
+        self.chunk = {}
+
+
+def profile_keepkv(model: str, dtype: str, ids: list[int], kv_budget, method, runs: int, chunk: int | None) -> dict:
+    """Prefill ``ids`` through keepkv's default compiled path; per chunk: attention kernel, query observation
+    (score state), compression (``make_room``), cache writes, the rest of the layers, and the LM head."""
+    import statistics
+    import time
+
+    import keepkv.models.transformer as tr
+    from keepkv.models import load
+
+    kwargs = {"prefill_chunk_size": chunk} if chunk else {}
+    lm = load(model, kv_budget=kv_budget, method=method, dtype=bc.dtype_of(dtype), **kwargs)
+    engine = lm.engine
+    timer = _Timer()
+    originals = (tr.vote_attention, tr.vote_attention_chunk)
+    tr.vote_attention = timer.wrap("attention", originals[0])
+    tr.vote_attention_chunk = timer.wrap("attention", originals[1])
+    manager = engine.cache_manager
+    manager.make_room = timer.wrap("compression", manager.make_room)
+    forward_chunk = engine._forward_chunk
+
+    def chunk_fn(*a):
+        for cache in engine.caches:  # caches may be replaced by make_room: wrap the current ones per chunk
+            if "observe_queries" not in cache.__dict__:
+                cache.observe_queries = timer.wrap("observe_queries", cache.observe_queries)
+                cache.write = timer.wrap("cache_write", cache.write)
+        started = time.perf_counter()
+        out = forward_chunk(*a)
+        timer.chunk["chunk_total"] = time.perf_counter() - started
+        timer.end_chunk()
+        return out
+
+    engine._forward_chunk = chunk_fn
+    input_ids = torch.tensor([ids])
+    valid = torch.ones_like(input_ids, dtype=torch.bool)
+    totals = []
+    try:
+        for run in range(runs + 1):  # run 0 compiles
+            timer.chunks = []
+            engine.prepare_caches(1, len(ids), 1)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                engine.prefill(input_ids, valid)
+                engine.end_prefill()
+            totals.append((time.perf_counter() - started, timer.chunks))
+    finally:
+        tr.vote_attention, tr.vote_attention_chunk = originals
+    timed = totals[1:]
+    best = sorted(timed, key=lambda t: t[0])[len(timed) // 2]  # the median run
+    per_chunk = []
+    for c in best[1]:
+        inner = sum(v for k, v in c.items() if k in ("attention", "observe_queries", "compression", "cache_write"))
+        per_chunk.append({**{k: round(v * 1e3, 2) for k, v in c.items()},
+                          "rest_of_layers": round((c["chunk_total"] - inner) * 1e3, 2)})
+    keys = ("chunk_total", "attention", "observe_queries", "compression", "cache_write", "rest_of_layers")
+    summed = {k: round(sum(c.get(k, 0.0) for c in per_chunk) / 1e3, 3) for k in keys}
+    return {"engine": "keepkv", "kv_budget": kv_budget, "method": method or ("keepkv" if kv_budget else "full"),
+            "chunk": engine.prefill_chunk_size, "prefill_seconds": statistics.median(t[0] for t in timed),
+            "prefill_seconds_all": [t[0] for t in timed], "seconds_by_part": summed, "per_chunk_ms": per_chunk}
+
+
+def profile_transformers(gguf: str, dtype: str, ids: list[int], runs: int) -> dict:
+    """transformers' prefill (one forward of the whole prompt, SDPA, logits of the last token only) on the same
+    GGUF weights, with its SDPA calls timed apart."""
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    from peer_common import load_gguf
+
+    model = load_gguf(gguf, dtype)
+    timer = _Timer()
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = timer.wrap("attention", original)
+    input_ids = torch.tensor([ids])
+    seconds, parts = [], []
+    try:
+        for run in range(runs + 1):
+            started = time.perf_counter()
+            with torch.inference_mode():
+                model(input_ids, attention_mask=torch.ones_like(input_ids), logits_to_keep=1, use_cache=True)
+            seconds.append(time.perf_counter() - started)
+            parts.append(timer.chunk)
+            timer.chunk = {}
+    finally:
+        F.scaled_dot_product_attention = original
+    import transformers
+
+    mid = sorted(range(1, runs + 1), key=lambda i: seconds[i])[runs // 2]
+    return {"engine": "transformers", "version": transformers.__version__, "prefill_seconds":
+            statistics.median(seconds[1:]), "prefill_seconds_all": seconds[1:],
+            "seconds_by_part": {"total": round(seconds[mid], 3), "attention": round(parts[mid]["attention"], 3),
+                                "rest": round(seconds[mid] - parts[mid]["attention"], 3)}}
+
+
+def cmd_profile(args) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_peers import ASSETS, prompt_ids
+    from keepkv import assets
+    from keepkv.models import load
+
+    import keepkv.ops.attention as attention
+
+    attention.PREFILL_KERNEL = args.prefill_kernel
+    tokenizer = load(args.model, compile=False).tokenizer
+    ids = prompt_ids(tokenizer, args.context)
+    rows = []
+    for dtype in args.dtypes:
+        torch.set_default_dtype(torch.float32)
+        for budget in args.budgets:
+            kv_budget = None if budget >= 1.0 else budget
+            row = profile_keepkv(args.model, dtype, ids, kv_budget, args.method, args.runs, args.chunk)
+            row["dtype"], row["prefill_kernel"] = dtype, args.prefill_kernel
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "per_chunk_ms"}), flush=True)
+        if not args.no_transformers:
+            row = profile_transformers(str(assets.offline_asset_path(ASSETS[args.model])), dtype, ids, args.runs)
+            row["dtype"] = dtype
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = args.out or f"prefill_profile_{args.model}_{args.context}.json"
+    bc.write_json(out, {"benchmark": "where a prefill's time goes (keepkv per chunk; transformers whole prompt)",
+                        "model": args.model, "context": args.context, "runs": args.runs,
+                        "machine": bc.machine_facts(), "rows": rows})
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,8 +294,19 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--chunk", type=int, default=512)
+    p = sub.add_parser("profile", help="per-chunk split of a prefill (keepkv) beside transformers' prefill")
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.1], help="1.0 = full cache")
+    p.add_argument("--method", default=None, help="compression method (default: KeepKV)")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: keepkv's)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--prefill-kernel", default="auto", help="keepkv.ops.attention.PREFILL_KERNEL for this run")
+    p.add_argument("--out", default=None, help="file name under results/bench/")
     args = parser.parse_args(argv)
-    {"attention": cmd_attention, "memory": cmd_memory}[args.command](args)
+    {"attention": cmd_attention, "memory": cmd_memory, "profile": cmd_profile}[args.command](args)
 
 
 if __name__ == "__main__":

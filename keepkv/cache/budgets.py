@@ -44,7 +44,7 @@ from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.policy import CompressionMethod
 from keepkv.errors import KeepKVError
 
-LAYER_BUDGETS = ("uniform", "pyramid")
+LAYER_BUDGETS = ("uniform", "pyramid", "cosine")
 HEAD_BUDGETS = ("uniform", "adakv")
 
 
@@ -72,6 +72,40 @@ def pyramid_layer_budgets(budget: int, num_layers: int, protected: int, beta: in
     largest = 2 * selectable - smallest
     shares = [largest - (largest - smallest) * layer / (num_layers - 1) for layer in range(num_layers)]
     return [protected + r for r in largest_remainder(shares, selectable * num_layers)]
+
+
+def cosine_layer_budgets(budget: int, num_layers: int, protected: int, decay: float = 0.8) -> list[int]:
+    """The official KeepKV code's PyramidInfer-style cosine schedule: ``protected + R_l`` with ``mean_l R_l = R``
+    (``R = budget - protected``) and
+
+        R_l  proportional to  (1 - decay) (cos(pi l / L) + 1) / 2 + decay
+
+    (``decay = 0.8``, the reference code's default: the last layer keeps about 0.8 of the first layer's
+    selectable entries). The reference code also scales a constant "recent" share with the same factor; keepkv's
+    protected entries (sinks + window) are that constant part, identical in every layer. Largest-remainder
+    rounding: the integer budgets average to exactly ``budget``.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be positive, got {num_layers}")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    selectable = budget - protected
+    if selectable <= 0 or num_layers == 1:
+        return [budget] * num_layers
+    weights = [(1 - decay) * (math.cos(math.pi * layer / num_layers) + 1) / 2 + decay for layer in range(num_layers)]
+    total = selectable * num_layers
+    shares = [total * w / sum(weights) for w in weights]
+    return [protected + r for r in largest_remainder(shares, total)]
+
+
+def layer_budget_schedule(kind: str, budget: int, num_layers: int, protected: int, *, pyramid_beta: int = 20,
+                          cosine_decay: float = 0.8) -> list[int]:
+    """Per-layer budgets of a named schedule (``LAYER_BUDGETS``): uniform, PyramidKV's linear, KeepKV's cosine."""
+    if kind == "pyramid":
+        return pyramid_layer_budgets(budget, num_layers, protected, pyramid_beta)
+    if kind == "cosine":
+        return cosine_layer_budgets(budget, num_layers, protected, cosine_decay)
+    return [budget] * num_layers
 
 
 def adakv_head_budgets(keep_priority: Tensor, protected: Tensor, live: Tensor, layer_budget: int,
@@ -114,13 +148,15 @@ def adakv_head_budgets(keep_priority: Tensor, protected: Tensor, live: Tensor, l
 class BudgetOptions(CompressionMethod):
     """Budget-shaping options for scoring methods (module docstring):
 
-    - ``layer_budgets``: ``"uniform"`` (default) or ``"pyramid"`` (PyramidKV schedule, ``pyramid_beta = 20``);
+    - ``layer_budgets``: ``"uniform"`` (default), ``"pyramid"`` (PyramidKV schedule, ``pyramid_beta = 20``) or
+      ``"cosine"`` (the official KeepKV code's schedule, ``cosine_decay = 0.8``: :func:`cosine_layer_budgets`);
     - ``head_budgets``: ``"uniform"`` (default) or ``"adakv"`` (``adakv_floor = 0.2`` of each head's selectable
       budget kept first, heads at most ``adakv_head_cap = 2.0`` times the layer budget).
     """
 
     layer_budgets: str = "uniform"
     pyramid_beta: int = 20
+    cosine_decay: float = 0.8
     head_budgets: str = "uniform"
     adakv_floor: float = 0.2
     adakv_head_cap: float = 2.0
@@ -135,15 +171,16 @@ class BudgetOptions(CompressionMethod):
                               f"{', '.join(HEAD_BUDGETS)}")
         if self.pyramid_beta < 1:
             raise KeepKVError(f"{self.name}: pyramid_beta must be an integer >= 1, got {self.pyramid_beta}")
+        if not 0.0 <= float(self.cosine_decay) <= 1.0:
+            raise KeepKVError(f"{self.name}: cosine_decay must lie in [0, 1], got {self.cosine_decay}")
         if not 0.0 <= float(self.adakv_floor) <= 1.0:
             raise KeepKVError(f"{self.name}: adakv_floor must lie in [0, 1], got {self.adakv_floor}")
         if not float(self.adakv_head_cap) >= 1.0:
             raise KeepKVError(f"{self.name}: adakv_head_cap must be >= 1, got {self.adakv_head_cap}")
 
     def plan_layer_budgets(self, budget: int, num_layers: int) -> list[int]:
-        if self.layer_budgets == "pyramid":
-            return pyramid_layer_budgets(budget, num_layers, self.protected_entries, self.pyramid_beta)
-        return [budget] * num_layers
+        return layer_budget_schedule(self.layer_budgets, budget, num_layers, self.protected_entries,
+                                     pyramid_beta=self.pyramid_beta, cosine_decay=float(self.cosine_decay))
 
     def slots_for_budget(self, layer_budget: int) -> int:
         if self.head_budgets == "adakv":

@@ -14,6 +14,9 @@
     the cache grow by the new tokens instead.
 
   Peak cache memory is therefore ``max(B + chunk, B + W)`` slots per head, whatever the prompt length.
+  ``prefill_compression="once"`` instead keeps the whole prompt through prefill (the full cache's memory for it)
+  and compresses once at its end, as the official KeepKV / SnapKV code and kvpress do: every kept entry is then
+  chosen by the prompt's last queries (a question at the end of a long prompt sees the whole context).
   With per-layer budgets ``B_l`` (PyramidKV, D2O; their mean is ``B``) every layer's buffer is padded to one
   capacity, ``max_l slots_l + chunk`` / ``max_l slots_l + W``: layer ``l`` still holds at most ``B_l`` live
   entries after a compression (its other slots are empty, ``log_votes = -inf``, masked in attention), but all
@@ -52,6 +55,9 @@ if TYPE_CHECKING:
     from keepkv.models.config import ModelConfig
 
 CAPACITY_QUANTUM = 256
+
+
+PREFILL_COMPRESSION = ("chunked", "once")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -145,12 +151,15 @@ class CompressedCacheManager(FullCacheManager):
 
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod,
-        kv_budget: float | int, decode_slack: int = 64,
+        kv_budget: float | int, decode_slack: int = 64, prefill_compression: str = "chunked",
     ) -> None:
         super().__init__(config, dtype, device)
         if decode_slack < 1:
             raise ValueError(f"decode_slack must be >= 1, got {decode_slack}")
+        if prefill_compression not in PREFILL_COMPRESSION:
+            raise ValueError(f"prefill_compression must be one of {PREFILL_COMPRESSION}, got {prefill_compression!r}")
         self.method, self.kv_budget, self.decode_slack = method, kv_budget, decode_slack
+        self.prefill_compression = prefill_compression
         self.budget = 0
         self.compressions = 0
         self.layer_budgets: list[int] = []
@@ -298,9 +307,12 @@ class CompressedCacheManager(FullCacheManager):
         self.budgets_measured = False
         self.room = chunk
         # a prompt that fits in the budgeted slots (or in fewer than slots + chunk) needs no more than its padded
-        # length: no compression during prefill, the capacity of the full cache
+        # length: no compression during prefill, the capacity of the full cache. prefill_compression="once" keeps
+        # the whole prompt (the full cache's prefill memory) and compresses once, in end_prefill
         slots = max(self.layer_slots)
-        capacity = min(slots + chunk, max(slots, padded_prompt_tokens))
+        capacity = max(slots, padded_prompt_tokens)
+        if self.prefill_compression == "chunked":
+            capacity = min(slots + chunk, capacity)
         self.caches = self._new_caches(batch_size, capacity)
         self.cursors = [0] * self.config.num_layers
         self.filled = 0

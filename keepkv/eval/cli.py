@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-TASKS = ("fidelity", "ppl", "niah", "qa")
+TASKS = ("fidelity", "ppl", "niah", "qa", "tasks")
 
 
 def _floats(text: str) -> list[float]:
@@ -26,7 +26,9 @@ def _ints(text: str) -> list[int]:
 
 
 def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
-    parser.add_argument("--grid", default="quick", choices=["quick", "full", "quality"],
+    from keepkv.eval.grid import GRIDS
+
+    parser.add_argument("--grid", default="quick", choices=list(GRIDS),
                         help="default sizes, models, methods and budgets (default: quick)")
     parser.add_argument("--results", default="results/eval", help="results directory (JSON lines + PNGs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of needles, questions and distractors")
@@ -37,10 +39,14 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
         parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of tasks (default: {','.join(TASKS)})")
         parser.add_argument("--readme", default=None, help="README to rewrite the eval block of (after the report)")
         return
+    if task in ("tasks", "export-tasks"):
+        parser.add_argument("model_arg", nargs="?", default=None, metavar="MODEL",
+                            help="model name or path (same as --model)")
     parser.add_argument("--model", default=None, help="model name (default: the grid's first model)")
-    parser.add_argument("--methods", default=None, help="comma list of configurations, e.g. full,snapkv,keepkv:zip,"
-                        "snapkv+keepkv (default: the grid's)")
-    parser.add_argument("--budgets", type=_floats, default=None, help="comma list of fractions, e.g. 0.05,0.1")
+    if task != "export-tasks":
+        parser.add_argument("--methods", default=None, help="comma list of configurations, e.g. full,snapkv,"
+                            "keepkv:zip,snapkv+keepkv (default: the grid's)")
+        parser.add_argument("--budgets", type=_floats, default=None, help="comma list of fractions, e.g. 0.05,0.1")
     if task == "fidelity":
         parser.add_argument("--context-tokens", type=int, default=None)
         parser.add_argument("--steps", type=int, default=None, help="teacher-forced decode steps after compressing")
@@ -59,6 +65,26 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
         parser.add_argument("--count", type=int, default=None, help="number of questions")
         parser.add_argument("--context-tokens", type=int, default=None)
         parser.add_argument("--batch", type=int, default=None, help="questions per shared-prefill batch")
+    if task in ("tasks", "export-tasks"):
+        parser.add_argument("--tasks", dest="families", default=None,
+                            help="comma list of task families (keepkv.eval.tasks.FAMILIES: niah_single, multikey, "
+                            "multivalue, multiquery, vt, qa_squad, qa_hotpot; default: the grid's)")
+        parser.add_argument("--lengths", type=_ints, default=None,
+                            help="target lengths in tokens (prompt + answer), e.g. 2048,4096; lengths above the "
+                            "model's context are skipped")
+        parser.add_argument("--samples", type=int, default=None, help="samples per task family and length")
+        parser.add_argument("--haystack", default=None, choices=["essays", "jargon", "licenses"],
+                            help="haystack text of the needle tasks (default: essays)")
+    if task == "tasks":
+        parser.add_argument("--protocols", default=None,
+                            help="comma list of aware (question compressed), agnostic (question after compression)")
+        parser.add_argument("--dataset", default=None, metavar="PATH",
+                            help="run the records of a .jsonl / .parquet file with kvpress's columns (context, "
+                            "question, answer_prefix, answers, max_new_tokens) instead of generating tasks")
+        parser.add_argument("--batch", type=int, default=None, help="samples per shared-prefill batch")
+    if task == "export-tasks":
+        parser.add_argument("--out", required=True, metavar="FILE.jsonl|FILE.parquet",
+                            help="where to write the tasks (kvpress's columns + task, length, sample)")
     if task in ("niah", "qa"):
         parser.add_argument("--export-prompts", default=None, metavar="FILE.jsonl",
                             help="write one JSON line per cell (context, question, answers ...) for peer engines")
@@ -75,11 +101,20 @@ def add_eval_command(commands) -> None:
         "ppl": "perplexity with streaming compression held at the budget (ratio to full)",
         "niah": "needle in a haystack: depths x context lengths, exact match, heatmap",
         "qa": "SQuAD v2 questions among distractor paragraphs: F1 / exact match",
+        "tasks": "RULER-style tasks (needles, multi-key/value/query, variable tracking, SQuAD/HotpotQA) or a "
+                 "kvpress-column dataset (--dataset), both protocols",
     }
     for task, text in helps.items():
         sub = tasks.add_parser(task, help=text, description=text)
         _common(sub, task)
         sub.set_defaults(run=run_task, task=task)
+        if task == "tasks":
+            sub.set_defaults(results="results/tasks")
+    export = tasks.add_parser("export-tasks", help="write keepkv's RULER-style tasks as a kvpress dataset "
+                              "(.jsonl / .parquet)", description="Generate the tasks with MODEL's tokenizer and write "
+                              "them with kvpress's columns, for kvpress or any other engine.")
+    _common(export, "export-tasks")
+    export.set_defaults(run=run_export_tasks)
     report = tasks.add_parser("report", help="Markdown table + plots from a results directory (peers included)")
     report.add_argument("--results", default="results/eval")
     report.add_argument("--readme", default=None, help="also rewrite this README's eval block")
@@ -101,7 +136,7 @@ def _model_grid(args):
     from keepkv.eval.grid import grid
 
     grids = grid(args.grid)
-    name = getattr(args, "model", None)
+    name = getattr(args, "model_arg", None) or getattr(args, "model", None)
     if name is None:
         return grids[0]
     for g in grids:
@@ -140,6 +175,14 @@ def run_one(task: str, model, g, store, *, seed: int = 0, progress: bool = True,
                  seed=seed, export_prompts=pick("export_prompts", None), progress=progress,
                  run=not pick("export_only", False), samples=pick("samples", g.niah_samples),
                  protocols=tuple(pick("protocols", ",".join(g.niah_protocols)).split(",")))
+    elif task == "tasks":
+        from keepkv.eval.tasks import run_tasks
+
+        records, source = task_records(args)
+        run_tasks(model, configs, budgets, store, families=_families(pick("families", None), g),
+                  lengths=pick("lengths", g.task_lengths), samples=pick("samples", g.task_samples), records=records,
+                  source=source, seed=seed, haystack_name=pick("haystack", "essays"), batch=pick("batch", g.task_batch),
+                  protocols=_protocols(pick("protocols", ",".join(g.task_protocols))), progress=progress)
     elif task == "qa":
         from keepkv.eval.qa import run_qa
 
@@ -149,12 +192,74 @@ def run_one(task: str, model, g, store, *, seed: int = 0, progress: bool = True,
 
 
 
+def _families(text: str | None, g) -> list[str]:
+    from keepkv.eval.tasks import check_families
+
+    return check_families(text.split(",") if text else g.task_families)
+
+
+def _protocols(text: str) -> tuple[str, ...]:
+    from keepkv.errors import KeepKVError
+    from keepkv.eval.prompted import PROTOCOLS
+
+    protocols = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise KeepKVError(f"unknown protocol {', '.join(bad) or '(none)'}; allowed: {', '.join(PROTOCOLS)}")
+    return protocols
+
+
+def task_records(args) -> tuple[list | None, str | None]:
+    """``(records, source)`` of ``--dataset`` (read and checked before any model is loaded), else ``(None, None)``."""
+    path = getattr(args, "dataset", None) if args is not None else None
+    if not path:
+        return None, None
+    from keepkv.eval.dataset import dataset_source, read_dataset
+    from keepkv.eval.tasks import check_unique_cells
+
+    return check_unique_cells(read_dataset(path)), f"dataset-{dataset_source(path)}"
+
+
+def _check_task_args(args, g) -> None:
+    """Bad task options fail before the model is loaded."""
+    if args.task != "tasks":
+        return
+    from keepkv.errors import KeepKVError
+
+    task_records(args)
+    _families(args.families, g)
+    _protocols(args.protocols or ",".join(g.task_protocols))
+    for name in ("samples", "batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise KeepKVError(f"--{name} must be >= 1, got {value}")
+    if args.lengths is not None and (not args.lengths or min(args.lengths) < 128):
+        raise KeepKVError(f"--lengths must be token counts >= 128, got {args.lengths}")
+
+
+def run_export_tasks(args) -> int:
+    from keepkv.eval.dataset import dataset_format, write_dataset
+    from keepkv.eval.tasks import generate_tasks, load_tokenizer, usable_lengths
+
+    g = _model_grid(args)
+    dataset_format(args.out)
+    families = _families(args.families, g)
+    tokenizer, context_limit = load_tokenizer(g.model)
+    lengths = usable_lengths(args.lengths or g.task_lengths, context_limit)
+    records = generate_tasks(tokenizer, families, lengths, args.samples or g.task_samples, args.seed,
+                             args.haystack or "essays", progress=not args.no_progress)
+    path = write_dataset(records, args.out)
+    print(f"[keepkv eval] export-tasks {g.model}: {len(records)} records -> {path}", file=sys.stderr)
+    return 0
+
+
 def run_task(args) -> int:
     _setup(args)
     from keepkv.eval.results import ResultStore
     from keepkv.eval.session import EvalModel
 
     g = _model_grid(args)
+    _check_task_args(args, g)
     store = ResultStore(args.results)
     started = time.perf_counter()
     model = EvalModel(g.model)
@@ -182,7 +287,7 @@ def run_all(args) -> int:
     store = ResultStore(args.results)
     wanted_models = args.models.split(",") if args.models else None
     tasks = [t for t in args.tasks.split(",") if t]
-    order = {t: i for i, t in enumerate(("fidelity", "niah", "ppl", "qa"))}
+    order = {t: i for i, t in enumerate(("fidelity", "niah", "ppl", "qa", "tasks"))}
     tasks.sort(key=lambda t: order.get(t, len(order)))
     failures: list[str] = []
     import torch

@@ -1,6 +1,17 @@
 """The two grids of ``keepkv eval all``: ``quick`` (CI / smoke, about a minute) and ``full`` (the README results:
 measured ~23 min for SmolLM2 and ~67 min for Qwen2.5-Coder-0.5B on 2 CPU cores, ``results/eval/walltime.log``).
 
+``headline`` (issue 13): the RULER-style tasks (:mod:`keepkv.eval.tasks`, all 7 families at 2048 tokens, both
+protocols) for SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B, ``HEADLINE_CONFIGS`` at 10/20/50%. Sized for ~2 h on 2
+cores from the SmolLM2 first look (``results/tasks/RUN.md``): a 2048-token sample costs ~15 s of shared prefill
+per protocol, a configuration-budget run of an 8-row batch ~9 s with 24 new tokens (extrapolated: ~20 s for the
+64 of a mixed batch). Batches mix one sample of every family (7 rows), so each configuration runs once per batch; per model that is
+2 protocols x (7 S prefills + S x 22 runs) for S samples per family. SmolLM2 with S = 2: ~7 min prefill + ~26 min
+runs. The Qwen models were not timed here; scaled by parameters (prefill, compute-bound) and weight bytes (decode,
+memory-bound): Qwen-0.5B S = 1 ~20 min, Qwen-1.5B S = 1 ~65 min. Total ~2 h, with 14 / 7 / 7 samples per
+configuration and protocol: enough to rank methods coarsely, far from the +-0.10 intervals of issue 13 (about
+100 samples per cell; ~15x this grid on 2 cores).
+
 Sizing of the full grid (measured costs in ``results/eval/RUN.md``): every configuration at every budget shares
 one full prefill per cell group, so the cost is ~(prefills) + (configurations x budgets x short decodes) for NIAH /
 QA / fidelity, and ~(configurations x budgets x document) chunked forwards for perplexity. Qwen2.5-Coder-0.5B costs
@@ -16,6 +27,7 @@ from keepkv.eval.results import MethodConfig
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 QWEN = "Qwen2.5-Coder-0.5B-Instruct"
+QWEN_15 = "Qwen2.5-Coder-1.5B-Instruct"
 
 ALL_CONFIGS = [
     "full", "streamingllm", "h2o", "snapkv", "tova", "pyramidkv", "criticalkv", "weightedkv", "cam", "d2o",
@@ -45,6 +57,13 @@ written out), each new option added one at a time, and each configuration again 
 (``similarity_threshold=1.0``: its own base selector), beside the eviction methods it must beat."""
 
 
+HEADLINE_CONFIGS = [
+    "full", "keepkv", "keepkv@similarity_threshold=1.0", "snapkv", "tova", "streamingllm", "h2o", "criticalkv",
+]
+"""The headline comparison (issue 13): KeepKV with today's defaults, the same configuration without merging (a
+similarity threshold no cosine exceeds: its own base selector), and the eviction methods it must beat."""
+
+
 @dataclass
 class ModelGrid:
     """What one model runs. Sizes in tokens."""
@@ -65,6 +84,12 @@ class ModelGrid:
     qa_count: int = 8
     qa_context: int = 2048
     qa_batch: int = 4
+    task_families: list[str] = field(default_factory=lambda: ["niah_single", "multikey", "multivalue", "multiquery",
+                                                              "vt", "qa_squad", "qa_hotpot"])
+    task_lengths: list[int] = field(default_factory=lambda: [2048])
+    task_samples: int = 4
+    task_protocols: tuple[str, ...] = ("aware", "agnostic")
+    task_batch: int = 4
     tasks: tuple[str, ...] = ("fidelity", "niah", "ppl", "qa")
 
     def method_configs(self) -> list[MethodConfig]:
@@ -79,7 +104,14 @@ GRIDS: dict[str, list[ModelGrid]] = {
     ],
     "quick": [
         ModelGrid(SMOLLM2, configs=["full", "keepkv:minnorm"], budgets=[0.25], fidelity_context=256, fidelity_steps=4,
-                  ppl_tokens=256, niah_lengths=[384], niah_depths=[0.5], qa_count=1, qa_context=384, qa_batch=1),
+                  ppl_tokens=256, niah_lengths=[384], niah_depths=[0.5], qa_count=1, qa_context=384, qa_batch=1,
+                  task_families=["multikey"], task_lengths=[512], task_samples=1,
+                  tasks=("fidelity", "niah", "ppl", "qa", "tasks")),
+    ],
+    "headline": [
+        ModelGrid(model, configs=HEADLINE_CONFIGS, budgets=[0.1, 0.2, 0.5], task_lengths=[2048], task_samples=samples,
+                  task_batch=7, tasks=("tasks",))
+        for model, samples in ((SMOLLM2, 2), (QWEN, 1), (QWEN_15, 1))
     ],
     "full": [
         ModelGrid(SMOLLM2, ppl_tokens=1024, qa_count=4, qa_context=1024, qa_batch=4),

@@ -406,8 +406,8 @@ def write_report(results: str | Path, readme: str | Path | None = None) -> Path:
     """Write ``REPORT.md`` and the PNGs into ``results``; rewrite ``readme``'s eval block if given."""
     results = Path(results)
     rows = list(read_rows(results))
-    agg = aggregate(rows)
-    models = sorted({r["model"] for r in rows})
+    agg = aggregate([r for r in rows if r.get("task") != "tasks"])  # the tasks' own section: tasks_report.py
+    models = sorted({k[0] for k in agg})
     images = []
     for model in models:
         slug = _slug(model)
@@ -417,6 +417,12 @@ def write_report(results: str | Path, readme: str | Path | None = None) -> Path:
             images.append(f"niah_{slug}.png")
         if plot_fidelity_layers(rows, model, results / f"fidelity_layers_{slug}.png"):
             images.append(f"fidelity_layers_{slug}.png")
+    # -- RULER-style tasks (keepkv/eval/tasks_report.py) --
+    from keepkv.eval.tasks_report import tasks_section
+
+    task_lines, task_images = tasks_section(rows, results)
+    images += task_images
+    # -- end tasks --
     engines = sorted({r["engine"] for r in rows})
     versions = sorted({(r["keepkv_version"], r["torch_version"]) for r in rows})
     body = [
@@ -425,7 +431,7 @@ def write_report(results: str | Path, readme: str | Path | None = None) -> Path:
         f"(engines: {', '.join(engines) or 'none'}; keepkv / torch: "
         f"{', '.join(f'{k} / {t}' for k, t in versions)}). Protocols: `keepkv/eval/*.py` docstrings and `RUN.md`.", "",
         "## Findings (computed from the table)", "", findings(agg) or "(no data)", "",
-        "## Headline", "", headline_tables(agg), "## Every number", "", full_table(agg), "",
+        "## Headline", "", headline_tables(agg), *task_lines, "## Every number", "", full_table(agg), "",
         "## Plots", "", *[f"![{name}]({name})" for name in images], "",
     ]
     path = results / "REPORT.md"

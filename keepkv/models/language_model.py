@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,6 +18,9 @@ from keepkv.models.config import ModelConfig
 from keepkv.models.tokenizer import Tokenizer
 from keepkv.models.transformer import Transformer
 from keepkv.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from keepkv.context import CompressedContext
 
 PADDING_SIDES = ("left", "right")
 TORCH_COMPILER_MODULES = r"torch\._(dynamo|inductor)(\.|$)"
@@ -46,7 +49,7 @@ class LanguageModel:
     def __init__(
         self, network: Transformer, tokenizer: Tokenizer, *, name: str, source: str, method: str,
         kv_budget: float | int | None, compile: bool, prefill_chunk_size: int,
-        method_object: CompressionMethod | None = None, decode_slack: int = 64,
+        method_object: CompressionMethod | None = None, decode_slack: int = 64, prefill_compression: str = "chunked",
     ) -> None:
         self.network = network
         self.tokenizer = tokenizer
@@ -59,7 +62,7 @@ class LanguageModel:
             method_object.use_compiled_ops = compile
             cache_manager = CompressedCacheManager(
                 self.config, network.model.embed_tokens.weight.dtype, network.inv_freq.device, method_object,
-                kv_budget, decode_slack,
+                kv_budget, decode_slack, prefill_compression,
             )
         self.engine = GenerationEngine(
             network, compile=compile, prefill_chunk_size=prefill_chunk_size, cache_manager=cache_manager
@@ -168,14 +171,19 @@ class LanguageModel:
         top_p: float | None = None, seed: int | None = None, chat: bool = False,
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as tokens arrive (a piece may span tokens when a
-        character needs several byte-level tokens). Arguments as for :meth:`generate`, checked at the first
-        ``next()``."""
+        character needs several byte-level tokens). Arguments as for :meth:`generate`, checked when ``stream`` is
+        called (before the first ``next()``); the engine starts at the first ``next()``."""
         require_text(prompt, "prompt")
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        tokens = self._token_stream([prompt], max_new_tokens, sampling, chat, "left")
+        return self._text_pieces(tokens)
+
+    def _text_pieces(self, tokens: Iterator[Tensor]) -> Iterator[str]:
+        """Decode a one-row token stream into the text each token adds, holding back incomplete UTF-8."""
         eos = set(self.tokenizer.eos_token_ids)
         generated: list[int] = []
         emitted = ""
-        for token in self._token_stream([prompt], max_new_tokens, sampling, chat, "left"):
+        for token in tokens:
             token_id = int(token[0])
             if token_id in eos:
                 break
@@ -229,6 +237,22 @@ class LanguageModel:
         if stats is not None:
             report["merge_stats"] = stats.as_dict()
         return report
+
+    # ---- prefill once, ask many (keepkv.context; issue 17 item 4) ------------------------------------------
+    def prefill(self, context: str, kv_budget: float | int | None = None, method: str | None = None,
+                question: str | None = None, **method_options: Any) -> "CompressedContext":
+        """Compress ``context`` once and answer several questions from copies of it
+        (:class:`keepkv.context.CompressedContext`: ``.generate(question, max_new_tokens=...) -> str``,
+        ``.save(path)``; :func:`keepkv.context.load_context`). ``kv_budget`` / ``method`` / ``method_options`` as
+        for :func:`keepkv.models.load` (both omitted: this model's own); a ``question`` here ends the prompt, so the
+        compression sees it (query-aware), else it is query-agnostic."""
+        from keepkv.context import prefill_context
+
+        if kv_budget is None and method is None:
+            kv_budget, method = self.kv_budget, self.method
+        return prefill_context(self, context, kv_budget=kv_budget, method=method, question=question,
+                               **method_options)
+    # ---- end of prefill once, ask many ----------------------------------------------------------------------
 
     # ---- facts ----------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

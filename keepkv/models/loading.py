@@ -8,8 +8,11 @@ from typing import Any
 import torch
 
 from keepkv.cache.budget import is_full_budget, validate_budget
+from keepkv.cache.manager import PREFILL_COMPRESSION
 from keepkv.cache.methods import FULL, make_method
-from keepkv.checks import require_bool, require_int, require_str, require_text, shown
+from keepkv.checks import (
+    require_bool, require_choice, require_int, require_str, require_text, shown,
+)
 from keepkv.errors import KeepKVError
 from keepkv.models.checkpoint import load_gguf, load_hf_folder
 from keepkv.models.language_model import LanguageModel
@@ -78,9 +81,16 @@ def resolve_method(method: str | None, kv_budget: float | int | None, options: d
 
 def check_load_arguments(
     name_or_path: Any, kv_budget: float | int | None, *, compile: Any, prefill_chunk_size: Any, decode_slack: Any,
-    revision: Any, local_files_only: Any,
+    revision: Any, local_files_only: Any, prefill_compression: Any = None,
 ) -> int:
     """Type- and range-check :func:`load`'s plain arguments (see its docstring); returns the decode slack to use."""
+    if prefill_compression is not None:
+        require_choice(prefill_compression, "prefill_compression", PREFILL_COMPRESSION)
+        if kv_budget is None:
+            raise KeepKVError(
+                f"prefill_compression={prefill_compression!r} only applies to a compressed cache, and no kv_budget "
+                "was given: add a kv_budget (e.g. kv_budget=0.1), or leave prefill_compression out"
+            )
     if not isinstance(name_or_path, Path):
         require_text(name_or_path, "name_or_path")
         if not name_or_path.strip():
@@ -101,8 +111,8 @@ def check_load_arguments(
 def load(
     name_or_path: str | Path, kv_budget: float | int | None = None, method: str | None = None, *,
     dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None, compile: bool = True,
-    prefill_chunk_size: int = 512, decode_slack: int | None = None, revision: str | None = None,
-    local_files_only: bool | None = None, **method_options: Any,
+    prefill_chunk_size: int = 512, decode_slack: int | None = None, prefill_compression: str | None = None,
+    revision: str | None = None, local_files_only: bool | None = None, **method_options: Any,
 ) -> LanguageModel:
     """Load a model for generation and scoring.
 
@@ -121,6 +131,10 @@ def load(
             (``1`` = every step, as in the papers; larger amortises the compression cost); ``None`` means
             ``64``. It only means something for a compressed cache, so giving it without a ``kv_budget`` is an
             error (you most likely forgot the budget); with ``kv_budget=1.0`` (the full cache) it is ignored.
+        prefill_compression: ``"chunked"`` (``None``, the default: the prompt is compressed whenever ``budget +
+            chunk`` slots fill, so the cache never holds more than that) or ``"once"`` (the whole prompt is kept
+            through prefill and compressed once at its end, as the papers' code does: more memory during prefill,
+            every kept entry chosen by the prompt's last queries). Only for a compressed cache.
         method_options: the method's hyper-parameters (e.g. ``window=32``, ``variant="zip"``); unknown ones
             are an error that lists the allowed ones.
         revision: hub revision to pin when downloading; ``local_files_only``: never touch the network.
@@ -131,7 +145,8 @@ def load(
     method, method_object = resolve_method(method, kv_budget, method_options)
     decode_slack = check_load_arguments(name_or_path, kv_budget, compile=compile,
                                         prefill_chunk_size=prefill_chunk_size, decode_slack=decode_slack,
-                                        revision=revision, local_files_only=local_files_only)
+                                        revision=revision, local_files_only=local_files_only,
+                                        prefill_compression=prefill_compression)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     resolved = resolve(name_or_path, revision=revision, local_files_only=local_files_only)
     if resolved.kind == "gguf":
@@ -151,5 +166,5 @@ def load(
     return LanguageModel(
         network, tokenizer, name=name, source=str(resolved.path), method=method, kv_budget=kv_budget,
         compile=compile, prefill_chunk_size=prefill_chunk_size, method_object=method_object,
-        decode_slack=decode_slack,
+        decode_slack=decode_slack, prefill_compression=prefill_compression or "chunked",
     )

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from keepkv.cache import LayerKVCache
 from keepkv.compile_limits import repeated_region
 from keepkv.models.config import ModelConfig
-from keepkv.ops.attention import vote_attention
+from keepkv.ops.attention import vote_attention, vote_attention_chunk
 from keepkv.ops.linear import Linear
 
 
@@ -96,6 +96,9 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.kv_cache: LayerKVCache | None = None
         self.kernel = "flex"
+        # host-side count of the slots written before the current prefill chunk, set by the engine when the
+        # chunk may take the split prefill kernel (keepkv.ops.attention.vote_attention_chunk); None otherwise
+        self.prefill_past_slots: int | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         batch, q_len, _ = x.shape
@@ -108,10 +111,18 @@ class Attention(nn.Module):
             raise RuntimeError("no KV cache attached: call Transformer.attach_caches() before forward()")
         cache.write(k, v, positions, valid)
         cache.observe_queries(q, positions, valid)  # may compress in place (oracle mode) before we attend
-        out = vote_attention(
-            q, cache.keys, cache.values, cache.log_votes, cache.positions, positions, self.sliding_window,
-            kernel=self.kernel,
-        )
+        past = self.prefill_past_slots if q_len > 1 else None
+        if past is not None:  # the chunk's own keys (causal) and the slots before it, merged
+            keys_new, values_new = k.to(cache.keys.dtype), v.to(cache.values.dtype)
+            out = vote_attention_chunk(
+                q, keys_new, values_new, cache.keys[:, :, :past], cache.values[:, :, :past],
+                cache.log_votes[:, :, :past],
+            )
+        else:
+            out = vote_attention(
+                q, cache.keys, cache.values, cache.log_votes, cache.positions, positions, self.sliding_window,
+                kernel=self.kernel,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
 
@@ -176,6 +187,13 @@ class Transformer(nn.Module):
     def set_attention_kernel(self, kernel: str) -> None:
         for attention in self.attention_layers:
             attention.kernel = kernel
+
+    def set_prefill_past_slots(self, past_slots: list[int] | None) -> None:
+        """Per layer, the slots written before the next prefill chunk (host integers), which routes the chunk
+        through the split prefill kernel (:func:`keepkv.ops.attention.vote_attention_chunk`, whose
+        preconditions the caller has checked); ``None`` restores the general kernel."""
+        for layer, attention in enumerate(self.attention_layers):
+            attention.prefill_past_slots = None if past_slots is None else past_slots[layer]
 
     def forward(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """Hidden states ``[batch, T, hidden]`` after the final norm.

@@ -22,6 +22,9 @@ Three kernels compute the same thing:
   ``softmax(Q K^T / sqrt(d) + ln p)`` in float32 then ``@ V``, over :data:`DECODE_PIECES` pieces of the cache;
   ``sdpa`` is ``scaled_dot_product_attention`` with the equivalent additive bias (``ln p`` where visible, else
   ``-inf``) built at ``[B, H, T, C]``. Same maths as ``flex``.
+- ``split``: the prefill-chunk path of a compiled engine on CPU (:data:`PREFILL_KERNEL`,
+  :func:`vote_attention_chunk`): the chunk's own keys under a causal mask and the older slots with ``+ ln p``, two
+  fused flash attentions merged by their log-sum-exps; the engine uses it only where its preconditions hold.
 A query row with nothing visible (a padding token's row) yields zeros in every kernel, never NaN.
 """
 
@@ -248,6 +251,92 @@ def vote_attention_reference(
     weights = weights.reshape(batch, kv_heads, group_size * q_len, -1)
     out = torch.matmul(weights, values.to(compute_dtype))
     return out.reshape(batch, num_heads, q_len, head_dim).to(q.dtype)
+
+
+PREFILL_KERNEL = "auto"
+"""Kernel of a compiled model's prefill chunks: ``"auto"`` (default: :func:`prefill_kernel_for`), ``"split"``
+(:func:`vote_attention_chunk`) or ``"flex"`` (:func:`vote_attention_flex`). The engine only offers a chunk to
+``"split"`` when its preconditions hold (see :func:`vote_attention_chunk`); any other chunk takes ``"flex"``.
+Measured numbers: docs/profile.md, section 9."""
+
+PREFILL_KERNELS = ("auto", "split", "flex")
+
+
+def prefill_kernel_for(device: torch.device) -> str:
+    """The kernel ``PREFILL_KERNEL = "auto"`` picks for prefill chunks on ``device``: ``"split"`` where torch
+    has a fused attention returning its log-sum-exp (the CPU flash kernel), else ``"flex"``."""
+    if PREFILL_KERNEL != "auto":
+        if PREFILL_KERNEL not in PREFILL_KERNELS:
+            raise ValueError(f"unknown PREFILL_KERNEL {PREFILL_KERNEL!r}; allowed: {', '.join(PREFILL_KERNELS)}")
+        return PREFILL_KERNEL
+    return "split" if torch.device(device).type == "cpu" else "flex"
+
+
+def _attention_with_lse(q: Tensor, keys: Tensor, values: Tensor, causal: bool, bias: Tensor | None
+                        ) -> tuple[Tensor, Tensor]:
+    """Fused (flash) attention returning ``(out [B, H, T, D], logsumexp [B, H, T] float32)``; K/V may have fewer
+    heads than ``q`` (grouped). The CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``)."""
+    if q.device.type != "cpu":
+        raise NotImplementedError("the split prefill kernel needs an attention returning its log-sum-exp; on "
+                                  f"{q.device.type} use PREFILL_KERNEL = 'flex'")
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, causal,
+                                                                          attn_mask=bias)
+    return out, lse
+
+
+def _merge_two(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Softmax over the union of two disjoint key sets from the two partial results:
+    ``(e^{l_a} o_a + e^{l_b} o_b) / (e^{l_a} + e^{l_b})``, in float32; a part whose row saw nothing
+    (``l = -inf``) weighs 0, whatever its output (NaN included); a row that saw nothing in both is 0."""
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    w_a, w_b = torch.exp(lse_a - top)[..., None], torch.exp(lse_b - top)[..., None]
+    total = (w_a + w_b).clamp_min(torch.finfo(torch.float32).tiny)
+    part_a = torch.where(w_a > 0, out_a.float() * w_a, 0.0)
+    part_b = torch.where(w_b > 0, out_b.float() * w_b, 0.0)
+    return ((part_a + part_b) / total).to(out_a.dtype)
+
+
+_compiled_merge_two = torch.compile(_merge_two, dynamic=False, fullgraph=True)
+
+
+def vote_attention_chunk(
+    q: Tensor, keys_new: Tensor, values_new: Tensor, keys_past: Tensor, values_past: Tensor,
+    log_votes_past: Tensor, compiled: bool = True,
+) -> Tensor:
+    """Vote attention of a prefill chunk as two fused attentions merged by their log-sum-exp (the ``"split"``
+    prefill kernel): the chunk's own keys under a causal mask, and the slots written before the chunk, all
+    visible, with ``+ ln p`` as an additive bias broadcast over the query rows (``[B, H, 1, S]``: no ``T x S``
+    tensor is built). Exactly :func:`vote_attention_flex` when its preconditions hold:
+
+    - the chunk's keys are the ``T`` new slots, in position order, every real query's position later than every
+      past slot's (true in prefill, and for :meth:`GenerationEngine.extend` after a compression), ``ln p = 0``
+      for them, and in each row the padding (if any) comes after the real tokens (a padding query's output is
+      not defined here; the engine ignores it);
+    - no sliding window.
+
+    Shapes: ``q [B, H, T, D]``, ``keys_new/values_new [B, H_kv, T, D]``, ``keys_past/values_past [B, H_kv, S, D]``
+    (``S`` may be 0), ``log_votes_past [B, H_kv, S]`` float32. Work is ``T^2 / 2 + T S`` scores (the flash
+    kernel skips the upper triangle), against ``T x capacity`` tiles for flex. The shapes depend on ``S``; the
+    two attentions are single ATen kernels (nothing to recompile) and the merge is compiled per chunk shape.
+    """
+    batch, num_heads, q_len, _ = q.shape
+    group_size = num_heads // keys_new.shape[1]
+    past = keys_past.shape[2]
+    if past == 0:
+        return F.scaled_dot_product_attention(q, keys_new, values_new, is_causal=True, enable_gqa=group_size > 1)
+    out_new, lse_new = _attention_with_lse(q, keys_new, values_new, True, None)
+    bias = log_votes_past[:, :, None, :].to(torch.float32)
+    if group_size > 1:
+        bias = bias.repeat_interleave(group_size, dim=1)
+    out_past, lse_past = _attention_with_lse(q, keys_past, values_past, False,
+                                             bias.expand(batch, num_heads, q_len, past))
+    # a head whose past slots are all empty saw nothing there: the CPU flash kernel reports such a row as
+    # out = 0, lse = 0 (not -inf), so it is marked here
+    seen = torch.isfinite(bias[..., 0, :]).any(dim=-1, keepdim=True)  # [B, H, 1]
+    lse_past = torch.where(seen, lse_past, -float("inf"))
+    merge = _compiled_merge_two if compiled else _merge_two
+    return merge(out_new, lse_new, out_past, lse_past)
 
 
 def vote_attention(

@@ -65,6 +65,7 @@ def one_run(model, input_ids, new_tokens: int) -> dict:
         "decode_seconds": t[-1] - t[1], "decode_steps": new_tokens - 2,
         "decode_tokens_per_second": (new_tokens - 2) / (t[-1] - t[1]),
         "total_seconds": total, "tokens": out[0, input_ids.shape[1]:].tolist(),
+        "token_seconds": [stamp - started for stamp in t],  # when each new token's logits were ready
     }
 
 

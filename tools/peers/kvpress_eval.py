@@ -206,6 +206,8 @@ def bench_run(model, ids: list[int], press_name: str | None, compression_ratio: 
         "prefill_seconds": stamps[0] - started, "first_step_seconds": stamps[1] - stamps[0],
         "decode_seconds": stamps[-1] - stamps[1], "decode_steps": new_tokens - 2,
         "decode_tokens_per_second": (new_tokens - 2) / (stamps[-1] - stamps[1]), "tokens": tokens,
+        "total_seconds": stamps[-1] - started,
+        "token_seconds": [stamp - started for stamp in stamps],  # when each new token was known
     }
 
 

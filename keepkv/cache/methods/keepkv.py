@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from keepkv.cache.budgets import LAYER_BUDGETS, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.methods.snapkv import pool_along_slots
 from keepkv.cache.policy import CompressionMethod
@@ -93,6 +94,9 @@ class KeepKV(CompressionMethod):
       as the official code averages a cluster's scores per token, so a cluster does not survive by its size;
     - ``max_evicted_weight`` (``m``, 1.0 = unguarded): the dominance guard of the merge, the evicted members of
       a group weigh at most ``m`` in total and the kept entry at least ``1 - m`` (:mod:`keepkv.ops.merge`);
+    - ``layer_budgets`` (uniform | pyramid | cosine): per-layer budgets averaging the requested one; ``cosine``
+      (``cosine_decay`` 0.8) is the official code's PyramidInfer-style schedule, ``pyramid`` PyramidKV's
+      (:mod:`keepkv.cache.budgets`); layers with different budgets compress eagerly (``keepkv.cache.manager``);
     - ``kernel_size`` (1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
       neighbours of an important token (the other digits of a number) are kept with it
       (:func:`keepkv.cache.methods.snapkv.pool_along_slots`; protected and empty slots count as 0).
@@ -110,6 +114,9 @@ class KeepKV(CompressionMethod):
     score_normalization: str = "total"
     max_evicted_weight: float = 1.0
     kernel_size: int = 1
+    layer_budgets: str = "uniform"
+    cosine_decay: float = 0.8
+    pyramid_beta: int = 20
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,7 +138,22 @@ class KeepKV(CompressionMethod):
         if not 0.0 < float(self.max_evicted_weight) <= 1.0:
             raise KeepKVError(f"keepkv: max_evicted_weight must lie in (0, 1] (1 = no guard), "
                               f"got {self.max_evicted_weight}")
+        if self.layer_budgets not in LAYER_BUDGETS:
+            raise KeepKVError(f"keepkv: unknown layer_budgets {self.layer_budgets!r}; allowed: "
+                              f"{', '.join(LAYER_BUDGETS)}")
+        if not 0.0 <= float(self.cosine_decay) <= 1.0:
+            raise KeepKVError(f"keepkv: cosine_decay must lie in [0, 1], got {self.cosine_decay}")
+        if self.pyramid_beta < 1:
+            raise KeepKVError(f"keepkv: pyramid_beta must be an integer >= 1, got {self.pyramid_beta}")
         self.stats = MergeStats()
+
+    def plan_layer_budgets(self, budget: int, num_layers: int) -> list[int]:
+        """A selector's budgets (``X+keepkv``), else this method's ``layer_budgets`` schedule
+        (:func:`keepkv.cache.budgets.layer_budget_schedule`; ``cosine`` is the official code's)."""
+        if self.selector is not None:
+            return self.selector.plan_layer_budgets(budget, num_layers)
+        return layer_budget_schedule(self.layer_budgets, budget, num_layers, self.protected_entries,
+                                     pyramid_beta=self.pyramid_beta, cosine_decay=float(self.cosine_decay))
 
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
         """``[batch, kv_heads, capacity]``: mean vote-weighted attention of the window queries and the group's query

@@ -1,0 +1,186 @@
+"""RULER-style tasks (keepkv/eval/tasks.py), kvpress-column datasets (keepkv/eval/dataset.py) and their report
+section: generation with the real SmolLM2 tokenizer (no model run), scoring on hand-made answers, dataset round
+trips and refusals, and one tiny end-to-end ``keepkv eval tasks`` on SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from keepkv.errors import KeepKVError
+from keepkv.eval import tasks
+from keepkv.eval.dataset import REQUIRED_COLUMNS, read_dataset, write_dataset
+from keepkv.eval.results import REQUIRED_KEYS
+
+NEEDLE_FAMILIES = ["niah_single", "multikey", "multivalue", "multiquery", "vt"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_gguf):
+    return tasks.load_tokenizer(str(smollm2_gguf))[0]
+
+
+@pytest.fixture(scope="module")
+def eval_data():
+    from keepkv.eval.data import eval_data_dir
+
+    try:
+        return eval_data_dir()
+    except KeepKVError as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("family", list(tasks.FAMILIES))
+def test_generation_is_deterministic_in_seed_and_fits_the_length(tokenizer, eval_data, family):
+    a = tasks.generate_sample(tokenizer, family, 1024, 3, seed=5)
+    assert a == tasks.generate_sample(tokenizer, family, 1024, 3, seed=5)
+    assert a["context"] != tasks.generate_sample(tokenizer, family, 1024, 3, seed=6)["context"]
+    assert a["context"] != tasks.generate_sample(tokenizer, family, 1024, 4, seed=5)["context"]
+    assert set(REQUIRED_COLUMNS) <= set(a) and a["task"] == family and a["length"] == 1024 and a["sample"] == 3
+    for length in (1024, 2048):
+        record = tasks.generate_sample(tokenizer, family, length, 0)
+        total = tasks.prompt_tokens(tokenizer, record) + record["max_new_tokens"]
+        assert length * (1 - tasks.LENGTH_TOLERANCE) <= total <= length, (family, length, total)
+
+
+@pytest.mark.parametrize("family", NEEDLE_FAMILIES)
+def test_needles_occur_once_and_distractors_differ_from_answers(tokenizer, eval_data, family):
+    for sample in range(3):
+        record = tasks.generate_sample(tokenizer, family, 1024, sample)
+        context, answers, distractors = record["context"], record["answers"], record["distractors"]
+        assert not set(answers) & set(distractors)
+        assert len(set(answers)) == len(answers) == {"niah_single": 1, "multikey": 1, "multivalue": 4,
+                                                     "multiquery": 4, "vt": 5}[family]
+        assert len(distractors) == (3 if family == "multikey" else 0)
+        if family == "vt":  # the chain VAR A = value. VAR B = VAR A. ... in order; each name assigned once
+            chain = re.findall(r"VAR ([A-Z]{5}) = (?:VAR )?(\w+)\.", context)
+            assert [name for name, _ in chain] == answers
+            assert [source for _, source in chain[1:]] == answers[:-1]
+            assert all(context.count(f"VAR {name} =") == 1 for name in answers)
+            continue
+        for value in answers + distractors:
+            assert context.count(value) == 1
+        if family == "multikey":  # the asked key's needle holds the answer; the other keys are not asked
+            key = re.search(r"for ([a-z]+-[a-z]+) mentioned", record["question"]).group(1)
+            assert f"for {key} is: {answers[0]}." in context
+
+
+def test_qa_gold_passage_is_in_the_context(tokenizer, eval_data):
+    squad = tasks.generate_sample(tokenizer, "qa_squad", 1024, 1)
+    assert any(answer in squad["context"] for answer in squad["answers"])
+    assert squad["context"].count("Document ") >= 3  # distractor passages around the gold one
+    hotpot = tasks.generate_sample(tokenizer, "qa_hotpot", 1024, 1)
+    assert hotpot["question"].startswith("Question: ") and hotpot["answer_prefix"] == "Answer:"
+
+
+def test_scoring_on_handmade_answers():
+    assert tasks.string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert tasks.string_match_all(" ABCDE, fghij", ["abcde", "FGHIJ", "KLMNO"]) == pytest.approx(2 / 3)
+    assert tasks.string_match_all("nothing here", ["1234567"]) == 0.0
+    with pytest.raises(KeepKVError):
+        tasks.string_match_all("x", [])
+    from types import SimpleNamespace
+
+    match = SimpleNamespace(answers=["1234567", "2345678"], extra={"scoring": "match"})
+    assert tasks.score_task(" 1234567 and 9999999", match) == {"task_accuracy": 0.5}
+    qa = SimpleNamespace(answers=["Denver Broncos"], extra={"scoring": "qa"})
+    assert tasks.score_task(" the Denver Broncos\n\nextra text", qa) == {"task_accuracy": 1.0,
+                                                                           "task_exact_match": 1.0}
+    partial = tasks.score_task(" Broncos", qa)
+    assert partial["task_exact_match"] == 0.0 and partial["task_accuracy"] == pytest.approx(2 / 3)
+    assert tasks.scoring_of("qa_2") == "qa" and tasks.scoring_of("niah_multikey_1") == "match"
+
+
+def _records():
+    return [{"context": "Some text. The key is 12.\n\n", "question": "What is the key?", "answer_prefix": "Answer:",
+             "answers": ["12"], "max_new_tokens": 8, "task": "toy", "length": 64, "sample": i} for i in range(3)]
+
+
+def test_dataset_round_trip_jsonl_and_parquet(tmp_path):
+    records = _records()
+    assert read_dataset(write_dataset(records, tmp_path / "d.jsonl")) == records
+    pytest.importorskip("pyarrow")
+    assert read_dataset(write_dataset(records, tmp_path / "d.parquet")) == records
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "d.parquet"]  # no temporary files left
+
+
+def test_missing_columns_and_bad_values_are_refused_and_nothing_is_half_written(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n")
+    with pytest.raises(KeepKVError, match="missing columns answer_prefix, max_new_tokens"):
+        read_dataset(path)
+    records = _records()
+    records[2] = {**records[2], "answers": []}
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(KeepKVError, match="record 2: answers"):
+        write_dataset(records, out)
+    with pytest.raises(KeepKVError, match="unknown dataset format"):
+        write_dataset(_records(), tmp_path / "out.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    from keepkv.cli import main
+
+    # refused before any model is loaded (the model name does not even exist)
+    assert main(["eval", "tasks", "no-such-model", "--dataset", str(path), "--results", str(tmp_path / "r")]) == 2
+    assert main(["eval", "tasks", "no-such-model", "--tasks", "niah_single,bogus"]) == 2
+    twins = write_dataset([{**r, "sample": 0} for r in _records()], tmp_path / "twins.jsonl")
+    with pytest.raises(KeepKVError, match="share cell names"):
+        tasks.check_unique_cells(read_dataset(twins))
+    assert main(["eval", "tasks", "no-such-model", "--dataset", str(twins)]) == 2
+
+
+def test_task_groups_mix_families_and_name_their_content():
+    from keepkv.eval.data import PromptCell
+
+    def cells(families, samples):
+        return [PromptCell("tasks", f"{f}/len512/s{k}", "c", "q", ["a"], [1], [2], 8,
+                           {"family": f, "source": "src", "target_tokens": 512, "sample": k})
+                for f in families for k in range(samples)]
+
+    groups = tasks.task_groups(cells(["a", "b", "c"], 3), 4)
+    assert [[c.cell.split("/")[0] + c.cell[-1] for c in g] for g in groups.values()] == [
+        ["a0", "b0", "c0", "a1"], ["b1", "c1", "a2", "b2"], ["c2"]]
+    assert list(groups) == list(tasks.task_groups(cells(["a", "b", "c"], 3), 4))  # deterministic
+    # other sample counts or families: no group of the same name holds other cells
+    for other in (tasks.task_groups(cells(["a", "b", "c"], 4), 4), tasks.task_groups(cells(["a", "b"], 3), 4)):
+        for name in set(groups) & set(other):
+            assert [c.cell for c in groups[name]] == [c.cell for c in other[name]]
+        assert set(other) != set(groups)
+
+
+def test_stratified_interval_weighs_families_equally():
+    from keepkv.eval.tasks_report import stratified_interval
+
+    low, high = stratified_interval({"a": [1.0] * 40, "b": [0.0, 0.0]})
+    assert low == high == 0.5  # family means are fixed, so is their mean
+    low, high = stratified_interval({"a": [0.0, 1.0] * 10, "b": [1.0] * 5})
+    assert 0.5 < low < 0.75 < high < 1.0
+
+
+def test_eval_tasks_end_to_end_is_resumable_and_reported(tmp_path, smollm2_gguf):
+    """``keepkv eval tasks`` on SmolLM2: one ~512-token single-needle sample, the full cache and SnapKV at 50%, both
+    protocols; schema-valid rows with resolved options; the report has the tasks section (resuming is the shared
+    runner's, tested in test_eval_model.py; the unit names it relies on: test_task_groups_...)."""
+    pytest.importorskip("matplotlib")
+    from keepkv.cli import main
+
+    results = tmp_path / "results"
+    args = ["eval", "tasks", str(smollm2_gguf), "--tasks", "niah_single", "--lengths", "512", "--samples", "1",
+            "--methods", "full,snapkv", "--budgets", "0.5", "--protocols", "aware,agnostic", "--results",
+            str(results), "--no-progress"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (results / "tasks.jsonl").read_text().splitlines()]
+    assert all(set(REQUIRED_KEYS) <= set(r) for r in rows)
+    assert {(r["method"], r["protocol"]) for r in rows} == {(m, p) for m in ("full", "snapkv")
+                                                            for p in ("aware", "agnostic")}
+    assert {r["metric"] for r in rows} == {"task_accuracy", "task_accuracy_aware"}
+    assert all(r["family"] == "niah_single" and 480 <= r["prompt_tokens"] + 24 <= 512 for r in rows)
+    snap = [r for r in rows if r["method"] == "snapkv"]
+    assert all(r["resolved_options"] and 0 < r["kept_entries_per_head"] < r["context_tokens"] for r in snap)
+    full = [r for r in rows if r["method"] == "full"]
+    assert all(r["value"] == 1.0 for r in full), [r["answer"] for r in full]  # the prompt works uncompressed
+    assert main(["eval", "report", "--results", str(results)]) == 0
+    report = (results / "REPORT.md").read_text()
+    assert "RULER-style tasks" in report and "niah_single" in report and "mean over tasks" in report
+    assert any(p.name.startswith("tasks_") and p.suffix == ".png" for p in results.iterdir())
