@@ -39,11 +39,13 @@ SPECS: dict[str, tuple[str, dict]] = {
     "snapkv+keepkv": ("snapkv+keepkv", dict(COMMON)),
     "pyramidkv+keepkv": ("pyramidkv+keepkv", dict(COMMON)),
     "snapkv@pyramid": ("snapkv", dict(COMMON, layer_budgets="pyramid")),
+    "keepkv@cosine": ("keepkv", dict(COMMON, layer_budgets="cosine")),
+    "keepkv@once": ("keepkv", dict(COMMON, prefill_compression="once")),  # a manager option, not the method's
 }
 # the default run: the full cache, a uniform eviction method, KeepKV and every spec with per-layer budgets (the
 # crash of issue 14); the other specs (and bfloat16) are marked slow: each new shape is a new decode-step graph
 DEFAULT_SPECS = ("full", "streamingllm", "keepkv", "pyramidkv", "snapkv@pyramid", "d2o", "adakv-pyramidkv",
-                 "pyramidkv+keepkv")
+                 "pyramidkv+keepkv", "keepkv@cosine", "keepkv@once")
 SLOW_SPECS = tuple(spec for spec in SPECS if spec not in DEFAULT_SPECS)
 EAGER_PARITY = ("full", "streamingllm", "pyramidkv", "snapkv@pyramid", "d2o")
 TEXT_REPEAT = 8
@@ -51,11 +53,13 @@ TEXT_REPEAT = 8
 
 def make_manager(network, spec: str):
     name, options = SPECS[spec]
+    options = dict(options)
+    prefill_compression = options.pop("prefill_compression", "chunked")
     dtype, device = network.model.embed_tokens.weight.dtype, network.inv_freq.device
-    _, method = resolve_method(name, None if name == "full" else BUDGET, dict(options))
+    _, method = resolve_method(name, None if name == "full" else BUDGET, options)
     if method is None:
         return FullCacheManager(network.config, dtype, device)
-    return CompressedCacheManager(network.config, dtype, device, method, BUDGET, SLACK)
+    return CompressedCacheManager(network.config, dtype, device, method, BUDGET, SLACK, prefill_compression)
 
 
 def use_manager(engine: GenerationEngine, manager, compile: bool) -> None:

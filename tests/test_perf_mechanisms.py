@@ -377,6 +377,10 @@ def test_prefill_kernel_is_chosen_per_device_and_checked(monkeypatch):
     monkeypatch.setattr(attention, "PREFILL_KERNEL", "dense")
     with pytest.raises(ValueError, match="PREFILL_KERNEL"):
         prefill_kernel_for(torch.device("cpu"))
+    monkeypatch.setattr(attention, "PREFILL_KERNEL", "split")
+    assert prefill_kernel_for(torch.device("cpu")) == "split"
+    with pytest.raises(ValueError, match="CPU only"):
+        prefill_kernel_for(torch.device("meta"))
 
 
 def test_engine_routes_only_eligible_chunks_to_the_split_kernel(monkeypatch):

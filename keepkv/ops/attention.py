@@ -268,6 +268,9 @@ def prefill_kernel_for(device: torch.device) -> str:
     if PREFILL_KERNEL != "auto":
         if PREFILL_KERNEL not in PREFILL_KERNELS:
             raise ValueError(f"unknown PREFILL_KERNEL {PREFILL_KERNEL!r}; allowed: {', '.join(PREFILL_KERNELS)}")
+        if PREFILL_KERNEL == "split" and torch.device(device).type != "cpu":
+            raise ValueError(f"PREFILL_KERNEL = 'split' needs an attention returning its log-sum-exp, which torch "
+                             f"has on the CPU only; on {torch.device(device).type} use 'auto' or 'flex'")
         return PREFILL_KERNEL
     return "split" if torch.device(device).type == "cpu" else "flex"
 
@@ -276,9 +279,6 @@ def _attention_with_lse(q: Tensor, keys: Tensor, values: Tensor, causal: bool, b
                         ) -> tuple[Tensor, Tensor]:
     """Fused (flash) attention returning ``(out [B, H, T, D], logsumexp [B, H, T] float32)``; K/V may have fewer
     heads than ``q`` (grouped). The CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``)."""
-    if q.device.type != "cpu":
-        raise NotImplementedError("the split prefill kernel needs an attention returning its log-sum-exp; on "
-                                  f"{q.device.type} use PREFILL_KERNEL = 'flex'")
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, causal,
                                                                           attn_mask=bias)
     return out, lse
