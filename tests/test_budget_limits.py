@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from keepkv.cache.budget import entries_for_budget
@@ -129,6 +129,9 @@ def budget_cases(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(case=budget_cases())
+# a prompt shorter than D2O's measured layer budgets: every layer grew alike while decoding, past a smaller layer's
+# slots + room, until the largest layer filled the shared capacity (found by a random draw; fixed in the manager)
+@example(case=dict(kv_budget=7, lengths=[2], new=7, slack=1, chunk=8, method="d2o", seed=0))
 def test_any_budget_runs_with_invariants_or_is_refused_before_allocation(case, network):
     options = dict(window=3) if case["method"] not in ("h2o", "d2o") else {}
     engine = engine_for(network, case["method"], case["kv_budget"], case["slack"], case["chunk"], **options)

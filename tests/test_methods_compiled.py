@@ -12,7 +12,8 @@ new tokens) during decode. Checked for each spec:
   capacity; every layer has the same capacity (per-layer budgets are padded, see ``keepkv.cache.manager``);
 - layers with different budgets (PyramidKV, D2O, ``layer_budgets="pyramid"``) compile without hitting dynamo's
   reuse limit of the decoder-block region;
-- for a few methods the greedy tokens equal the eager (dense reference attention) run.
+- for a few methods the greedy tokens equal the eager (dense reference attention) run;
+- KeepKV (the default method): votes add up, and a second generation reruns without recompiling.
 
 The default run covers the full cache, StreamingLLM, KeepKV and every spec with per-layer budgets; the other specs
 and the bfloat16 run are marked ``slow`` (``pytest -m slow tests/test_methods_compiled.py``).
@@ -115,8 +116,11 @@ def run_all(gguf, dtype, specs) -> dict[str, dict]:
     model = load(gguf, dtype=dtype, device="cpu", compile=True, prefill_chunk_size=CHUNK)
     engine = model.engine
     prompt = prompt_ids(model)
-    return {spec: (use_manager(engine, make_manager(model.network, spec), True), run(engine, prompt))[1]
-            for spec in specs}
+    results = {spec: (use_manager(engine, make_manager(model.network, spec), True), run(engine, prompt))[1]
+               for spec in specs}
+    for result in results.values():
+        result.update(engine=engine, prompt=prompt)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +182,26 @@ def test_per_layer_budgets_share_one_capacity(compiled_runs):
         budgets = compiled_runs[spec]["budgets"]
         assert len(set(budgets)) > 1, f"{spec}: expected per-layer budgets, got {budgets}"
         assert len(set(compiled_runs[spec]["capacities"])) == 1
+
+
+def test_compiled_keepkv_votes_add_up_and_a_second_generation_does_not_recompile(compiled_runs):
+    """The default method on the compiled path: it compressed during prefill, at its end and while decoding;
+    every live entry holds at least one vote and a head's votes never exceed the tokens it has seen; keys stay
+    finite. A second generation of the same shape on the same manager (what a user's next ``generate()`` does)
+    runs with recompilation forbidden, after every other spec compiled its own graphs, and gives the same tokens."""
+    result = compiled_runs["keepkv"]
+    manager, engine = result["manager"], result["engine"]
+    assert result["compressions"] >= 3
+    seen = PROMPT + NEW - 1
+    live = manager.entries_per_head()
+    votes = torch.stack([cache.log_votes.exp().sum(-1) for cache in manager.caches])
+    assert bool((votes <= seen + 1e-2).all()) and bool((votes >= live - 1e-3).all())
+    assert manager.method.stats.merged > 0
+    assert torch.isfinite(torch.stack([cache.keys for cache in manager.caches])).all()
+    use_manager(engine, manager, True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = run(engine, result["prompt"])
+    assert again["tokens"] == result["tokens"]
 
 
 @pytest.mark.parametrize("spec", EAGER_PARITY)

@@ -575,9 +575,10 @@ def test_d2o_layer_budgets_from_variance():
 
 
 # ---- KeepKV's selection options ---------------------------------------------------------------------------------
-def keepkv_head_scores(cache, queries, kv_head, window, per_token):
+def keepkv_head_scores(cache, queries, kv_head, window, per_token, last_query_weight=0.0):
     """KeepKV's score of each position for one KV head (row 0): the mean over the last ``window`` queries and the
-    group's query heads of the vote-weighted attention (causal), divided by the votes when ``per_token``."""
+    group's query heads of the vote-weighted attention (causal), mixed with the newest query's mean over the group
+    (``(1 - lambda) window + lambda newest``), divided by the votes when ``per_token``."""
     keyed = entries(cache, 0, kv_head)
     group = queries.shape[1] // cache.keys.shape[1]
     tokens = queries.shape[2]
@@ -586,7 +587,9 @@ def keepkv_head_scores(cache, queries, kv_head, window, per_token):
         for g in range(group):
             visible = {pos: entry for pos, entry in keyed.items() if pos <= t}
             for pos, a in dense_attention(queries[0, kv_head * group + g, t], visible).items():
-                totals[pos] += a / (window * group)
+                totals[pos] += (1.0 - last_query_weight) * a / (window * group)
+                if t == tokens - 1:
+                    totals[pos] += last_query_weight * a / group
     if per_token:
         totals = {pos: total / keyed[pos][2] for pos, total in totals.items()}
     return totals
@@ -602,17 +605,20 @@ def max_pooled(scores: dict[int, float], protected: set[int], kernel: int) -> di
 @pytest.mark.parametrize("selection", ["layer", "head"])
 @pytest.mark.parametrize("normalization", ["per-token", "total"])
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_keepkv_selection_and_score_normalization(selection, normalization, kernel):
+@pytest.mark.parametrize("last_query_weight", [0.0, 0.6])
+def test_keepkv_selection_and_score_normalization(selection, normalization, kernel, last_query_weight):
     """No merging (``similarity_threshold=1``): the kept set is sinks + recent window + the top scores, ranked per
     KV head (``head``) or by the mean over the layer's KV heads (``layer``: every head keeps the same positions);
     ``per-token`` divides an entry's attention by its votes (entries standing for several tokens lose rank);
-    ``kernel_size`` max-pools each head's scores along the positions first."""
+    ``kernel_size`` max-pools each head's scores along the positions first; ``last_query_weight`` mixes in the
+    newest query's attention."""
     method = make_method("keepkv", selection=selection, score_normalization=normalization, similarity_threshold=1.0,
-                         sinks=2, window=6, kernel_size=kernel)
+                         sinks=2, window=6, kernel_size=kernel, last_query_weight=last_query_weight)
     cache, queries = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
     votes = torch.randint(1, 6, cache.log_votes.shape, generator=torch.Generator().manual_seed(1)).float()
     cache.log_votes.copy_(torch.log(votes))  # as if earlier merges had happened
-    scores = [keepkv_head_scores(cache, queries, h, 6, normalization == "per-token") for h in range(3)]
+    scores = [keepkv_head_scores(cache, queries, h, 6, normalization == "per-token", last_query_weight)
+              for h in range(3)]
     scores = [max_pooled(s, {0, 1, *range(24, 30)}, kernel) for s in scores]
     if selection == "layer":
         scores = [{pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}] * 3
@@ -625,6 +631,22 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
         assert kept[h] == protected | top_positions(candidates, budget - len(protected)), h
     if selection == "layer":
         assert kept[0] == kept[1] == kept[2]
+
+
+def test_keepkv_newest_query_scores_are_tovas():
+    """With ``last_query_weight=1`` and layer selection KeepKV ranks by TOVA's score (the newest query's attention
+    averaged over every query head of the layer), and a weight changes the kept set (the option is not idle)."""
+    kept = {}
+    for weight in (0.0, 1.0):
+        method = make_method("keepkv", last_query_weight=weight, similarity_threshold=1.0, sinks=2, window=6)
+        cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
+        if weight == 1.0:
+            torch.testing.assert_close(method.scores(cache, 0), make_method("tova").scores(cache, 0))
+        method.compress(cache, 0, 14)
+        kept[weight] = [kept_positions(cache, 0, h) for h in range(3)]
+    assert kept[0.0] != kept[1.0]
+    with pytest.raises(KeepKVError, match="last_query_weight must lie in"):
+        make_method("keepkv", last_query_weight=1.5)
 
 
 def test_keepkv_layer_selection_differs_from_per_head_selection():

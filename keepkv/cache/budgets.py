@@ -42,6 +42,7 @@ from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.policy import CompressionMethod
+from keepkv.distributed.heads import gather_kv_heads, local_kv_heads
 from keepkv.errors import KeepKVError
 
 LAYER_BUDGETS = ("uniform", "pyramid", "cosine")
@@ -192,4 +193,5 @@ class BudgetOptions(CompressionMethod):
         if self.head_budgets != "adakv":
             return None
         head_slots = min(self.slots_for_budget(budget), cache.capacity)
-        return adakv_head_budgets(keep_priority, protected, live, budget, float(self.adakv_floor), head_slots)
+        heads = gather_kv_heads(cache, keep_priority, protected, live)  # every rank's heads under TP, else as is
+        return local_kv_heads(adakv_head_budgets(*heads, budget, float(self.adakv_floor), head_slots), cache)

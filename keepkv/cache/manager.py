@@ -46,6 +46,8 @@ from keepkv.cache.budget import entries_for_budget
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.kv_cache import LayerKVCache
 from keepkv.cache.policy import CompressionMethod
+from keepkv.distributed.heads import HeadShard, attach_head_shard
+from keepkv.distributed.tp import head_shard_of
 from keepkv.errors import KeepKVError
 from typing import TYPE_CHECKING
 
@@ -149,6 +151,8 @@ class CompressedCacheManager(FullCacheManager):
     (``B`` is the longest row's; module docstring).
     """
 
+    head_shard: HeadShard | None = None  # tensor parallelism: the rank's KV heads, set by bind_network
+
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod,
         kv_budget: float | int, decode_slack: int = 64, prefill_compression: str = "chunked",
@@ -169,10 +173,12 @@ class CompressedCacheManager(FullCacheManager):
         self.cursors: list[int] = []
         self.budgets_measured = False
         self.room = 0
+        self.decoding = False  # True after end_prefill: each layer then stays within its slots_l + room
 
     def bind_network(self, network: nn.Module) -> None:
         """Give the method the model it compresses (CriticalKV reads each layer's ``o_proj`` weight)."""
         self.method.bind_model(network)
+        self.head_shard = head_shard_of(network)  # tensor parallelism: this rank's KV heads (keepkv.distributed)
 
     def start_from_prefill(self, source: list[LayerKVCache], prompt_tokens: int, max_new_tokens: int,
                            compress: bool = True) -> list[LayerKVCache]:
@@ -204,6 +210,7 @@ class CompressedCacheManager(FullCacheManager):
         self.cursors = [int(old.cursor.max()) for old in source]
         self.filled = max(self.cursors)
         self.room = room
+        self.decoding = False
         if compress:
             self.end_prefill()
         return self.caches
@@ -231,14 +238,14 @@ class CompressedCacheManager(FullCacheManager):
     def _new_caches(self, batch_size: int, capacity: int | list[int]) -> list[CompressedLayerCache]:
         c = self.config
         capacities = capacity if isinstance(capacity, list) else [capacity] * c.num_layers
-        return [
+        return attach_head_shard(self.head_shard, [  # tensor parallelism: cross-head reductions see every rank
             CompressedLayerCache(
                 batch_size, c.num_kv_heads, layer_capacity, c.head_dim, self.dtype, self.device,
                 num_heads=c.num_heads, window=self.method.query_window, sliding_window=c.sliding_window,
                 accumulate_attention=self.method.needs_accumulated_attention,
             )
             for layer_capacity in capacities
-        ]
+        ])
 
     def _set_layer_budgets(self, layer_budgets: list[int]) -> None:
         if len(layer_budgets) != self.config.num_layers:
@@ -306,6 +313,7 @@ class CompressedCacheManager(FullCacheManager):
         self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
         self.budgets_measured = False
         self.room = chunk
+        self.decoding = False
         # a prompt that fits in the budgeted slots (or in fewer than slots + chunk) needs no more than its padded
         # length: no compression during prefill, the capacity of the full cache. prefill_compression="once" keeps
         # the whole prompt (the full cache's prefill memory) and compresses once, in end_prefill
@@ -343,7 +351,12 @@ class CompressedCacheManager(FullCacheManager):
         self.compressions += 1
 
     def _fits(self, new_tokens: int) -> bool:
-        return all(cursor + new_tokens <= cache.capacity for cursor, cache in zip(self.cursors, self.caches))
+        """Whether every layer can take ``new_tokens`` more entries: within the shared capacity, and while decoding
+        after :meth:`end_prefill` within the layer's own ``slots_l + room`` (a prompt shorter than the budgets
+        is not compressed at the end of prefill, so every layer then grows alike and a layer with a smaller
+        budget would otherwise pass its ``slots_l + room`` before the largest layer fills the capacity)."""
+        return all(cursor + new_tokens <= (min(cache.capacity, slots + self.room) if self.decoding else cache.capacity)
+                   for cursor, cache, slots in zip(self.cursors, self.caches, self.layer_slots))
 
     def make_room(self, new_tokens: int) -> bool:
         """Compress every layer to its budget when ``new_tokens`` would not fit in some layer. Returns True when
@@ -364,6 +377,7 @@ class CompressedCacheManager(FullCacheManager):
         if any(cursor > budget for cursor, budget in zip(self.cursors, self.layer_budgets)):
             self.compress_all()
         self.room = self.decode_slack if self.method.compresses_during_decode else max(self.max_new_tokens, 1)
+        self.decoding = True
         decode_caches = self._new_caches(self.caches[0].keys.shape[0], self.layer_capacity(self.room))
         with torch.inference_mode():
             for old, new in zip(self.caches, decode_caches):

@@ -67,6 +67,7 @@ class Prefill:
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(token ids [B, T], valid [B, T])`` with every row right-aligned (left padding with ``pad_id``)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(rows), width), dtype=torch.bool)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from keepkv.checks import is_integer, shown
 from keepkv.errors import CheckpointError, suggest
+from keepkv.logs import progress
 from keepkv.models.config import INT_FIELD_LIMITS, ModelConfig
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -346,7 +347,7 @@ def _read_safetensors_tensors(
     for file, file_names in names_by_file.items():
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:
-                for name in file_names:
+                for name in progress(file_names, desc=f"loading {file.name}", unit="tensor"):  # tqdm on a terminal
                     tensors[name] = require_finite(handle.get_tensor(name).to(device=device, dtype=dtype), name, file)
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{file} is truncated or corrupt: reading its tensors failed ({err})") from None
@@ -452,7 +453,7 @@ def _load_gguf_contents(
     _check_quantization_types(tensors.values(), path)
     state = {
         name: require_finite(_gguf_tensor_to_torch(tensors[name], name, config, dtype, device), name, path)
-        for name in expected
+        for name in progress(expected, desc=f"dequantising {path.name}", unit="tensor")  # tqdm on a terminal
     }
     return config, state, tokenizer_data
 

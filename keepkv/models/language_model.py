@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -134,9 +134,10 @@ class LanguageModel:
         )
 
     def generate(
-        self, prompt: str | Sequence[str], max_new_tokens: int = 128, *, temperature: float = 0.0,
+        self, prompt: str | Sequence[str] | None = None, max_new_tokens: int = 128, *, temperature: float = 0.0,
         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
         stop: str | Sequence[str] | None = (), chat: bool = False, padding_side: str = "left",
+        messages: Sequence[dict] | Sequence[Sequence[dict]] | None = None,
     ) -> str | list[str]:
         """The continuation of ``prompt`` (text only, prompt excluded); a list of prompts gives a list.
 
@@ -144,35 +145,36 @@ class LanguageModel:
         strings (cut from the output), or after ``max_new_tokens``. ``stop`` is one string or a list of them, none
         empty. ``chat=True`` wraps the prompt as a user message with the checkpoint's chat template. Every argument
         is checked before the prompt is encoded; a bad one is a :class:`KeepKVError` naming it.
+        ``messages`` instead of ``prompt``: a chat (``[{"role": "system" | "user" | "assistant", "content": str},
+        ...]``, rendered with the chat template, :mod:`keepkv.chat`) gives a str, a list of chats a list.
         """
-        prompts = prompt_list(prompt)
+        if messages is not None:  # chat message lists (keepkv.chat)
+            from keepkv.chat import prompts_from_messages
+
+            prompts, single = prompts_from_messages(self.tokenizer, messages, prompt)
+            chat = False
+        else:
+            prompts, single = prompt_list(prompt), isinstance(prompt, str)
         stop = stop_sequences(stop)
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
-        generated: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        eos = set(self.tokenizer.eos_token_ids)
-        for token in self._token_stream(prompts, max_new_tokens, sampling, chat, padding_side):
-            for row, token_id in enumerate(token.tolist()):
-                if done[row]:
-                    continue
-                if token_id in eos:
-                    done[row] = True
-                    continue
-                generated[row].append(token_id)
-                if stop and any(s in self.tokenizer.decode(generated[row][-32:]) for s in stop):
-                    done[row] = True
-            if all(done):
-                break
-        texts = [_cut_at_stop(self.tokenizer.decode(ids), stop) for ids in generated]
-        return texts[0] if isinstance(prompt, str) else texts
+        tokens = self._token_stream(prompts, max_new_tokens, sampling, chat, padding_side)
+        texts = collect_texts(tokens, len(prompts), self.tokenizer, stop)
+        return texts[0] if single else texts
 
     def stream(
-        self, prompt: str, max_new_tokens: int = 128, *, temperature: float = 0.0, top_k: int | None = None,
-        top_p: float | None = None, seed: int | None = None, chat: bool = False,
+        self, prompt: str | None = None, max_new_tokens: int = 128, *, temperature: float = 0.0,
+        top_k: int | None = None, top_p: float | None = None, seed: int | None = None, chat: bool = False,
+        messages: Sequence[dict] | None = None,
     ) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece as tokens arrive (a piece may span tokens when a
-        character needs several byte-level tokens). Arguments as for :meth:`generate`, checked when ``stream`` is
-        called (before the first ``next()``); the engine starts at the first ``next()``."""
+        character needs several byte-level tokens). Arguments as for :meth:`generate` (``messages``: one chat),
+        checked when ``stream`` is called (before the first ``next()``); the engine starts at the first ``next()``."""
+        if messages is not None:  # chat message lists (keepkv.chat)
+            from keepkv.chat import render_messages
+
+            if prompt is not None:
+                raise KeepKVError("give either a prompt or messages, not both")
+            prompt, chat = render_messages(self.tokenizer, messages), False
         require_text(prompt, "prompt")
         sampling = SamplingConfig(temperature, top_k, top_p, seed)
         tokens = self._token_stream([prompt], max_new_tokens, sampling, chat, "left")
@@ -299,6 +301,31 @@ def stop_sequences(stop: Any) -> tuple[str, ...]:
         raise KeepKVError(f"stop holds an empty string, which would end generation at once; got {stop!r}: "
                           "give non-empty stop strings")
     return tuple(sequences)
+
+
+STOP_LOOKBACK = 32  # newest tokens decoded when looking for a stop string
+
+
+def collect_texts(tokens: Iterable[Tensor], rows: int, tokenizer, stop: Sequence[str]) -> list[str]:
+    """The text of each row from a stream of ``[rows]`` token tensors: a row ends at an end-of-sequence token
+    (not included) or once one of ``stop`` appears in its newest :data:`STOP_LOOKBACK` tokens (the text is cut
+    before it); the stream is left as soon as every row has ended."""
+    eos = set(tokenizer.eos_token_ids)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for token in tokens:
+        for row, token_id in enumerate(token.tolist()):
+            if done[row]:
+                continue
+            if token_id in eos:
+                done[row] = True
+                continue
+            generated[row].append(token_id)
+            if stop and any(s in tokenizer.decode(generated[row][-STOP_LOOKBACK:]) for s in stop):
+                done[row] = True
+        if all(done):
+            break
+    return [_cut_at_stop(tokenizer.decode(ids), stop) for ids in generated]
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -13,7 +13,10 @@ from keepkv.cache.methods import FULL, make_method
 from keepkv.checks import (
     require_bool, require_choice, require_int, require_str, require_text, shown,
 )
+from keepkv.distributed.group import init_tensor_parallel
+from keepkv.distributed.tp import shard_network
 from keepkv.errors import KeepKVError
+from keepkv.logs import get_logger
 from keepkv.models.checkpoint import load_gguf, load_hf_folder
 from keepkv.models.language_model import LanguageModel
 from keepkv.models.registry import resolve
@@ -27,6 +30,7 @@ DTYPES = {
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_DECODE_SLACK = 64
+log = get_logger(__name__)
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -112,7 +116,7 @@ def load(
     name_or_path: str | Path, kv_budget: float | int | None = None, method: str | None = None, *,
     dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None, compile: bool = True,
     prefill_chunk_size: int = 512, decode_slack: int | None = None, prefill_compression: str | None = None,
-    revision: str | None = None, local_files_only: bool | None = None, **method_options: Any,
+    revision: str | None = None, local_files_only: bool | None = None, tp: int = 1, **method_options: Any,
 ) -> LanguageModel:
     """Load a model for generation and scoring.
 
@@ -138,6 +142,9 @@ def load(
         method_options: the method's hyper-parameters (e.g. ``window=32``, ``variant="zip"``); unknown ones
             are an error that lists the allowed ones.
         revision: hub revision to pin when downloading; ``local_files_only``: never touch the network.
+        tp: tensor parallelism over this many processes (each started by torchrun, each calling ``load`` with the
+            same arguments): every rank keeps its share of the heads and MLP columns and its own KV heads
+            (:mod:`keepkv.distributed.tp`); ``1`` (default) is one process.
     Nothing is half-loaded: every check (arguments first, then config, tensor names and shapes, finite weights,
     tokenizer) passes before a model is returned, or a :class:`KeepKVError` says what is wrong. The arguments are
     checked before anything is read or downloaded.
@@ -148,7 +155,13 @@ def load(
                                         revision=revision, local_files_only=local_files_only,
                                         prefill_compression=prefill_compression)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    # -- tensor parallelism (keepkv.distributed): join the ranks first (a CUDA rank's device is its own)
+    require_int(tp, "tp", 1)
+    tensor_parallel = init_tensor_parallel(tp, torch_device) if tp > 1 else None
+    torch_device = tensor_parallel.device if tensor_parallel is not None else torch_device
+    # -- end tensor parallelism
     resolved = resolve(name_or_path, revision=revision, local_files_only=local_files_only)
+    log.debug("resolved %s -> %s %s", name_or_path, resolved.kind, resolved.path)
     if resolved.kind == "gguf":
         config, state, tokenizer_data = load_gguf(resolved.path, torch_dtype, torch_device)
         tokenizer = Tokenizer.from_gguf(tokenizer_data)
@@ -162,7 +175,13 @@ def load(
     if resolved.config_overrides:
         config = config.replace(**resolved.config_overrides)
     network = build_transformer(config, state, torch_device)
-    name = resolved.entry.name if resolved.entry is not None else Path(name_or_path).name
+    if tensor_parallel is not None:  # keep this rank's heads and MLP columns (keepkv.distributed.tp)
+        del state
+        shard_network(network, tensor_parallel)
+    if resolved.entry is not None:
+        name = resolved.entry.name
+    else:
+        name = resolved.hub_repo or Path(name_or_path).name
     return LanguageModel(
         network, tokenizer, name=name, source=str(resolved.path), method=method, kv_budget=kv_budget,
         compile=compile, prefill_chunk_size=prefill_chunk_size, method_object=method_object,

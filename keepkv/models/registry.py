@@ -9,16 +9,27 @@ package is installed, with no hub needed.
 1024-token sliding window (``config_overrides={"arch": "mistral", "sliding_window": 1024}``): no Mistral weights
 exist offline, and this exercises the sliding-window code path on a real model. Its outputs differ from
 SmolLM2's once a prompt exceeds 1024 tokens, since SmolLM2 was trained with full attention.
+
+Any other hub repo id (``owner/name``) loads too when its ``config.json`` names a supported architecture
+(``model_type`` llama, mistral or qwen2): :func:`resolve` fetches ``config.json`` alone first, checks it, and only
+then the tokenizer and safetensors weights (:func:`fetch_hub_model`).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from keepkv import assets, hub
 from keepkv.errors import CheckpointError, KeepKVError, suggest
+from keepkv.logs import get_logger
+
+log = get_logger(__name__)
+# a hub repo id: ``owner/name`` of letters, digits and ``_ . -`` (no ``--`` or ``..``, see is_hub_repo_id)
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_.-]{1,96}$")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ACCEPTED_INPUTS = (
@@ -50,13 +61,15 @@ class ResolvedCheckpoint:
     """Where a model's files are: ``kind`` ``"hf_folder"`` (config.json + safetensors) or ``"gguf"`` (one file).
 
     ``config_overrides`` are config fields the loader must replace after reading the checkpoint's config;
-    ``entry`` is the registry entry when a known name was given, else ``None``.
+    ``entry`` is the registry entry when a known name was given, else ``None``; ``hub_repo`` the repo id of a
+    model found on the hub by id alone (not in the registry), else ``None``.
     """
 
     kind: Literal["hf_folder", "gguf"]
     path: Path
     config_overrides: dict[str, Any]
     entry: ModelEntry | None
+    hub_repo: str | None = None
 
 
 _META_GATED = "gated: accept the Llama license on the hub page and set HF_TOKEN"
@@ -186,6 +199,61 @@ def get_model(name: str) -> ModelEntry:
     return entry
 
 
+def is_hub_repo_id(text: str) -> bool:
+    """Whether ``text`` has the form of a hub repo id, ``owner/name`` (:data:`HUB_REPO_ID`)."""
+    return bool(HUB_REPO_ID.match(text)) and ".." not in text and "--" not in text
+
+
+def check_hub_architecture(config: Any, repo_id: str) -> str:
+    """``config["model_type"]`` if keepkv runs it (:data:`~keepkv.models.config.SUPPORTED_ARCHITECTURES`), else a
+    :class:`KeepKVError` naming the repo, its architecture and the supported ones."""
+    from keepkv.models.config import SUPPORTED_ARCHITECTURES
+
+    config = config if isinstance(config, dict) else {}
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        architectures = config.get("architectures")
+        described = f"model_type {model_type!r}" + (f" ({', '.join(map(str, architectures))})"
+                                                    if isinstance(architectures, list) and architectures else "")
+        raise KeepKVError(
+            f"{repo_id} is a {described} model; keepkv runs hub models whose config.json model_type is one of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (no weights were downloaded)"
+        )
+    return model_type
+
+
+def fetch_hub_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Path | None = None,
+                    local_dir: str | Path | None = None, local_files_only: bool = False) -> Path:
+    """The local folder of hub model ``repo_id`` (any repo, known name or not): ``config.json`` is fetched alone
+    and checked (:func:`check_hub_architecture`) before the tokenizer and safetensors weights are downloaded
+    (:func:`keepkv.hub.download`; into ``local_dir`` if given, else the hub cache)."""
+    config = hub.download_config(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    arch = check_hub_architecture(config, repo_id)
+    log.info("fetching %s (%s) from the hub", repo_id, arch)
+    return hub.download(repo_id, revision=revision, local_dir=local_dir, cache_dir=cache_dir,
+                        local_files_only=local_files_only)
+
+
+def _resolve_hub_repo(repo_id: str, *, revision: str | None, local_files_only: bool | None,
+                      cache_dir: str | Path | None) -> ResolvedCheckpoint:
+    """A repo id that is not a known name: its cached snapshot (``local_files_only`` not ``False``), else a download
+    (:func:`fetch_hub_model`); either way its ``config.json`` must name a supported architecture."""
+    folder = None
+    if local_files_only is not False:
+        folder = hub.cached_snapshot(repo_id, revision=revision, cache_dir=cache_dir)
+    if folder is None:
+        folder = fetch_hub_model(repo_id, revision=revision, cache_dir=cache_dir,
+                                 local_files_only=bool(local_files_only))
+    else:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{folder}: config.json cannot be read ({error})") from None
+        check_hub_architecture(config, repo_id)
+    log.debug("resolved hub repo %s -> %s", repo_id, folder)
+    return ResolvedCheckpoint("hf_folder", folder, {}, None, hub_repo=repo_id)
+
+
 def _looks_like_path(text: str) -> bool:
     """Whether ``text`` is meant as a filesystem path rather than a name or ``org/name`` repo id."""
     return (
@@ -229,7 +297,8 @@ def resolve(
     name resolves, in order, to: its offline GGUF asset if installed (only when no ``revision`` is pinned), its
     snapshot in the local hub cache (``cache_dir`` or ``HF_HUB_CACHE``) at ``revision``, else a download from the
     hub. ``local_files_only=True`` forbids the download, ``False`` always asks the hub for the newest files of
-    ``revision``, ``None`` (default) downloads only what is not cached.
+    ``revision``, ``None`` (default) downloads only what is not cached. Any other hub repo id (``owner/name``)
+    resolves the same way (cache, then download) when its ``config.json`` names a supported architecture.
     """
     text = str(name_or_path)
     path = Path(text).expanduser()
@@ -237,6 +306,9 @@ def resolve(
         return resolve_path(path)
     if isinstance(name_or_path, Path) or _looks_like_path(text):
         raise CheckpointError(f"no such file or folder: {path}; expected {ACCEPTED_INPUTS}")
+    if find_model(text) is None and is_hub_repo_id(text.strip()):
+        return _resolve_hub_repo(text.strip(), revision=revision, local_files_only=local_files_only,
+                                 cache_dir=cache_dir)
     entry = get_model(text)
     overrides = dict(entry.config_overrides)
     if entry.offline_asset is not None and revision is None:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.policy import CompressionMethod
+from keepkv.distributed.heads import first_kv_head
 
 HASH_MASK = (1 << 31) - 1
 HASH_MULTIPLIER = 0x45D9F3B
@@ -49,14 +50,15 @@ def _mix(x: Tensor | int) -> Tensor | int:
     return (x >> 16) ^ x
 
 
-def counter_uniform(seed: int, layer: int, positions: Tensor) -> Tensor:
+def counter_uniform(seed: int, layer: int, positions: Tensor, first_head: int = 0) -> Tensor:
     """Uniform numbers in ``[0, 1)`` (float32, 24 bits) for ``positions [batch, kv_heads, n]``: a hash of
-    ``(seed, layer, batch row, KV head, position)``, the same on every device and at every call."""
+    ``(seed, layer, batch row, KV head, position)``, the same on every device and at every call. ``first_head``:
+    the global index of the first KV head (a tensor-parallel rank's, :func:`keepkv.distributed.heads.first_kv_head`)."""
     batch, kv_heads, _ = positions.shape
     device = positions.device
     key = _mix(_mix(seed & HASH_MASK) ^ (layer & HASH_MASK))
     rows = torch.arange(batch, device=device, dtype=torch.int64)[:, None, None]
-    heads = torch.arange(kv_heads, device=device, dtype=torch.int64)[None, :, None]
+    heads = torch.arange(first_head, first_head + kv_heads, device=device, dtype=torch.int64)[None, :, None]
     x = _mix(_mix(_mix(key ^ rows) ^ heads) ^ (positions.to(torch.int64) & HASH_MASK))
     return (x & ((1 << 24) - 1)).to(torch.float32) / float(1 << 24)
 
@@ -94,7 +96,7 @@ class CaM(CompressionMethod):
         evicted = evicted_slots.gather(2, evicted_order)
         valid = evicted_valid.gather(2, evicted_order)
         probability = merge_probability(attention, evicted, recent)
-        draw = counter_uniform(int(self.seed), layer, cache.positions.gather(2, evicted))
+        draw = counter_uniform(int(self.seed), layer, cache.positions.gather(2, evicted), first_kv_head(cache))
         share = torch.where(valid & (draw < probability), 1.0 / self.merge_span, 0.0)  # M_e / m, [B, H, E]
         live_rank = live.long().cumsum(dim=-1) - 1  # position of each slot among the live entries
         evicted_rank = live_rank.gather(2, evicted)

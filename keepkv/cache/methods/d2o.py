@@ -48,6 +48,7 @@ from keepkv.cache.budgets import largest_remainder
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.methods.h2o import accumulated_attention, recent_entries
 from keepkv.cache.policy import CompressionMethod
+from keepkv.distributed.heads import head_mean
 from keepkv.errors import KeepKVError
 
 D2O_LAYER_BUDGETS = ("variance", "uniform")
@@ -61,7 +62,7 @@ def attention_variance(cache: CompressedLayerCache) -> Tensor:
     count = live.sum(dim=-1)
     mean = (scores * live).sum(dim=-1) / count.clamp_min(1.0)
     variance = (((scores - mean[..., None]) ** 2) * live).sum(dim=-1) / (count - 1.0).clamp_min(1.0)
-    return variance.mean()
+    return head_mean(variance, cache, dim=(0, 1), keepdim=False)  # every rank's heads under TP
 
 
 def variance_layer_budgets(budget: int, protected: int, variances: Tensor) -> list[int]:

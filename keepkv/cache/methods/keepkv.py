@@ -49,6 +49,7 @@ from keepkv.cache.budgets import LAYER_BUDGETS, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.methods.snapkv import pool_along_slots
 from keepkv.cache.policy import CompressionMethod
+from keepkv.distributed.heads import head_mean
 from keepkv.errors import KeepKVError
 from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept, merge_into_kept_compiled
 
@@ -90,6 +91,9 @@ class KeepKV(CompressionMethod):
     - ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32);
     - ``selection`` (layer | head): ``layer`` ranks every KV head of a layer by the mean of their scores, so all
       heads keep the same tokens (as TOVA does); ``head`` ranks each KV head separately (the paper's);
+    - ``last_query_weight`` (``lambda``, 0): the selection score is ``(1 - lambda)`` times the window mean
+      above plus ``lambda`` times the attention of the newest query alone (TOVA's score, averaged over the
+      group's query heads); the protected window stays. ``lambda = 1`` ranks by the newest query only;
     - ``score_normalization`` (per-token | total): ``per-token`` divides a merged entry's attention by its votes,
       as the official code averages a cluster's scores per token, so a cluster does not survive by its size;
     - ``max_evicted_weight`` (``m``, 1.0 = unguarded): the dominance guard of the merge, the evicted members of
@@ -112,6 +116,7 @@ class KeepKV(CompressionMethod):
     alpha: float = 0.9
     selection: str = "layer"
     score_normalization: str = "total"
+    last_query_weight: float = 0.0
     max_evicted_weight: float = 1.0
     kernel_size: int = 1
     layer_budgets: str = "uniform"
@@ -133,6 +138,8 @@ class KeepKV(CompressionMethod):
         if self.score_normalization not in SCORE_NORMALIZATIONS:
             raise KeepKVError(f"keepkv: unknown score_normalization {self.score_normalization!r}; allowed: "
                               f"{', '.join(SCORE_NORMALIZATIONS)}")
+        if not 0.0 <= float(self.last_query_weight) <= 1.0:
+            raise KeepKVError(f"keepkv: last_query_weight must lie in [0, 1], got {self.last_query_weight}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise KeepKVError(f"keepkv: kernel_size must be an odd integer >= 1, got {self.kernel_size}")
         if not 0.0 < float(self.max_evicted_weight) <= 1.0:
@@ -157,12 +164,15 @@ class KeepKV(CompressionMethod):
 
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
         """``[batch, kv_heads, capacity]``: mean vote-weighted attention of the window queries and the group's query
-        heads; divided by the entry's votes with ``score_normalization="per-token"``; the mean over the layer's KV
-        heads (the same for every head) with ``selection="layer"``; max-pooled along the cache over the selectable
-        slots first with ``kernel_size > 1``."""
+        heads (mixed with the newest query's attention by ``last_query_weight``); divided by the entry's votes with
+        ``score_normalization="per-token"``; the mean over the layer's KV heads (the same for every head) with
+        ``selection="layer"``; max-pooled along the cache over the selectable slots first with ``kernel_size > 1``."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
         present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
         scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
+        weight = float(self.last_query_weight)
+        if weight > 0.0:  # the newest query is the window's last row
+            scores = (1.0 - weight) * scores + weight * attention[:, :, :, -1].mean(dim=2)
         if self.score_normalization == "per-token":
             live = torch.isfinite(cache.log_votes)
             scores = torch.where(live, scores * torch.exp(-cache.log_votes.masked_fill(~live, 0.0)), 0.0)
@@ -170,7 +180,7 @@ class KeepKV(CompressionMethod):
             selectable = torch.isfinite(cache.log_votes) & ~self.protected_mask(cache)
             scores = pool_along_slots(scores * selectable, self.kernel_size, "maxpool")
         if self.selection == "layer":
-            scores = scores.mean(dim=1, keepdim=True).expand_as(scores)
+            scores = head_mean(scores, cache, dim=1).expand_as(scores)  # over every rank's heads under TP
         return scores
 
     def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor | None:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.policy import CompressionMethod
+from keepkv.distributed.heads import head_mean
 
 
 @dataclass
@@ -37,5 +38,5 @@ class TOVA(CompressionMethod):
 
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
         attention = cache.newest_query_attention()  # [B, Hkv, G, C]
-        layer_mean = attention.mean(dim=(1, 2), keepdim=True)[:, :, 0]  # [B, 1, C]
+        layer_mean = head_mean(attention, cache, dim=(1, 2))[:, :, 0]  # [B, 1, C]; every rank's heads under TP
         return layer_mean.expand(-1, cache.keys.shape[1], -1)
