@@ -1,5 +1,5 @@
-"""``keepkv bench``: a quick decode-throughput table (full cache vs a compressed cache), and the measuring
-core shared with ``tools/bench_decode.py``.
+"""Decode-throughput measuring on a synthetic cache state: the core of ``keepkv bench`` (:mod:`keepkv.cli.bench`),
+``tools/bench_decode.py`` and ``tools/bench_serve.py``.
 
 **Synthetic context.** Decode speed at context ``L`` does not need a real ``L``-token prefill: the caches are
 filled with a synthetic state of ``L`` entries (random keys / values N(0, 1), positions ``0 .. L-1``; a
@@ -10,14 +10,12 @@ decode steps run through the engine's compiled decode step, and the method's dec
 holds exactly one compression and its cost is amortised per token. Contexts past the model's trained length are
 allowed by an explicit override of ``max_position_embeddings`` (speed only; quality is not measured here).
 
-Everything heavy is imported lazily: ``keepkv --help`` stays fast.
+torch and the model are imported inside the functions: importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 
 DECODE_SLACK = 64
@@ -234,51 +232,3 @@ def add_bandwidth_fields(point: dict, weights_read: int, copy_bandwidth: float |
     point["bytes_per_token"] = weights_read + point["kv_read_bytes"]
     if copy_bandwidth is not None:
         point["fraction_of_bandwidth_bound"] = point["bytes_per_token"] / point["seconds_per_token"] / copy_bandwidth
-
-
-def add_bench_command(subparsers) -> None:
-    """Register ``keepkv bench`` on the CLI's sub-parsers."""
-    p = subparsers.add_parser(
-        "bench", help="quick decode-throughput table: full cache vs compressed (synthetic context)",
-        description="Decode tokens/s at a few context lengths, full cache vs KeepKV at the given budgets, on a "
-        "synthetic cache state (see keepkv/bench.py). Full benchmarks: tools/bench_decode.py.",
-    )
-    p.add_argument("model", nargs="?", default="SmolLM2-135M-Instruct")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--contexts", type=int, nargs="+", default=[4096], help="context lengths (default 4096)")
-    p.add_argument("--budgets", nargs="+", default=["full", "0.1"], help="'full' and/or fractions (default: "
-                   "full 0.1)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs per point (median; default 3)")
-    p.set_defaults(run=run_bench)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from keepkv.errors import KeepKVError
-
-    budgets = []
-    for b in args.budgets:
-        try:
-            budgets.append(None if b == "full" else float(b))
-        except ValueError:
-            raise KeepKVError(f"--budgets takes 'full' or fractions in (0, 1], got {b!r}") from None
-    if args.runs < 1 or any(c < 64 for c in args.contexts):
-        raise KeepKVError("--runs must be >= 1 and every context >= 64 tokens")
-    network, _ = load_network(args.model, args.dtype, max(args.contexts))
-    rows = []
-    print(f"{args.model} {args.dtype}, batch 1, {torch.get_num_threads()} threads, synthetic context; "
-          "first point of each kind includes compile time", file=sys.stderr)
-    for context in args.contexts:
-        for budget in budgets:
-            r = run_point(network, context, budget, args.runs)
-            rows.append(r)
-            print(f"  L={context} {r['budget']}: {r['tokens_per_second']:.1f} tok/s", file=sys.stderr)
-    full = {r["context"]: r["tokens_per_second"] for r in rows if r["budget"] == "full"}
-    print(f"{'context':>8} {'cache':>6} {'tok/s':>8} {'vs full':>8} {'MB/token':>9} {'cache MB':>9}")
-    for r in rows:
-        # no full-cache point at this context (not asked for): nothing to compare with
-        ratio = f"{r['tokens_per_second'] / full[r['context']]:.2f}x" if r["context"] in full else "-"
-        print(f"{r['context']:>8} {r['budget']:>6} {r['tokens_per_second']:>8.1f} {ratio:>8} "
-              f"{r['bytes_per_token'] / 1e6:>9.1f} {r['cache_resident_bytes'] / 1e6:>9.1f}")
-    return 0

@@ -26,9 +26,10 @@ import torch
 
 from keepkv.cache.manager import CompressedCacheManager, round_up
 from keepkv.checks import require_int, require_text, shown
+from keepkv.context import decode_tokens
 from keepkv.errors import KeepKVError
 from keepkv.logs import get_logger
-from keepkv.sampling import SamplingConfig, sample_next_token
+from keepkv.sampling import SamplingConfig
 
 if TYPE_CHECKING:
     from keepkv.generate import GenerationEngine
@@ -282,13 +283,8 @@ class ChatSession:
         self.turns.append(stats)
         started = time.perf_counter()
         try:
-            for _ in range(max_new_tokens):
-                token = sample_next_token(logits, sampling, generator)
-                token_id = int(token[0])
-                if token_id in eos:
-                    break
+            for token_id in decode_tokens(engine, logits, self.position, max_new_tokens, sampling, generator, eos):
                 reply.append(token_id)
-                logits = engine.decode_step(token, torch.tensor([self.position], device=model.device))
                 self._ids.append(token_id)
                 self.position += 1
                 yield token_id

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,26 @@ def _make_engine(model: LanguageModel, method: str, kv_budget: float | int | Non
     engine = GenerationEngine(model.network, compile=model.engine.compile,
                               prefill_chunk_size=model.engine.prefill_chunk_size, cache_manager=manager)
     return engine, name
+
+
+def decode_tokens(engine: GenerationEngine, logits: Tensor, position: int, max_new_tokens: int,
+                  sampling: SamplingConfig, generator: torch.Generator | None, eos: set[int], *,
+                  feed_last: bool = True) -> Iterator[int]:
+    """One row's continuation (also :class:`keepkv.chat.ChatSession`'s replies): up to ``max_new_tokens`` ids, the
+    first sampled from ``logits`` (``[1, vocab]``), each next one from the logits of feeding the previous one through
+    ``engine.decode_step`` at ``position``, ``position + 1``, ...; it ends before an end-of-sequence id (neither
+    yielded nor fed). A token is fed before it is yielded, so the cache holds every yielded token, except the last
+    of ``max_new_tokens`` when ``feed_last`` is false (nothing would read its logits)."""
+    positions = torch.tensor([position], dtype=torch.long, device=logits.device)
+    for step in range(max_new_tokens):
+        token = sample_next_token(logits, sampling, generator)
+        token_id = int(token[0])
+        if token_id in eos:
+            return
+        if feed_last or step + 1 < max_new_tokens:
+            logits = engine.decode_step(token, positions)
+            positions = positions + 1
+        yield token_id
 
 
 class CompressedContext:
@@ -148,17 +169,8 @@ class CompressedContext:
                 position += ids.shape[1]
             else:
                 logits = self.last_logits.to(device)
-            generated: list[int] = []
-            positions = torch.tensor([position], dtype=torch.long, device=device)
-            for step in range(max_new_tokens):
-                token = sample_next_token(logits, sampling, generator)
-                token_id = int(token[0])
-                if token_id in eos:
-                    break
-                generated.append(token_id)
-                if step + 1 < max_new_tokens:
-                    logits = engine.decode_step(token, positions)
-                    positions = positions + 1
+            generated = list(decode_tokens(engine, logits, position, max_new_tokens, sampling, generator, eos,
+                                           feed_last=False))
         return tokenizer.decode(generated)
 
     # ---- files ----------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from keepkv.errors import KeepKVError
 from keepkv.logs import PREFILL_PROGRESS_MIN_CHUNKS, progress
 from keepkv.models.transformer import Transformer
 from keepkv.ops.attention import prefill_kernel_for
+from keepkv.runtime import RuntimeOptions
 from keepkv.sampling import SamplingConfig, sample_next_token
 
 def positions_from_valid(valid: Tensor) -> Tensor:
@@ -61,11 +62,15 @@ class GenerationStats:
 
 class GenerationEngine:
     """Runs a :class:`Transformer` over its caches. ``compile=True`` compiles the decode step and uses the
-    FlexAttention kernel; ``compile=False`` runs everything eagerly with the dense reference attention."""
+    FlexAttention kernel; ``compile=False`` runs everything eagerly with the dense reference attention.
+    ``runtime`` (:class:`~keepkv.runtime.RuntimeOptions`, set once: kernel choices, capacity rounding, compile
+    limits) is given to the network's attention layers and to the default cache manager; ``None`` keeps the
+    options the network already runs with (``network.runtime``). A ``cache_manager`` given here should be built
+    with the same options."""
 
     def __init__(
         self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int = 512,
-        cache_manager: FullCacheManager | None = None,
+        cache_manager: FullCacheManager | None = None, runtime: RuntimeOptions | None = None,
     ) -> None:
         if prefill_chunk_size < 1:
             raise KeepKVError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size}")
@@ -73,12 +78,15 @@ class GenerationEngine:
         self.config = network.config
         self.compile = compile
         self.prefill_chunk_size = prefill_chunk_size
+        runtime = network.runtime if runtime is None else runtime
+        self.runtime = runtime
         self.kernel = "flex" if compile else "reference"
         network.set_attention_kernel(self.kernel)
-        self.cache_manager = cache_manager or FullCacheManager(self.config, self.dtype, self.device)
+        network.set_runtime_options(runtime)
+        self.cache_manager = cache_manager or FullCacheManager(self.config, self.dtype, self.device, runtime=runtime)
         self.cache_manager.bind_network(network)  # methods that read weights (CriticalKV's W_O) get the model
         if compile:
-            allow_graph_per_shape()
+            allow_graph_per_shape(runtime.graphs_per_function)  # once per engine, before anything is traced
         self._decode_compiled = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else None
 
     @property
@@ -118,7 +126,7 @@ class GenerationEngine:
         ``valid``: prefill runs outside the compiled decode step)."""
         if not self.compile or valid.shape[1] < 2 or self.config.sliding_window is not None:
             return None
-        if prefill_kernel_for(self.device) != "split":
+        if prefill_kernel_for(self.device, self.runtime) != "split":
             return None
         if any(getattr(cache, "inline_compression", None) is not None for cache in self.caches):
             return None

@@ -82,6 +82,14 @@ def smollm2_eager(smollm2_gguf):
     return load(smollm2_gguf, compile=False, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def qwen_eager(qwen_gguf):
+    """The real Qwen2.5-Coder-0.5B in float32, eager: loaded once per session (about 2 GB)."""
+    from keepkv.models import load
+
+    return load(qwen_gguf, compile=False, device="cpu")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one thread (synchronisation would dominate, and the box may be shared); restored after."""

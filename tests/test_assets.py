@@ -322,24 +322,23 @@ def test_real_qwen_1_5b_gguf_header():
     """Reads the header and metadata of the joined 1.1 GB GGUF, no tensor dequantized. Skipped (also in CI) unless
     ``keepkv download --offline-assets qwen2.5-coder-1.5b`` was run: ``make test`` does not install it. Uses the
     joined file in ``$KEEPKV_CACHE`` (verified once, then reused), joining it there if only the parts exist."""
-    import gguf
-
     from keepkv.models.checkpoint import GGUFMetadata, read_gguf_tokenizer_data
+    from keepkv.models.gguf_file import read_gguf_header
 
     asset = require_installed("qwen2.5-coder-1.5b")
     path = assets.offline_asset_path(asset.name)
     assert path.name == asset.filename and path.stat().st_size == asset.size
     with open(path, "rb") as stream:
         assert stream.read(4) == b"GGUF"
-    reader = gguf.GGUFReader(path)
-    metadata = GGUFMetadata(reader, path)
+    header = read_gguf_header(path)
+    metadata = GGUFMetadata(header, path)
     assert metadata.require("general.architecture") == "qwen2"
     assert metadata.require_int("qwen2.block_count") == 28
     assert metadata.require_int("qwen2.attention.head_count") == 12
     assert metadata.require_int("qwen2.attention.head_count_kv") == 2
     assert metadata.require_int("qwen2.embedding_length") == 1536
     assert metadata.require_int("qwen2.context_length") == 32768
-    assert len(reader.tensors) == 28 * 12 + 3
+    assert len(header.tensors) == 28 * 12 + 3
     tokenizer = read_gguf_tokenizer_data(path)
     assert len(tokenizer.tokens) == 151936 and tokenizer.tokens[151645] == "<|im_end|>"
     assert 151645 in tokenizer.eos_token_ids

@@ -184,3 +184,47 @@ def test_eval_tasks_end_to_end_is_resumable_and_reported(tmp_path, smollm2_gguf)
     report = (results / "REPORT.md").read_text()
     assert "RULER-style tasks" in report and "niah_single" in report and "mean over tasks" in report
     assert any(p.name.startswith("tasks_") and p.suffix == ".png" for p in results.iterdir())
+
+
+def _peer_module(name: str):
+    """A script of tools/peers loaded by path (its sibling ``peer_common`` first: the scripts import it bare)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "tools" / "peers"
+    for module in ("peer_common", name):
+        if module not in sys.modules:
+            spec = importlib.util.spec_from_file_location(module, folder / f"{module}.py")
+            sys.modules[module] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[module])
+    return sys.modules[name]
+
+
+def test_kvpress_task_rows_are_scored_by_keepkv_and_shown_beside_keepkv(tmp_path):
+    """tools/peers: kvpress's raw task answers scored by ``tasks.score_task`` into keepkv's task-row shape,
+    appended to the store once (resumable), and reported as ``snapkv [kvpress]`` next to keepkv's rows; the aware
+    protocol split is keepkv's (everything but the prompt's last token compressed)."""
+    from keepkv.eval.results import validate_row
+    from keepkv.eval.tasks_report import summarise, tables
+
+    kvpress_eval, score = _peer_module("kvpress_eval"), _peer_module("score_kvpress")
+    assert kvpress_eval.protocol_split([1, 2, 3], [4, 5, 6], "aware") == ([1, 2, 3, 4, 5], [6])
+    assert kvpress_eval.protocol_split([1, 2, 3], [4, 5, 6], "agnostic") == ([1, 2, 3], [4, 5, 6])
+    raw = [{"task": "niah_single", "cell": f"niah_single/len2048/s{k}", "method": "snapkv", "variant": "",
+            "budget": 0.5, "seed": 0, "haystack": "essays", "sample": k, "protocol": protocol, "model": "M",
+            "answer": " 1234567." if k else " 7654321.", "answers": ["1234567"], "kept_entries_mean": 990.0,
+            "context_tokens_peer": 1980} for k in range(2) for protocol in ("aware", "agnostic")]
+    rows = score.score_task_rows(raw)
+    for row in rows:
+        validate_row(row)
+    assert [(r["metric"], r["value"]) for r in rows] == [("task_accuracy_aware", 0.0), ("task_accuracy", 0.0),
+                                                        ("task_accuracy_aware", 1.0), ("task_accuracy", 1.0)]
+    assert all(r["task"] == "tasks" and r["engine"] == "kvpress" and json.loads(r["unit"])[0] == "kvpress"
+               for r in rows)
+    assert score.append_new(rows, tmp_path / "tasks.jsonl") == 4
+    assert score.append_new(rows, tmp_path / "tasks.jsonl") == 0  # resumable: nothing twice
+    mine = [{**r, "engine": "keepkv", "method": "snapkv", "value": 1.0, "unit": "u"} for r in rows]
+    table = tables(summarise(mine + rows))
+    assert "| snapkv [kvpress] | 50% | 990 | 0.50 [0.00, 1.00]" in table
+    assert "| snapkv | 50% | 990 | 1.00 [1.00, 1.00]" in table

@@ -18,7 +18,8 @@ import huggingface_hub.errors
 import pytest
 import torch
 
-from keepkv import download_cli, logs
+from keepkv import logs
+from keepkv.cli import download as download_cli
 from keepkv.cli import main
 from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine
@@ -189,13 +190,13 @@ def test_unsupported_architecture_is_refused_before_any_weight(fake_hub):
 
 
 def test_download_command_takes_any_repo_id(fake_hub, tmp_path, capsys):
-    parser = download_cli.add_download_arguments(argparse.ArgumentParser())
+    parser = download_cli.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["otherorg/tiny-qwen", "--local-dir", str(tmp_path / "here")])
-    assert download_cli.run_download(args) == 0
+    assert download_cli.run(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "here")
     assert {p.name for p in (tmp_path / "here").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     with pytest.raises(KeepKVError, match="gpt2"):
-        download_cli.run_download(parser.parse_args(["someorg/tiny-gpt2", "--local-dir", str(tmp_path / "no")]))
+        download_cli.run(parser.parse_args(["someorg/tiny-gpt2", "--local-dir", str(tmp_path / "no")]))
 
 
 def test_unknown_plain_names_still_get_suggestions():

@@ -90,13 +90,6 @@ def run_method(shared: SharedPrefill, method_name: str, kv_budget: float) -> dic
     }
 
 
-@pytest.fixture(scope="module")
-def qwen_eager(qwen_gguf):
-    from keepkv.models import load
-
-    return load(qwen_gguf, compile=False, device="cpu")
-
-
 def shared_prefill_of(model) -> SharedPrefill:
     ids = model.tokenizer.encode(TEXT)
     assert len(ids) >= PROMPT_TOKENS

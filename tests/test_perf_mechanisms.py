@@ -21,10 +21,12 @@ import torch
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
 from keepkv.cache.methods import make_method
+from keepkv.errors import KeepKVError
 from keepkv.ops import attention
 from keepkv.ops.attention import (
     vote_attention, vote_attention_packed, vote_attention_reference, vote_attention_sdpa,
 )
+from keepkv.runtime import RuntimeOptions
 from tests.conftest import tiny_config
 from tests.test_attention import make_case
 
@@ -75,7 +77,7 @@ def test_decode_kernels_give_zeros_for_rows_without_entries(kernel, capacity):
     (torch.bfloat16, 37, "sdpa"), (torch.float16, 4096, "sdpa"), (torch.bfloat16, 4097, "packed"),
 ])
 def test_flex_kernel_sends_one_token_queries_to_the_decode_kernel(monkeypatch, dtype, capacity, expected):
-    """Decode (q_len = 1) never takes flex's template: 16-bit caches up to SDPA_DECODE_MAX_SLOTS take SDPA, others
+    """Decode (q_len = 1) never takes flex's template: 16-bit caches up to sdpa_decode_max_slots take SDPA, others
     the packed kernel; a prefill chunk (q_len > 1) takes flex."""
     calls = []
     for name in ("packed", "sdpa", "flex"):
@@ -89,10 +91,19 @@ def test_flex_kernel_sends_one_token_queries_to_the_decode_kernel(monkeypatch, d
     assert [name for name, _ in calls] == ["flex"]
 
 
-def test_an_unknown_decode_kernel_is_refused(monkeypatch):
-    monkeypatch.setattr(attention, "DECODE_KERNEL", "fast")
-    with pytest.raises(ValueError, match="unknown DECODE_KERNEL 'fast'; allowed: auto, packed, sdpa, flex"):
-        vote_attention(*make_case(0, q_len=1), kernel="flex")
+def test_runtime_options_choose_the_decode_kernel_and_refuse_unknown_ones(monkeypatch):
+    calls = []
+    for name in ("packed", "sdpa", "flex"):
+        monkeypatch.setattr(attention, f"vote_attention_{name}", lambda *a, name=name, **k: calls.append(name) or a[0])
+    for kernel in ("packed", "sdpa", "flex"):
+        vote_attention(*make_case(0, q_len=1), kernel="flex", runtime=RuntimeOptions(decode_kernel=kernel))
+    vote_attention(*make_case(0, dtype=torch.bfloat16, q_len=1, capacity=64), kernel="flex",
+                   runtime=RuntimeOptions(sdpa_decode_max_slots=32))  # above the threshold: packed
+    assert calls == ["packed", "sdpa", "flex", "packed"]
+    with pytest.raises(KeepKVError, match="unknown decode_kernel 'fast'; allowed: auto, packed, sdpa, flex"):
+        RuntimeOptions(decode_kernel="fast")
+    with pytest.raises(KeepKVError, match="decode_pieces must be an integer >= 1"):
+        RuntimeOptions(decode_pieces=0)
 
 
 def smollm2_like(layers: int = 2):
@@ -199,7 +210,7 @@ def test_window_scores_are_computed_once_per_compression_with_identical_results(
 
 
 def test_bench_command_is_registered_and_checks_its_input():
-    from keepkv.bench import run_bench
+    from keepkv.cli.bench import run as run_bench
     from keepkv.cli import build_parser
     from keepkv.errors import KeepKVError
 
@@ -239,7 +250,7 @@ def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(option
     assert eager_method.stats.as_dict()["merged"] > 0
 
 
-def test_packed_entries_leave_the_cache_alone_and_compact_stores_them():
+def test_packed_entries_leave_the_cache_alone_and_store_packed_writes_them():
     cache = filled_cache(seed=7)
     before = {name: getattr(cache, name).clone() for name in ("keys", "values", "log_votes", "positions")}
     kept = torch.arange(0, 300, 3).expand(1, 3, -1).contiguous()
@@ -253,7 +264,7 @@ def test_packed_entries_leave_the_cache_alone_and_compact_stores_them():
     assert torch.equal(entries["positions"][0, 0, :100], torch.arange(0, 300, 3).to(entries["positions"].dtype))
     assert torch.isinf(entries["log_votes"][0, 1, 95:]).all() and (entries["positions"][0, 1, 95:] == -1).all()
     assert (entries["keys"][:, :, 100:] == 0).all()
-    cache.compact(kept, valid)
+    cache.store_packed(cache.packed_entries(kept, valid))
     for name in ("keys", "values", "log_votes", "positions", "cursor"):
         assert torch.equal(getattr(cache, name), entries[name]), name
 
@@ -372,15 +383,13 @@ def test_prefill_kernel_is_chosen_per_device_and_checked(monkeypatch):
 
     assert prefill_kernel_for(torch.device("cpu")) == "split"
     assert prefill_kernel_for(torch.device("meta")) == "flex"  # no fused attention with log-sum-exp there
-    monkeypatch.setattr(attention, "PREFILL_KERNEL", "flex")
-    assert prefill_kernel_for(torch.device("cpu")) == "flex"
-    monkeypatch.setattr(attention, "PREFILL_KERNEL", "dense")
-    with pytest.raises(ValueError, match="PREFILL_KERNEL"):
-        prefill_kernel_for(torch.device("cpu"))
-    monkeypatch.setattr(attention, "PREFILL_KERNEL", "split")
-    assert prefill_kernel_for(torch.device("cpu")) == "split"
+    assert prefill_kernel_for(torch.device("cpu"), RuntimeOptions(prefill_kernel="flex")) == "flex"
+    with pytest.raises(KeepKVError, match="prefill_kernel"):
+        RuntimeOptions(prefill_kernel="dense")
+    split = RuntimeOptions(prefill_kernel="split")
+    assert prefill_kernel_for(torch.device("cpu"), split) == "split"
     with pytest.raises(ValueError, match="CPU only"):
-        prefill_kernel_for(torch.device("meta"))
+        prefill_kernel_for(torch.device("meta"), split)
 
 
 def test_engine_routes_only_eligible_chunks_to_the_split_kernel(monkeypatch):
@@ -395,8 +404,41 @@ def test_engine_routes_only_eligible_chunks_to_the_split_kernel(monkeypatch):
     left_padded = torch.tensor([[True] * 8, [False] * 3 + [True] * 5])
     assert engine._split_prefill_past(left_padded) is None  # padding before a real token: flex
     assert engine._split_prefill_past(right_padded[:, :1]) is None  # one token: the decode kernels
-    monkeypatch.setattr(attention, "PREFILL_KERNEL", "flex")
-    assert engine._split_prefill_past(right_padded) is None
+    flex_engine = GenerationEngine(tiny_network(), compile=True, prefill_chunk_size=8,
+                                   runtime=RuntimeOptions(prefill_kernel="flex"))
+    flex_engine.prepare_caches(2, 16, 4)
+    flex_engine.cache_manager.filled = 8
+    assert flex_engine._split_prefill_past(right_padded) is None
+    assert all(layer.runtime.prefill_kernel == "flex" for layer in flex_engine.network.attention_layers)
+    again = GenerationEngine(flex_engine.network, compile=False)  # no options given: the network keeps its own
+    assert again.runtime is flex_engine.runtime and again.network.runtime.prefill_kernel == "flex"
+    from keepkv.ops.linear import Linear
+
+    no_gemv = GenerationEngine(tiny_network(), compile=False, runtime=RuntimeOptions(reduction_dtypes=()))
+    linears = [m for m in no_gemv.network.modules() if isinstance(m, Linear)]
+    assert linears and all(m.reduction_dtypes == () for m in linears)
     eager = GenerationEngine(tiny_network(), compile=False, prefill_chunk_size=8)
     eager.prepare_caches(1, 8, 4)
     assert eager._split_prefill_past(right_padded[:1]) is None  # eager runs keep the dense reference
+
+
+def test_runtime_options_size_the_caches_and_split_the_packed_kernel():
+    from keepkv.ops.attention import decode_pieces
+
+    config = tiny_config()
+    full = FullCacheManager(config, torch.float32, torch.device("cpu"), runtime=RuntimeOptions(capacity_quantum=64))
+    assert full.capacity_for(100, 10) == 128
+    assert FullCacheManager(config, torch.float32, torch.device("cpu")).capacity_for(100, 10) == 256
+    assert decode_pieces(8 * 128) == 8 and decode_pieces(8 * 128, most=4) == 4 and decode_pieces(8 * 128, 1) == 1
+    method = make_method("keepkv")
+    CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, 0.5, compiled_ops=True)
+    assert method.use_compiled_ops
+    CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, 0.5)  # None: left as it was
+    assert method.use_compiled_ops
+
+
+def test_load_refuses_runtime_options_of_the_wrong_type():
+    from keepkv.models import load
+
+    with pytest.raises(KeepKVError, match="runtime must be None or a keepkv.runtime.RuntimeOptions"):
+        load("SmolLM2-135M-Instruct", runtime={"decode_kernel": "sdpa"})

@@ -23,7 +23,8 @@ from urllib.parse import unquote, urlsplit
 import huggingface_hub.constants
 import pytest
 
-from keepkv import download_cli, hub
+from keepkv import hub
+from keepkv.cli import download as download_cli
 from keepkv.errors import CheckpointError, KeepKVError
 from keepkv.models import registry
 from keepkv.models.config import SUPPORTED_ARCHITECTURES
@@ -519,13 +520,13 @@ def test_unreachable_hub_gives_the_clear_error(hub_cache, monkeypatch):
 
 
 def parse_download_args(*argv: str) -> argparse.Namespace:
-    return download_cli.add_download_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return download_cli.add_arguments(argparse.ArgumentParser()).parse_args(argv)
 
 
 def test_run_download_passes_name_revision_and_local_dir(monkeypatch, capsys, tmp_path):
     calls = []
     monkeypatch.setattr(download_cli.hub, "download", lambda repo, **kw: calls.append((repo, kw)) or tmp_path)
-    assert download_cli.run_download(parse_download_args("llama-2-7b", "--revision", "abc", "--local-dir", "out")) == 0
+    assert download_cli.run(parse_download_args("llama-2-7b", "--revision", "abc", "--local-dir", "out")) == 0
     assert calls == [("meta-llama/Llama-2-7b-hf", {"revision": "abc", "local_dir": "out", "cache_dir": None})]
     assert str(tmp_path) in capsys.readouterr().out
 
@@ -535,14 +536,14 @@ def test_run_download_offline_assets_and_list(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(
         download_cli.assets, "offline_asset_path", lambda name, install: installed.append((name, install)) or tmp_path
     )
-    download_cli.run_download(parse_download_args("--offline-assets"))
-    download_cli.run_download(parse_download_args("--offline-assets", "smollm2"))
+    download_cli.run(parse_download_args("--offline-assets"))
+    download_cli.run(parse_download_args("--offline-assets", "smollm2"))
     assert installed == [("smollm2", True), ("qwen2.5-coder", True), ("smollm2", True)]
-    download_cli.run_download(parse_download_args("--list"))
+    download_cli.run(parse_download_args("--list"))
     listing = capsys.readouterr().out
     assert all(name in listing for name in REQUIRED_NAMES)
     with pytest.raises(KeepKVError, match="nothing to download"):
-        download_cli.run_download(parse_download_args())
+        download_cli.run(parse_download_args())
 
 
 def test_tools_download_script_reports_errors_plainly():
@@ -558,7 +559,7 @@ def test_tools_download_script_reports_errors_plainly():
 
 
 def test_download_command_parses_and_runs_a_model_download(monkeypatch, tmp_path):
-    parser = download_cli.add_download_arguments(argparse.ArgumentParser())
+    parser = download_cli.add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["Qwen2.5-7B", "--revision", "v1"])
     seen = {}
 
@@ -567,5 +568,5 @@ def test_download_command_parses_and_runs_a_model_download(monkeypatch, tmp_path
         return tmp_path
 
     monkeypatch.setattr(download_cli.hub, "download", fake_download)
-    assert download_cli.run_download(args) == 0
+    assert download_cli.run(args) == 0
     assert seen["repo"] == "Qwen/Qwen2.5-7B" and seen["revision"] == "v1"

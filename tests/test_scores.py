@@ -2,7 +2,8 @@
 
 - group reference log-score ``logsumexp_g(q_g·k/sqrt(d)) - ln G`` = ``ln mean_g exp(q_g·k/sqrt(d))`` (spec §6);
 - cosine matching: argmax over valid kept keys, strict threshold, validity masks (spec §3);
-- the score EMA in log space, step by step and in window form, with bias correction (spec §4).
+- the score EMA in log space, step by step and in window form, with bias correction (spec §4);
+- SnapKV's pooling along the cache (max / average, zero padding).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keepkv.ops.scores import (
+    cosine_best_match,
     cosine_match,
     ema_log_debias,
     ema_log_scores,
     ema_log_update,
     group_log_scores,
     head_logits,
+    log_mean_exp,
+    pool_along_slots,
 )
 
 seeds = st.integers(0, 2**31 - 1)
@@ -63,6 +67,8 @@ def test_group_log_scores_of_one_query_is_its_logit_and_stays_finite_for_huge_lo
     torch.testing.assert_close(group_log_scores(q, k), (q @ k.transpose(-1, -2))[:, :, 0] / math.sqrt(8))
     huge = group_log_scores(torch.cat((q, -q), dim=2) * 1e4, k)  # |logits| ~ 1e4 in float32: logsumexp, no inf
     assert torch.isfinite(huge).all()
+    logits = torch.tensor([[0.0, -math.inf], [-math.inf, -math.inf]])
+    assert torch.equal(log_mean_exp(logits, dim=-1), torch.tensor([-math.log(2), -math.inf]))
 
 
 def loop_cosine_match(evicted, kept, threshold, kept_valid, evicted_valid):
@@ -100,6 +106,7 @@ def test_cosine_match_equals_a_loop_reference(seed, batch, heads, dim, evicted_c
     kept_valid = torch.rand(batch, heads, kept_count, generator=g) < 0.8
     evicted_valid = torch.rand(batch, heads, evicted_count, generator=g) < 0.8
     best, similarity, merge = cosine_match(evicted, kept, threshold, kept_valid, evicted_valid)
+    assert all(torch.equal(a, b) for a, b in zip(cosine_best_match(evicted, kept, kept_valid), (best, similarity)))
     ref_best, ref_similarity, ref_merge = loop_cosine_match(evicted, kept, threshold, kept_valid, evicted_valid)
     has_kept = kept_valid.any(-1, keepdim=True).expand_as(best)
     assert torch.equal(best[has_kept], ref_best[has_kept])
@@ -163,3 +170,18 @@ def test_debiased_ema_of_a_constant_score_is_that_score_and_unseen_is_minus_inf(
     assert abs(float(debiased[0]) - 1.0) < 1e-6
     assert torch.isneginf(debiased[1])
     assert torch.isfinite(ema_log_scores(torch.full((4, 2), 1e4), 0.9)).all()  # log space: no overflow
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, length=st.integers(1, 20), kernel=st.sampled_from([1, 3, 5, 7]),
+       pooling=st.sampled_from(["maxpool", "avgpool"]))
+def test_pooling_along_slots_equals_a_loop_with_zero_padding(seed, length, kernel, pooling):
+    scores = torch.rand(2, 3, length, generator=generator(seed))
+    got = pool_along_slots(scores, kernel, pooling)
+    padded = [[[0.0] * (kernel // 2) + row.tolist() + [0.0] * (kernel // 2) for row in head] for head in scores]
+    for b in range(2):
+        for h in range(3):
+            for i in range(length):
+                around = padded[b][h][i : i + kernel]
+                expected = max(around) if pooling == "maxpool" else sum(around) / kernel
+                assert abs(float(got[b, h, i]) - expected) < 1e-6

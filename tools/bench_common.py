@@ -1,4 +1,7 @@
-"""Shared helpers of keepkv's benchmarks (``tools/bench_decode.py``, ``tools/bench_prefill.py``).
+"""Shared helpers of keepkv's benchmark tools (``tools/bench_*.py``, ``tools/perf_report.py``).
+
+The tools import it as ``import bench_common``: ``python tools/x.py`` puts the script's own folder (``tools/``)
+first on the import path, and keepkv is imported as the installed package (``pip install -e .``).
 
 - :func:`machine_facts`: CPU model, cores, threads, memory, torch / python / keepkv versions (goes in every JSON);
 - :func:`copy_bandwidth`: the machine's measured memory copy bandwidth (``torch.Tensor.copy_`` of a 512 MB buffer,

@@ -41,19 +41,17 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import bench_common as bc  # noqa: E402
+import bench_common as bc
 
 # ---- model-level decode benchmark (the measuring core lives in keepkv/bench.py) ---------------------------------
-from keepkv.bench import (  # noqa: E402
+from keepkv.bench import (
     DECODE_SLACK, add_bandwidth_fields, budget_key, fill_synthetic, load_network, make_engine, run_point, weight_bytes,
-    weight_bytes_read_per_token,  # noqa: F401
+    weight_bytes_read_per_token,
 )
 
 
@@ -183,7 +181,7 @@ def cmd_attention(args) -> None:
                     row[f"{kernel}_us"] = time_kernel(lambda: fn(*case), inner=20, runs=args.runs) * 1e6
                 row["flex_over_sdpa"] = row["flex_us"] / row["sdpa_additive_bias_us"]
                 row["flex_over_packed"] = row["flex_us"] / row["packed_us"]
-                # what keepkv's decode step runs here (DECODE_KERNEL = "auto"): packed or keepkv's SDPA call
+                # what keepkv's decode step runs here (RuntimeOptions.decode_kernel = "auto"): packed or keepkv's SDPA call
                 row["decode_kernel"] = decode_kernel_for(dtype, capacity)
                 row["decode_us"] = row["packed_us" if row["decode_kernel"] == "packed" else "sdpa_kernel_us"]
                 rows.append(row)
@@ -196,46 +194,49 @@ def cmd_attention(args) -> None:
 
 
 # ---- compile cost ----------------------------------------------------------------------------------------------
-COMPILE_CHILD = r"""
-import json, sys, time, torch
-sys.path.insert(0, {tools!r}); sys.path.insert(0, {root!r})
-import keepkv.bench as bd
-from torch._dynamo.utils import counters
-network, _ = bd.load_network({model!r}, {dtype!r}, {context})
-engine = bd.make_engine(network, {budget})
-bd.fill_synthetic(engine, {context}, 200)
-token, pos = torch.tensor([1]), torch.tensor([{context}])
-t0 = time.perf_counter()
-with torch.inference_mode():
-    engine.decode_step(token, pos)
-first = time.perf_counter() - t0
-graphs = counters["stats"]["unique_graphs"]
-recompiled = False
-try:
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a graph compiled once may never compile again
-        for i in range(1, 100):
-            with torch.inference_mode():
-                engine.decode_step(token, pos + i)
-except torch._dynamo.exc.RecompileError:
-    recompiled = True
-print(json.dumps({{"first_step_seconds": first, "graphs_after_first_step": graphs,
-                  "new_graphs_over_99_steps": counters["stats"]["unique_graphs"] - graphs,
-                  "recompiled": recompiled, "compressions": engine.cache_manager.compressions}}))
-"""
+def compile_worker(args) -> None:
+    """One phase of ``compile`` in this fresh process (``--worker``): the first decode step of a KeepKV engine at
+    ``args.budget`` on a synthetic ``args.context`` (compile included), then 99 more steps in which a recompile is
+    an error; prints one JSON line."""
+    from torch._dynamo.utils import counters
+
+    (model,), (dtype,) = args.models, args.dtypes
+    network, _ = load_network(model, dtype, args.context)
+    engine = make_engine(network, args.budget)
+    fill_synthetic(engine, args.context, 200)
+    token, pos = torch.tensor([1]), torch.tensor([args.context])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        engine.decode_step(token, pos)
+    first = time.perf_counter() - started
+    graphs = counters["stats"]["unique_graphs"]
+    recompiled = False
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):  # a graph compiled once may never compile again
+            for i in range(1, 100):
+                with torch.inference_mode():
+                    engine.decode_step(token, pos + i)
+    except torch._dynamo.exc.RecompileError:
+        recompiled = True
+    print(json.dumps({"first_step_seconds": first, "graphs_after_first_step": graphs,
+                      "new_graphs_over_99_steps": counters["stats"]["unique_graphs"] - graphs,
+                      "recompiled": recompiled, "compressions": engine.cache_manager.compressions}))
 
 
 def cmd_compile(args) -> None:
+    if args.worker:
+        compile_worker(args)
+        return
     rows = []
-    tools, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
     for model in args.models:
         for dtype in args.dtypes:
             cache_dir = tempfile.mkdtemp(prefix="keepkv-inductor-")
             row = {"model": model, "dtype": dtype, "context": args.context, "budget": args.budget}
             for phase in ("cold", "warm"):
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-                code = COMPILE_CHILD.format(tools=tools, root=root, model=model, dtype=dtype, context=args.context,
-                                            budget=args.budget)
-                out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+                command = [sys.executable, str(Path(__file__).resolve()), "compile", "--models", model, "--dtypes",
+                           dtype, "--context", str(args.context), "--budget", repr(args.budget), "--worker"]
+                out = subprocess.run(command, env=env, capture_output=True, text=True)
                 if out.returncode != 0:
                     raise SystemExit(out.stderr[-3000:])
                 measured = json.loads(out.stdout.strip().splitlines()[-1])
@@ -259,8 +260,7 @@ def cmd_profile(args) -> None:
     """torch.profiler over decode steps (one of them compresses) for each budget; tables to a text file."""
     from torch.profiler import ProfilerActivity, profile
 
-    from keepkv.bench import DECODE_SLACK as W
-
+    W = DECODE_SLACK
     network, _ = load_network(args.model, args.dtype, args.context)
     report = []
     for budget in [None if b == "full" else float(b) for b in args.budgets]:
@@ -342,6 +342,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["float32"])
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one phase, in a fresh process
     p = sub.add_parser("profile")
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="float32")

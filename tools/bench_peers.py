@@ -15,7 +15,7 @@ keep the model loaded; keepkv never imports them.
 
 Issue-5 targets (reported as pass/fail): keepkv full >= 1.5x transformers; keepkv@10% >= 1.5x kvpress@10%.
 
-    flock /tmp/keepkv-cpu.lock /tmp/venv/bin/python tools/bench_peers.py            # both models, 4k, fp32
+    flock /tmp/keepkv-cpu.lock .venv/bin/python tools/bench_peers.py            # both models, 4k, fp32
     ... tools/bench_peers.py --model SmolLM2-135M-Instruct --context 4096 --dtype float32 --runs 5
 
 Writes ``results/bench/peers.json`` and ``results/bench/peers.png``; prints a table.
@@ -31,9 +31,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_common import RESULTS, ROOT, machine_facts, write_json
 

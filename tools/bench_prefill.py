@@ -9,10 +9,10 @@ Usage (under the CPU lock)::
 vote ``score_mod`` vs ``scaled_dot_product_attention`` with the equivalent additive float bias (``ln p`` or
 ``-inf``), both compiled; median of runs; max error against the dense reference.
 
-**memory**: a child process loads the model, then runs a chunked prefill of a ``--context``-token prompt
-(random token ids: memory does not depend on the text) at ``kv_budget = 0.1`` with KeepKV (the engine compresses
-each time a chunk would not fit: ``B + chunk`` slots per head), and records RSS: ``base`` (torch + keepkv imported,
-nothing loaded), after load, and the peak (``VmHWM``). The bound checked is::
+**memory**: a fresh process (this script's ``memory --worker``) loads the model, then runs a chunked prefill of a
+``--context``-token prompt (random token ids: memory does not depend on the text) at ``kv_budget = 0.1`` with
+KeepKV (the engine compresses each time a chunk would not fit: ``B + chunk`` slots per head), and records RSS:
+``base`` (torch + keepkv imported, nothing loaded), after load, and the peak (``VmHWM``). The bound checked is::
 
     peak - base <= weights + 3 x budgeted cache + one chunk's activations
     budgeted cache   = layers x kv_heads x (B + chunk) x (2 d x dtype bytes + 4 + 4)  (+ observation window)
@@ -30,15 +30,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import bench_common as bc  # noqa: E402
-from bench_decode import SHAPES, attention_case, sdpa_additive, time_kernel  # noqa: E402
+import bench_common as bc
+from bench_decode import SHAPES, attention_case, sdpa_additive, time_kernel
 
 
 def cmd_attention(args) -> None:
@@ -68,44 +66,47 @@ def cmd_attention(args) -> None:
     })
 
 
-MEMORY_CHILD = r"""
-import json, sys, time, torch
-sys.path.insert(0, {tools!r}); sys.path.insert(0, {root!r})
-import bench_common as bc
-import keepkv.models, keepkv.generate
-base = bc.rss_bytes()
-from keepkv.models import load
-lm = load({model!r}, kv_budget=0.1, method="keepkv", dtype={dtype!r}, compile=False, prefill_chunk_size={chunk})
-engine = lm.engine
-engine.network.config = engine.network.config.replace(
-    max_position_embeddings=max(engine.network.config.max_position_embeddings, {context}))
-after_load = bc.rss_bytes()
-bc.reset_peak_rss()
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(100, 10000, (1, {context}), generator=g)
-valid = torch.ones_like(ids, dtype=torch.bool)
-t0 = time.perf_counter()
-engine.prepare_caches(1, {context}, 1)
-with torch.inference_mode():
-    engine.prefill(ids, valid)
-    engine.end_prefill()
-seconds = time.perf_counter() - t0
-c = engine.config
-manager = engine.cache_manager
-print(json.dumps({{"base_rss": base, "after_load_rss": after_load, "peak_rss": bc.peak_rss_since_reset(),
-    "prefill_seconds": seconds, "budget_entries": manager.budget, "compressions": manager.compressions,
-    "layers": c.num_layers, "kv_heads": c.num_kv_heads, "heads": c.num_heads, "head_dim": c.head_dim,
-    "hidden": c.hidden_size, "intermediate": c.intermediate_size,
-    "weight_bytes": sum(p.numel() * p.element_size() for p in {{p.data_ptr(): p for p in engine.network.parameters()}}.values()),
-    "decode_cache_resident_bytes": engine.cache_bytes()}}))
-"""
+def memory_worker(args) -> dict:
+    """The measuring half of ``memory``, run in a fresh process (``--worker``) so that RSS counts only this
+    prefill: RSS with torch and keepkv imported (base), after loading, and the peak of the chunked prefill."""
+    import keepkv.generate  # noqa: F401  (counted in the base RSS, with torch)
+    from keepkv.models import load
+
+    base = bc.rss_bytes()
+    lm = load(args.model, kv_budget=0.1, method="keepkv", dtype=args.dtype, compile=False,
+              prefill_chunk_size=args.chunk)
+    engine = lm.engine
+    engine.network.config = engine.network.config.replace(
+        max_position_embeddings=max(engine.network.config.max_position_embeddings, args.context))
+    after_load = bc.rss_bytes()
+    bc.reset_peak_rss()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 10000, (1, args.context), generator=g)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    started = time.perf_counter()
+    engine.prepare_caches(1, args.context, 1)
+    with torch.inference_mode():
+        engine.prefill(ids, valid)
+        engine.end_prefill()
+    seconds = time.perf_counter() - started
+    c = engine.config
+    manager = engine.cache_manager
+    parameters = {p.data_ptr(): p for p in engine.network.parameters()}.values()
+    return {"base_rss": base, "after_load_rss": after_load, "peak_rss": bc.peak_rss_since_reset(),
+            "prefill_seconds": seconds, "budget_entries": manager.budget, "compressions": manager.compressions,
+            "layers": c.num_layers, "kv_heads": c.num_kv_heads, "heads": c.num_heads, "head_dim": c.head_dim,
+            "hidden": c.hidden_size, "intermediate": c.intermediate_size,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in parameters),
+            "decode_cache_resident_bytes": engine.cache_bytes()}
 
 
 def cmd_memory(args) -> None:
-    tools, root = str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])
-    code = MEMORY_CHILD.format(tools=tools, root=root, model=args.model, dtype=args.dtype, context=args.context,
-                               chunk=args.chunk)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    if args.worker:
+        print(json.dumps(memory_worker(args)))
+        return
+    command = [sys.executable, str(Path(__file__).resolve()), "memory", "--model", args.model, "--dtype", args.dtype,
+               "--context", str(args.context), "--chunk", str(args.chunk), "--worker"]
+    out = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
     m = json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,8 +139,6 @@ class _Timer:
         self.chunks: list[dict[str, float]] = []
 
     def wrap(self, label: str, fn):
-        import time
-
         def timed(*a, **k):
             started = time.perf_counter()
             try:
@@ -153,17 +152,20 @@ class _Timer:
         self.chunk = {}
 
 
-def profile_keepkv(model: str, dtype: str, ids: list[int], kv_budget, method, runs: int, chunk: int | None) -> dict:
+def profile_keepkv(model: str, dtype: str, ids: list[int], kv_budget, method, runs: int, chunk: int | None,
+                   prefill_kernel: str = "auto") -> dict:
     """Prefill ``ids`` through keepkv's default compiled path; per chunk: attention kernel, query observation
     (score state), compression (``make_room``), cache writes, the rest of the layers, and the LM head."""
     import statistics
-    import time
 
     import keepkv.models.transformer as tr
     from keepkv.models import load
 
+    from keepkv.runtime import RuntimeOptions
+
     kwargs = {"prefill_chunk_size": chunk} if chunk else {}
-    lm = load(model, kv_budget=kv_budget, method=method, dtype=bc.dtype_of(dtype), **kwargs)
+    lm = load(model, kv_budget=kv_budget, method=method, dtype=bc.dtype_of(dtype),
+              runtime=RuntimeOptions(prefill_kernel=prefill_kernel), **kwargs)
     engine = lm.engine
     timer = _Timer()
     originals = (tr.vote_attention, tr.vote_attention_chunk)
@@ -217,12 +219,10 @@ def profile_transformers(gguf: str, dtype: str, ids: list[int], runs: int) -> di
     """transformers' prefill (one forward of the whole prompt, SDPA, logits of the last token only) on the same
     GGUF weights, with its SDPA calls timed apart."""
     import statistics
-    import time
 
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
-    from peer_common import load_gguf
+    from peers.peer_common import load_gguf
 
     model = load_gguf(gguf, dtype)
     timer = _Timer()
@@ -250,14 +250,10 @@ def profile_transformers(gguf: str, dtype: str, ids: list[int], runs: int) -> di
 
 
 def cmd_profile(args) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_peers import ASSETS, prompt_ids
     from keepkv import assets
     from keepkv.models import load
 
-    import keepkv.ops.attention as attention
-
-    attention.PREFILL_KERNEL = args.prefill_kernel
     tokenizer = load(args.model, compile=False).tokenizer
     ids = prompt_ids(tokenizer, args.context)
     rows = []
@@ -265,7 +261,8 @@ def cmd_profile(args) -> None:
         torch.set_default_dtype(torch.float32)
         for budget in args.budgets:
             kv_budget = None if budget >= 1.0 else budget
-            row = profile_keepkv(args.model, dtype, ids, kv_budget, args.method, args.runs, args.chunk)
+            row = profile_keepkv(args.model, dtype, ids, kv_budget, args.method, args.runs, args.chunk,
+                                 args.prefill_kernel)
             row["dtype"], row["prefill_kernel"] = dtype, args.prefill_kernel
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "per_chunk_ms"}), flush=True)
@@ -294,6 +291,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # the measuring, in a fresh process
     p = sub.add_parser("profile", help="per-chunk split of a prefill (keepkv) beside transformers' prefill")
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -303,7 +301,7 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: keepkv's)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
-    p.add_argument("--prefill-kernel", default="auto", help="keepkv.ops.attention.PREFILL_KERNEL for this run")
+    p.add_argument("--prefill-kernel", default="auto", help="RuntimeOptions.prefill_kernel for this run (auto, split, flex)")
     p.add_argument("--out", default=None, help="file name under results/bench/")
     args = parser.parse_args(argv)
     {"attention": cmd_attention, "memory": cmd_memory, "profile": cmd_profile}[args.command](args)

@@ -39,9 +39,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from bench_common import RESULTS, ROOT, machine_facts, write_json
 from bench_peers import ASSETS, PROMPTS, PeerWorker, prompt_ids, write_prompt_file
 

@@ -38,15 +38,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import bench_common as bc  # noqa: E402
-from keepkv.bench import (  # noqa: E402
+import bench_common as bc
+from keepkv.bench import (
     DECODE_SLACK, FULL_RUN_STEPS, fill_synthetic, kv_read_bytes, load_network, make_engine,
 )
 

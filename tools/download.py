@@ -5,17 +5,30 @@
     python tools/download.py --eval-data
     python tools/download.py --list
 
-Same as ``keepkv download``; see :mod:`keepkv.download_cli`.
+Same as ``keepkv download``; see :mod:`keepkv.cli.download`.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from keepkv.cli import download
+from keepkv.errors import KeepKVError
 
-from keepkv.download_cli import main  # noqa: E402
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run ``keepkv download``'s code, print a KeepKVError as ``error: ...`` (exit status 2)."""
+    parser = download.add_arguments(
+        argparse.ArgumentParser(prog="download", description="Download keepkv models and offline assets.")
+    )
+    args = parser.parse_args(argv)
+    try:
+        return download.run(args)
+    except KeepKVError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_common as bc  # noqa: E402
+import bench_common as bc
 
 README = bc.ROOT / "README.md"
 COMMAND = "python tools/perf_report.py"
@@ -217,7 +213,7 @@ def target_rows() -> list[tuple[str, str, str, str]]:
                          f"worst case: {worst['dtype']}, {worst['capacity']} slots",
                          f"{worst['flex_over_sdpa']:.2f}x", verdict(worst["flex_over_sdpa"] <= 1.1)))
         decode_rows = [r for r in (data or {}).get("rows", []) if "packed_us" in r]
-        if decode_rows:  # what keepkv's decode runs (DECODE_KERNEL = "auto"), same maths as the flex path
+        if decode_rows:  # what keepkv's decode runs (RuntimeOptions.decode_kernel = "auto"), same maths as the flex path
             used = lambda r: r.get("decode_us", r["packed_us"])  # noqa: E731  (older files: packed only)
             ratio = lambda r: used(r) / r["sdpa_additive_bias_us"]  # noqa: E731
             worst = max(decode_rows, key=ratio)

@@ -8,20 +8,20 @@
   forward (compile-friendly: a stable sort puts each row's newest real queries last, no host sync).
 - :meth:`window_log_scores`: ``ln s_{t,i} = q_t·k_i / sqrt(d)`` for every window query ``t`` and slot ``i``,
   ``-inf`` where ``i`` is invisible to ``t`` (later position, empty slot, outside the sliding window).
-- :meth:`compact`: keep the given slots (in slot order), pack them at ``0 .. n-1``, empty the rest and move the
-  cursor to ``n``. Slots stay in position order, so ties broken by slot are ties broken by position.
+- :meth:`packed_entries` / :meth:`store_packed`: keep the given slots (in slot order), pack them at ``0 .. n-1``,
+  empty the rest and move the cursor to ``n``. Slots stay in position order, so ties broken by slot are ties
+  broken by position.
 - optional per-slot *accumulated attention* (``accumulate_attention=True``, for H2O / D2O / WeightedKV):
   ``accumulated_attention [batch, kv_heads, capacity]`` float32 ``sum_q A[q, i]`` over every real query that saw
   slot ``i`` (the vote-weighted attention probabilities the model uses; a KV head's value is the mean over its
   group's query heads) and ``attention_queries [batch, kv_heads, capacity]`` float32, how many queries saw it.
   Both are updated in :meth:`observe_queries` for every forward (a whole prefill chunk eagerly, one token inside
-  the compiled decode step: fixed shapes, in place, no host sync) and travel with their slot in :meth:`compact`.
+  the compiled decode step: fixed shapes, in place, no host sync) and travel with their slot in :meth:`packed_entries`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from keepkv.cache.kv_cache import POSITION_DTYPE, LayerKVCache
 from keepkv.ops.flex_mods import visible as positions_visible
+from keepkv.ops.scores import head_logits
 
 
 class CompressedLayerCache(LayerKVCache):
@@ -113,12 +114,9 @@ class CompressedLayerCache(LayerKVCache):
         to ``t``. Returns ``(attention [batch, kv_heads, group, T, capacity] float32, visible [batch, kv_heads, 1,
         T, capacity] bool)``; rows of padding queries are 0.
         """
-        batch, kv_heads, capacity, dim = self.keys.shape
-        num_queries = queries.shape[2]
-        group = queries.shape[1] // kv_heads
-        grouped = queries.float().reshape(batch, kv_heads, group * num_queries, dim)
-        logits = torch.matmul(grouped, self.keys.float().transpose(-1, -2)) / math.sqrt(dim)
-        logits = logits.view(batch, kv_heads, group, num_queries, capacity)
+        batch, kv_heads, _, dim = self.keys.shape
+        grouped = queries.reshape(batch, kv_heads, -1, *queries.shape[2:])  # [B, Hkv, G, T, D]
+        logits = head_logits(grouped, self.keys)
         q_pos = positions.to(POSITION_DTYPE)[:, None, None, :, None]
         kv_pos = self.positions[:, :, None, None, :]
         live = torch.isfinite(self.log_votes)[:, :, None, None, :]
@@ -167,11 +165,8 @@ class CompressedLayerCache(LayerKVCache):
         return logits
 
     def _window_log_scores(self) -> Tensor:
-        batch, kv_heads, capacity, dim = self.keys.shape
-        group, window = self.group_size, self.window_queries.shape[2]
-        queries = self.window_queries.float().view(batch, kv_heads, group * window, dim)
-        logits = torch.matmul(queries, self.keys.float().transpose(-1, -2)) / math.sqrt(dim)
-        logits = logits.view(batch, kv_heads, group, window, capacity)
+        batch, kv_heads = self.keys.shape[:2]
+        logits = head_logits(self.window_queries.view(batch, kv_heads, -1, *self.window_queries.shape[2:]), self.keys)
         return logits.masked_fill(~self.visible_from_window()[:, :, None], -float("inf"))
 
     def window_attention(self) -> Tensor:
@@ -195,23 +190,19 @@ class CompressedLayerCache(LayerKVCache):
         attention, _ = self.query_attention(newest_queries, newest_positions, newest_positions >= 0)
         return attention[:, :, :, 0]
 
-    def compact(self, kept_slots: Tensor, kept_valid: Tensor) -> None:
-        """Keep ``kept_slots [batch, kv_heads, n]`` (where ``kept_valid``) and drop every other slot.
-
-        The kept entries are packed into slots ``0 .. n-1`` in increasing slot order; slots whose ``kept_valid``
-        is False become empty (``-inf`` votes), which is how per-head budgets of different sizes are stored.
-        Equivalent to ``store_packed(packed_entries(kept_slots, kept_valid))``.
-        """
-        self.store_packed(self.packed_entries(kept_slots, kept_valid))
-
     def packed_entries(self, kept_slots: Tensor, kept_valid: Tensor) -> dict[str, Tensor]:
-        """The cache's per-slot buffers after :meth:`compact`, as new tensors (the cache is not modified).
+        """The cache's per-slot buffers after keeping ``kept_slots [batch, kv_heads, n]`` (where ``kept_valid``)
+        and dropping every other slot, as new tensors (the cache is not modified; :meth:`store_packed` writes them).
+
+        The kept entries are packed into slots ``0 .. n-1`` in increasing slot order (= position order, so ties
+        broken by slot are ties broken by position); slots whose ``kept_valid`` is False become empty (``-inf``
+        votes), which is how per-head budgets of different sizes are stored.
 
         Returns ``{name: tensor}`` for ``keys``, ``values``, ``log_votes``, ``positions`` (and the accumulated
         attention state when kept), each of the buffer's full shape, plus ``cursor`` (the kept count). Kept apart
         from :meth:`store_packed` so a compiled compression returns fresh buffers and the in-place store runs
-        outside the graph: inductor 2.13 can fuse an in-place store into a gather from the *same* buffer and then
-        read slots another thread already overwrote (seen: 2 of 5109 slots of a 16k SmolLM2 layer)."""
+        outside the graph: inductor may fuse an in-place store into a gather from the same buffer
+        (``docs/profile.md``, "Measurements behind the code's choices")."""
         count = kept_slots.shape[2]
         order = torch.sort(torch.where(kept_valid, kept_slots, self.capacity), dim=2).indices
         kept_slots, kept_valid = kept_slots.gather(2, order), kept_valid.gather(2, order)

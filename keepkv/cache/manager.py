@@ -49,6 +49,7 @@ from keepkv.cache.policy import CompressionMethod
 from keepkv.distributed.heads import HeadShard, attach_head_shard
 from keepkv.distributed.tp import head_shard_of
 from keepkv.errors import KeepKVError
+from keepkv.runtime import DEFAULT_RUNTIME, RuntimeOptions
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -56,10 +57,15 @@ if TYPE_CHECKING:
 
     from keepkv.models.config import ModelConfig
 
-CAPACITY_QUANTUM = 256
-
-
 PREFILL_COMPRESSION = ("chunked", "once")
+
+
+def normal_tensors():
+    """Cache buffers are always created as normal tensors, even inside ``torch.inference_mode`` (the engine
+    allocates prefill caches outside it and decode caches inside ``end_prefill``): dynamo guards on the tensor
+    kind, so one kind for every cache keeps one compiled graph for the prefill and the decode compressions
+    instead of two. In-place writes to normal tensors are allowed in inference mode."""
+    return torch.inference_mode(False)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -67,16 +73,18 @@ def round_up(value: int, multiple: int) -> int:
 
 
 class FullCacheManager:
-    """Capacity = prompt (rounded up to whole chunks) + new tokens, rounded up to ``CAPACITY_QUANTUM`` so that
-    prompts of similar lengths share one compiled decode graph."""
+    """Capacity = prompt (rounded up to whole chunks) + new tokens, rounded up to ``runtime.capacity_quantum``
+    (:class:`keepkv.runtime.RuntimeOptions`) so that prompts of similar lengths share one compiled decode graph."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, *,
+                 runtime: RuntimeOptions = DEFAULT_RUNTIME) -> None:
         self.config, self.dtype, self.device = config, dtype, device
+        self.runtime = runtime
         self.caches: list[LayerKVCache] = []
         self.filled = 0
 
     def capacity_for(self, padded_prompt_tokens: int, max_new_tokens: int) -> int:
-        return round_up(padded_prompt_tokens + max_new_tokens, CAPACITY_QUANTUM)
+        return round_up(padded_prompt_tokens + max_new_tokens, self.runtime.capacity_quantum)
 
     def allocate(self, batch_size: int, padded_prompt_tokens: int, max_new_tokens: int, chunk: int,
                  prompt_tokens: int | None = None, row_prompt_tokens: list[int] | None = None) -> list[LayerKVCache]:
@@ -87,10 +95,11 @@ class FullCacheManager:
             for cache in self.caches:
                 cache.reset()
         else:
-            self.caches = [
-                LayerKVCache(batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
-                for _ in range(c.num_layers)
-            ]
+            with normal_tensors():
+                self.caches = [
+                    LayerKVCache(batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+                    for _ in range(c.num_layers)
+                ]
         self.filled = 0
         return self.caches
 
@@ -120,9 +129,10 @@ class FullCacheManager:
         c = self.config
         batch = source[0].keys.shape[0]
         capacity = self.capacity_for(source[0].capacity, max_new_tokens)
-        self.caches = [
-            LayerKVCache(batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device) for _ in source
-        ]
+        with normal_tensors():
+            self.caches = [
+                LayerKVCache(batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device) for _ in source
+            ]
         with torch.inference_mode():
             for old, new in zip(source, self.caches):
                 for name in ("keys", "values", "log_votes", "positions"):
@@ -149,20 +159,27 @@ class CompressedCacheManager(FullCacheManager):
     the compiled graphs see one shape for every layer; ``layer_budgets``, ``layer_slots`` and ``cursors`` (host
     mirrors of the tensor cursors) are per layer. ``row_budgets``: the budget each batch row would have alone
     (``B`` is the longest row's; module docstring).
+
+    ``compiled_ops``: whether the method's compression ops (KeepKV's merge, a whole compiled compression) run
+    compiled, as they should with a compiled model; ``None`` leaves the method's own setting. ``runtime``: the
+    model's :class:`~keepkv.runtime.RuntimeOptions`.
     """
 
     head_shard: HeadShard | None = None  # tensor parallelism: the rank's KV heads, set by bind_network
 
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod,
-        kv_budget: float | int, decode_slack: int = 64, prefill_compression: str = "chunked",
+        kv_budget: float | int, decode_slack: int = 64, prefill_compression: str = "chunked", *,
+        compiled_ops: bool | None = None, runtime: RuntimeOptions = DEFAULT_RUNTIME,
     ) -> None:
-        super().__init__(config, dtype, device)
+        super().__init__(config, dtype, device, runtime=runtime)
         if decode_slack < 1:
             raise ValueError(f"decode_slack must be >= 1, got {decode_slack}")
         if prefill_compression not in PREFILL_COMPRESSION:
             raise ValueError(f"prefill_compression must be one of {PREFILL_COMPRESSION}, got {prefill_compression!r}")
         self.method, self.kv_budget, self.decode_slack = method, kv_budget, decode_slack
+        if compiled_ops is not None:  # the method's compression ops compile with the model (None: leave as set)
+            method.use_compiled_ops = compiled_ops
         self.prefill_compression = prefill_compression
         self.budget = 0
         self.compressions = 0
@@ -238,14 +255,16 @@ class CompressedCacheManager(FullCacheManager):
     def _new_caches(self, batch_size: int, capacity: int | list[int]) -> list[CompressedLayerCache]:
         c = self.config
         capacities = capacity if isinstance(capacity, list) else [capacity] * c.num_layers
-        return attach_head_shard(self.head_shard, [  # tensor parallelism: cross-head reductions see every rank
-            CompressedLayerCache(
-                batch_size, c.num_kv_heads, layer_capacity, c.head_dim, self.dtype, self.device,
-                num_heads=c.num_heads, window=self.method.query_window, sliding_window=c.sliding_window,
-                accumulate_attention=self.method.needs_accumulated_attention,
-            )
-            for layer_capacity in capacities
-        ])
+        with normal_tensors():
+            caches = [
+                CompressedLayerCache(
+                    batch_size, c.num_kv_heads, layer_capacity, c.head_dim, self.dtype, self.device,
+                    num_heads=c.num_heads, window=self.method.query_window, sliding_window=c.sliding_window,
+                    accumulate_attention=self.method.needs_accumulated_attention,
+                )
+                for layer_capacity in capacities
+            ]
+        return attach_head_shard(self.head_shard, caches)  # tensor parallelism: cross-head reductions see every rank
 
     def _set_layer_budgets(self, layer_budgets: list[int]) -> None:
         if len(layer_budgets) != self.config.num_layers:

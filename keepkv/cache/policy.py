@@ -75,7 +75,7 @@ class CompressionMethod:
     """True when the method's selection and merge depend on the layer only through the cache and the budget (no
     per-layer state or weights, no layer-indexed budgets inside ``select``): its whole compression may then be
     compiled once for every layer (see :attr:`compiles_whole_compression`)."""
-    use_compiled_ops = False  # not an option: set when the model runs compiled (ops such as the merge compile too)
+    use_compiled_ops = False  # not an option: set by the cache manager (compiled_ops=) when the model runs compiled
     sinks: int = 4
     window: int = 32
 

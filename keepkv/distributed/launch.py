@@ -6,6 +6,8 @@
   the network, ``load(..., tp=N)``);
 - lets rank 0 alone write to stdout and stderr (the other ranks run the same generation silently; an error on
   another rank is still printed, prefixed with its rank, on that rank's own stderr);
+- gives every rank rank 0's sampling seed when the command samples (``--temperature`` > 0) without ``--seed``
+  (each rank must draw the same tokens);
 - turns a collective that fails because a peer died or timed out into a
   :class:`~keepkv.errors.KeepKVError` (``keepkv: error: tensor parallelism: rank R lost its peers ...``, exit 2).
 
@@ -35,6 +37,8 @@ def tensor_parallel_command(run: Callable[[Any], int]) -> Callable[[Any], int]:
         from keepkv.distributed.group import init_tensor_parallel, peer_failure_as_error
 
         handle = init_tensor_parallel(tp, getattr(args, "device", None))
+        with peer_failure_as_error(handle.rank, handle.timeout_seconds):
+            _agree_on_seed(args, handle)
         if handle.rank == 0:
             with peer_failure_as_error(handle.rank, handle.timeout_seconds):
                 return run(args)
@@ -48,3 +52,18 @@ def tensor_parallel_command(run: Callable[[Any], int]) -> Callable[[Any], int]:
             return 2
 
     return ranked
+
+
+def _agree_on_seed(args: Any, handle: Any) -> None:
+    """``args.seed`` = a seed drawn by rank 0 when ``args`` samples (``temperature > 0``) without one."""
+    if getattr(args, "seed", 0) is not None or not (getattr(args, "temperature", 0.0) or 0.0) > 0:
+        return
+    import secrets
+
+    import torch.distributed as dist
+
+    from keepkv.sampling import MAX_SEED
+
+    box = [secrets.randbelow(MAX_SEED + 1) if handle.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=handle.device)
+    args.seed = box[0]

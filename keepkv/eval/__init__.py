@@ -1,6 +1,6 @@
-"""``keepkv.eval``: how keepkv measures itself (``shared/spec/evaluation.md``).
+"""``keepkv.eval``: how keepkv measures itself.
 
-Tasks (each a module with a ``run_*`` function; the command line ``keepkv eval`` is :mod:`keepkv.eval.cli`):
+Tasks (each a module with a ``run_*`` function; the command line ``keepkv eval`` is :mod:`keepkv.cli.eval`):
 
 - :mod:`~keepkv.eval.fidelity`: per-layer attention-output perturbation after one compression, next-token KL
   and top-1 agreement against the full cache;

@@ -7,6 +7,10 @@ bootstrap interval, and the **mean over task families** with a stratified bootst
 every family's samples with replacement within the family, then averages the family means, so a family with more
 samples does not weigh more). Plot ``tasks_<model>.png``: the mean over tasks against the budget, one panel per
 protocol, one line per method, its interval as error bars.
+
+Peer engines' rows (``engine`` other than ``keepkv``, e.g. kvpress's presses on the same exported samples,
+``tools/peers/``) are shown beside keepkv's as ``<press> [<engine>]`` (:func:`keepkv.eval.report.label`), in the
+same tables and plots (dash-dot lines).
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def plot_tasks(summary: dict[tuple, dict[str, Any]], model: str, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from keepkv.eval.report import _order, is_full
+    from keepkv.eval.report import _order, is_full, is_peer
 
     protocols = [p for p in ("aware", "agnostic") if any(k[0] == model and k[1] == p for k in summary)]
     if not protocols:
@@ -119,14 +123,18 @@ def plot_tasks(summary: dict[tuple, dict[str, Any]], model: str, path: Path) -> 
         keys = [k for k in summary if k[0] == model and k[1] == protocol]
         for i, lab in enumerate(_order({k[2] for k in keys})):
             points = sorted((k[3], summary[k]["mean"]) for k in keys if k[2] == lab)
+            # --- peer engines (tools/peers): full in grey, presses dash-dot ---
             if is_full(lab):
-                ax.axhline(points[0][1][0], color="black", linestyle="--", linewidth=1, label=lab)
+                ax.axhline(points[0][1][0], color="grey" if is_peer(lab) else "black", linestyle="--", linewidth=1,
+                           label=lab)
                 continue
+            style = "-." if is_peer(lab) else "-" if "keepkv" in lab else ":"
+            # --- end peer engines ---
             xs = [b * 100 for b, _ in points]
             ys = [m[0] for _, m in points]
             errors = [[m[0] - m[1] for _, m in points], [m[2] - m[0] for _, m in points]]
             ax.errorbar(xs, ys, yerr=errors, marker="o", markersize=3, capsize=3, color=cmap(i % 10), label=lab,
-                        linestyle="-" if "keepkv" in lab else ":")
+                        linestyle=style)
         ax.set_xscale("log")
         ax.set_xticks([5, 10, 20, 50])
         ax.set_xticklabels(["5", "10", "20", "50"])
@@ -158,6 +166,8 @@ def tasks_section(rows: list[dict[str, Any]], results: Path) -> tuple[list[str],
     lines = ["## RULER-style tasks (`keepkv eval tasks`)", "",
              "Accuracy per task family (string match: fraction of the reference values in the answer; QA: SQuAD F1) "
              "and the mean over families with a stratified bootstrap interval. `kept / head`: entries per KV head "
-             "actually kept after compressing the context.", "", tables(summary), ""]
+             "actually kept after compressing the context. `<press> [kvpress]`: NVIDIA kvpress's press run in its own "
+             "environment on the same exported samples and token ids (`tools/peers/README.md`), scored by the same "
+             "code; `full [kvpress]` is its uncompressed cache.", "", tables(summary), ""]
     return lines, images
 

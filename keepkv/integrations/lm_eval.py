@@ -141,7 +141,8 @@ def _sibling(base: LanguageModel, cache_args: dict[str, Any], method_options: di
     return LanguageModel(base.network, base.tokenizer, name=base.name, source=base.source, method=method,
                          kv_budget=kv_budget, compile=base.engine.compile, prefill_chunk_size=chunk,
                          method_object=method_object, decode_slack=slack,
-                         prefill_compression=cache_args.get("prefill_compression") or "chunked")
+                         prefill_compression=cache_args.get("prefill_compression") or "chunked",
+                         runtime=base.runtime)
 
 
 def build_model(pretrained: Any, cache_args: dict[str, Any], method_options: dict[str, Any]) -> LanguageModel:

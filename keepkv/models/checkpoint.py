@@ -32,6 +32,7 @@ from keepkv.checks import is_integer, shown
 from keepkv.errors import CheckpointError, suggest
 from keepkv.logs import progress
 from keepkv.models.config import INT_FIELD_LIMITS, ModelConfig
+from keepkv.models.gguf_file import GGUFHeader, read_gguf_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 GGUF_ARCHITECTURES = ("llama", "qwen2")
@@ -410,8 +411,8 @@ def _existing_gguf_path(path: str | Path) -> Path:
 def _gguf_read_errors(path: Path) -> Iterator[None]:
     """Report what the gguf library and numpy raise on a damaged file as a :class:`CheckpointError` naming it.
 
-    ``GGUFReader`` parses the header eagerly; a file cut short fails there (numpy ``ValueError`` on a short
-    memory map, or ``cannot mmap an empty file``), before any tensor is used.
+    The header is parsed eagerly; a file cut short fails there (``EOFError``, or numpy's ``cannot mmap an empty
+    file``), before any tensor is used.
     """
     try:
         yield
@@ -423,11 +424,9 @@ def _gguf_read_errors(path: Path) -> Iterator[None]:
         ) from None
 
 
-def _open_gguf(path: Path):
-    """A memory-mapped ``gguf.GGUFReader`` over ``path`` (header, metadata and tensor index parsed)."""
-    import gguf
-
-    return gguf.GGUFReader(path)
+def _open_gguf(path: Path) -> GGUFHeader:
+    """``path``'s metadata and memory-mapped tensor index (:func:`keepkv.models.gguf_file.read_gguf_header`)."""
+    return read_gguf_header(path)
 
 
 def _load_gguf_contents(
@@ -461,18 +460,17 @@ def _load_gguf_contents(
 class GGUFMetadata:
     """Typed access to a GGUF file's key/value metadata, with errors that name the file and the key."""
 
-    def __init__(self, reader, path: Path) -> None:
-        self.fields = reader.fields
+    def __init__(self, header: GGUFHeader, path: Path) -> None:
+        self.fields = header.fields
         self.path = path
 
     def get(self, key: str, default: Any = None) -> Any:
-        entry = self.fields.get(key)
-        return default if entry is None else entry.contents()
+        return self.fields.get(key, default)
 
     def require(self, key: str) -> Any:
         if key not in self.fields:
             raise CheckpointError(f"{self.path} lacks the GGUF metadata key {key!r}, which keepkv needs")
-        return self.fields[key].contents()
+        return self.fields[key]
 
     def optional_int(self, key: str, low: int | None = None, high: int | None = None) -> int | None:
         """The integer at ``key`` (``None`` when absent) within ``[low, high]``; anything else names the key."""

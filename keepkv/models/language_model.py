@@ -17,6 +17,7 @@ from keepkv.generate import GenerationEngine, GenerationStats
 from keepkv.models.config import ModelConfig
 from keepkv.models.tokenizer import Tokenizer
 from keepkv.models.transformer import Transformer
+from keepkv.runtime import DEFAULT_RUNTIME, RuntimeOptions
 from keepkv.sampling import SamplingConfig
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class LanguageModel:
         self, network: Transformer, tokenizer: Tokenizer, *, name: str, source: str, method: str,
         kv_budget: float | int | None, compile: bool, prefill_chunk_size: int,
         method_object: CompressionMethod | None = None, decode_slack: int = 64, prefill_compression: str = "chunked",
+        runtime: RuntimeOptions = DEFAULT_RUNTIME,
     ) -> None:
         self.network = network
         self.tokenizer = tokenizer
@@ -58,14 +60,15 @@ class LanguageModel:
         self.method, self.kv_budget = method, kv_budget
         self.method_object = method_object
         cache_manager = None
+        self.runtime = runtime
         if method_object is not None:
-            method_object.use_compiled_ops = compile
             cache_manager = CompressedCacheManager(
                 self.config, network.model.embed_tokens.weight.dtype, network.inv_freq.device, method_object,
-                kv_budget, decode_slack, prefill_compression,
+                kv_budget, decode_slack, prefill_compression, compiled_ops=compile, runtime=runtime,
             )
         self.engine = GenerationEngine(
-            network, compile=compile, prefill_chunk_size=prefill_chunk_size, cache_manager=cache_manager
+            network, compile=compile, prefill_chunk_size=prefill_chunk_size, cache_manager=cache_manager,
+            runtime=runtime,
         )
         self.last_stats = GenerationStats()
 

@@ -22,6 +22,7 @@ from keepkv.models.language_model import LanguageModel
 from keepkv.models.registry import resolve
 from keepkv.models.tokenizer import Tokenizer
 from keepkv.models.transformer import build_transformer
+from keepkv.runtime import DEFAULT_RUNTIME, RuntimeOptions
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -116,7 +117,8 @@ def load(
     name_or_path: str | Path, kv_budget: float | int | None = None, method: str | None = None, *,
     dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None, compile: bool = True,
     prefill_chunk_size: int = 512, decode_slack: int | None = None, prefill_compression: str | None = None,
-    revision: str | None = None, local_files_only: bool | None = None, tp: int = 1, **method_options: Any,
+    revision: str | None = None, local_files_only: bool | None = None, tp: int = 1,
+    runtime: RuntimeOptions | None = None, **method_options: Any,
 ) -> LanguageModel:
     """Load a model for generation and scoring.
 
@@ -145,6 +147,8 @@ def load(
         tp: tensor parallelism over this many processes (each started by torchrun, each calling ``load`` with the
             same arguments): every rank keeps its share of the heads and MLP columns and its own KV heads
             (:mod:`keepkv.distributed.tp`); ``1`` (default) is one process.
+        runtime: a :class:`keepkv.runtime.RuntimeOptions` (kernel choices, cache capacity rounding, compile
+            limits; how the model runs, not what it computes), set once for this model; ``None`` = the defaults.
     Nothing is half-loaded: every check (arguments first, then config, tensor names and shapes, finite weights,
     tokenizer) passes before a model is returned, or a :class:`KeepKVError` says what is wrong. The arguments are
     checked before anything is read or downloaded.
@@ -154,6 +158,8 @@ def load(
                                         prefill_chunk_size=prefill_chunk_size, decode_slack=decode_slack,
                                         revision=revision, local_files_only=local_files_only,
                                         prefill_compression=prefill_compression)
+    if runtime is not None and not isinstance(runtime, RuntimeOptions):
+        raise KeepKVError(f"runtime must be None or a keepkv.runtime.RuntimeOptions, got {shown(runtime)}")
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     # -- tensor parallelism (keepkv.distributed): join the ranks first (a CUDA rank's device is its own)
     require_int(tp, "tp", 1)
@@ -186,4 +192,5 @@ def load(
         network, tokenizer, name=name, source=str(resolved.path), method=method, kv_budget=kv_budget,
         compile=compile, prefill_chunk_size=prefill_chunk_size, method_object=method_object,
         decode_slack=decode_slack, prefill_compression=prefill_compression or "chunked",
+        runtime=runtime if runtime is not None else DEFAULT_RUNTIME,
     )

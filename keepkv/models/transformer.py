@@ -28,6 +28,7 @@ from keepkv.compile_limits import repeated_region
 from keepkv.models.config import ModelConfig
 from keepkv.ops.attention import vote_attention, vote_attention_chunk
 from keepkv.ops.linear import Linear
+from keepkv.runtime import DEFAULT_RUNTIME, RuntimeOptions
 
 
 class RMSNorm(nn.Module):
@@ -96,6 +97,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.kv_cache: LayerKVCache | None = None
         self.kernel = "flex"
+        self.runtime: RuntimeOptions = DEFAULT_RUNTIME  # kernel choices, set once per model (set_runtime_options)
         # host-side count of the slots written before the current prefill chunk, set by the engine when the
         # chunk may take the split prefill kernel (keepkv.ops.attention.vote_attention_chunk); None otherwise
         self.prefill_past_slots: int | None = None
@@ -121,7 +123,7 @@ class Attention(nn.Module):
         else:
             out = vote_attention(
                 q, cache.keys, cache.values, cache.log_votes, cache.positions, positions, self.sliding_window,
-                kernel=self.kernel,
+                kernel=self.kernel, runtime=self.runtime,
             )
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
@@ -172,6 +174,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.runtime: RuntimeOptions = DEFAULT_RUNTIME  # the attention layers' options (set_runtime_options)
 
     @property
     def attention_layers(self) -> list[Attention]:
@@ -187,6 +190,15 @@ class Transformer(nn.Module):
     def set_attention_kernel(self, kernel: str) -> None:
         for attention in self.attention_layers:
             attention.kernel = kernel
+
+    def set_runtime_options(self, runtime: RuntimeOptions) -> None:
+        """The :class:`~keepkv.runtime.RuntimeOptions` every attention layer runs with (read at trace time)."""
+        self.runtime = runtime
+        for attention in self.attention_layers:
+            attention.runtime = runtime
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.reduction_dtypes = runtime.reduction_dtypes
 
     def set_prefill_past_slots(self, past_slots: list[int] | None) -> None:
         """Per layer, the slots written before the next prefill chunk (host integers), which routes the chunk

@@ -13,19 +13,23 @@ Three kernels compute the same thing:
 - ``flex``: ``torch.nn.attention.flex_attention`` with the ``score_mod`` adding ``ln p`` and a block mask
   computed from the positions (:mod:`keepkv.ops.flex_mods`: tiles every query sees whole skip the ``mask_mod``,
   tiles nobody sees are skipped), run through ``torch.compile`` (a fused kernel;
-  the eager flex path materialises the score matrix). For 16-bit inputs ``ln p`` enters through two extra key
-  columns instead of the ``score_mod`` (:func:`votes_as_key_columns`: the same sum, measured twice as fast).
+  the eager flex path materialises the score matrix). For the dtypes in ``RuntimeOptions.vote_column_dtypes``
+  (16-bit by default) ``ln p`` enters through two extra key columns instead (:func:`votes_as_key_columns`).
 - ``reference``: a dense eager implementation (float32 softmax) used by tests and by eager runs.
 - ``packed`` and ``sdpa``: the decode (``q_len == 1``) paths of the ``flex`` kernel, chosen per dtype and cache
-  size by :func:`decode_kernel_for` (measured faster on CPU than flex's template for one query row).
+  size by :func:`decode_kernel_for` (flex's template is built for long query blocks, not one query row).
   ``packed`` folds the ``G`` query heads of a KV head into one ``[G, D]`` query block (no K/V repeat),
-  ``softmax(Q K^T / sqrt(d) + ln p)`` in float32 then ``@ V``, over :data:`DECODE_PIECES` pieces of the cache;
+  ``softmax(Q K^T / sqrt(d) + ln p)`` in float32 then ``@ V``, over :func:`decode_pieces` pieces of the cache;
   ``sdpa`` is ``scaled_dot_product_attention`` with the equivalent additive bias (``ln p`` where visible, else
   ``-inf``) built at ``[B, H, T, C]``. Same maths as ``flex``.
-- ``split``: the prefill-chunk path of a compiled engine on CPU (:data:`PREFILL_KERNEL`,
+- ``split``: the prefill-chunk path of a compiled engine on CPU (:func:`prefill_kernel_for`,
   :func:`vote_attention_chunk`): the chunk's own keys under a causal mask and the older slots with ``+ ln p``, two
   fused flash attentions merged by their log-sum-exps; the engine uses it only where its preconditions hold.
 A query row with nothing visible (a padding token's row) yields zeros in every kernel, never NaN.
+
+Which kernel runs is a :class:`keepkv.runtime.RuntimeOptions` choice (``runtime=``; the defaults when omitted),
+read when a graph is traced. The measurements behind the defaults: ``docs/profile.md``, "Measurements behind the
+code's choices".
 """
 
 from __future__ import annotations
@@ -39,49 +43,22 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from keepkv.compile_limits import allow_graph_per_shape
 from keepkv.ops.flex_mods import FLEX_BLOCK_SIZE, generate_vote_score_mod, visible, vote_block_mask
+from keepkv.ops.scores import compute_dtype, head_logits
+from keepkv.runtime import DECODE_KERNELS, DEFAULT_RUNTIME, PREFILL_KERNELS, RuntimeOptions  # noqa: F401 (re-exported)
 
 ATTENTION_KERNELS = ("flex", "reference")
 
-DECODE_KERNEL = "auto"
-"""Kernel of the ``flex`` path for one-token queries (decode): ``"auto"`` (default: :func:`decode_kernel_for`),
-``"packed"``, ``"sdpa"`` or ``"flex"``. Read when a graph is traced: set it before the first decode step.
 
-Measured (``tools/bench_decode.py attention``, torch 2.13 CPU, Intel Xeon, 2 threads, compiled, per layer,
-``results/bench/decode_attention.json``): at 16k slots with SmolLM2 shapes (9/3 heads, d = 64) flex took 2.76 ms
-(float32) / 1.61 ms (bfloat16), SDPA with an equivalent additive bias 2.38 / 1.16 ms, the packed kernel 1.06 /
-0.98 ms. Flex's CPU template is built for long query blocks; with one query row per head it gains nothing from
-tiling. Prefill chunks keep FlexAttention (no ``T x C`` float bias is ever materialised there)."""
-
-DECODE_KERNELS = ("auto", "packed", "sdpa", "flex")
-
-SDPA_DECODE_MAX_SLOTS = 4096
-"""``"auto"`` runs 16-bit caches of at most this many slots per KV head through ``sdpa``, all others through
-``packed`` (docs/profile.md section 8). Per layer call (30 distinct caches in turn, compiled, SmolLM2 heads,
-bf16): ``sdpa`` 80 / 163 / 456 us against ``packed`` 131 / 275 / 487 us at 474 / 1703 / 4352 slots, but 965 vs
-805 us at 8448 slots; in float32 ``packed`` was as fast or faster at every size (88 vs 92 us at 474 slots, 626
-vs 934 us at 4352). In the model (SmolLM2 bf16, ``tools/bench_decode.py decode``), the 10% caches went from 38.4
-/ 36.5 / 34.0 to 43.0 / 41.2 / 38.0 tok/s at 4k / 8k / 16k context. SDPA's CPU kernel splits its work by query
-head (9 for SmolLM2) and keeps both threads busy where ``packed``'s skinny 16-bit matrix products over 3 KV
-heads do not; past a few thousand slots ``packed``, which reads each KV head once for its whole group, wins."""
-
-
-def decode_kernel_for(dtype: torch.dtype, capacity: int) -> str:
-    """The kernel ``DECODE_KERNEL = "auto"`` picks for one-token queries over ``capacity`` slots in ``dtype``:
-    ``"sdpa"`` for float16 / bfloat16 up to :data:`SDPA_DECODE_MAX_SLOTS` slots, else ``"packed"``."""
-    if DECODE_KERNEL != "auto":
-        return DECODE_KERNEL
-    if dtype in (torch.float16, torch.bfloat16) and capacity <= SDPA_DECODE_MAX_SLOTS:
+def decode_kernel_for(dtype: torch.dtype, capacity: int, runtime: RuntimeOptions = DEFAULT_RUNTIME) -> str:
+    """The kernel of one-token queries over ``capacity`` slots in ``dtype``: ``runtime.decode_kernel``, or for
+    ``"auto"``: ``"sdpa"`` for float16 / bfloat16 up to ``runtime.sdpa_decode_max_slots`` slots, else ``"packed"``
+    (SDPA's CPU kernel splits its work by query head and keeps the threads busy on small 16-bit caches; past a
+    few thousand slots ``packed``, which reads each KV head once for its whole group, is faster)."""
+    if runtime.decode_kernel != "auto":
+        return runtime.decode_kernel
+    if dtype in (torch.float16, torch.bfloat16) and capacity <= runtime.sdpa_decode_max_slots:
         return "sdpa"
     return "packed"
-
-
-VOTE_COLUMN_DTYPES = (torch.bfloat16, torch.float16)
-"""Dtypes whose prefill chunks carry ``ln p`` as two extra key columns (:func:`votes_as_key_columns`) instead of
-the vote ``score_mod``. Measured (``tools/bench_prefill.py attention`` cases, a 512-query chunk, SmolLM2 heads,
-compiled, per layer call): bfloat16 9.9 / 19.6 / 75.3 ms with the ``score_mod`` against 5.4 / 10.2 / 37.6-38.5 ms
-with the columns at 2176 / 4096 / 16384 slots; float32 no faster (258.7 vs 258.8-259.1 ms at 16384 slots), so
-float32 keeps the ``score_mod``. One-token queries (flex at decode, only with ``DECODE_KERNEL = "flex"``) keep it
-too: with the columns they took 420 / 2900 us instead of 237 / 1570 us (bf16, 1792 / 16384 slots)."""
 
 
 def votes_as_key_columns(q: Tensor, keys: Tensor, log_votes: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,11 +82,11 @@ def votes_as_key_columns(q: Tensor, keys: Tensor, log_votes: Tensor) -> tuple[Te
 
 def _flex_with_vote_block_mask(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
-    sliding_window: int | None, block_size: tuple[int, int],
+    sliding_window: int | None, block_size: tuple[int, int], vote_columns: bool,
 ) -> Tensor:
     group_size = q.shape[1] // keys.shape[1]
     block_mask = vote_block_mask(log_votes, kv_positions, q_positions, q.shape[1], sliding_window, block_size)
-    if q.dtype in VOTE_COLUMN_DTYPES and q.shape[2] > 1:  # chunks only: one-row queries measured slower
+    if vote_columns:
         q_votes, keys_votes = votes_as_key_columns(q, keys, log_votes)
         return flex_attention(q_votes, keys_votes, values, block_mask=block_mask, scale=1.0 / math.sqrt(q.shape[-1]),
                               enable_gqa=group_size > 1)
@@ -119,44 +96,46 @@ def _flex_with_vote_block_mask(
 
 # One graph builds the block mask and runs the fused flex kernel. ``assert_indirect_indexing`` off: the
 # ``score_mod`` / ``mask_mod`` reads are indexed by the template's own ``b, h // G, q_idx, kv_idx`` (in range by
-# construction), and the per-16-scores bounds check cost 10% (float32) to 25% (bfloat16) of a prefill chunk.
+# construction), so the per-score bounds check is pure cost.
 _compiled_flex_attention = torch.compile(
     _flex_with_vote_block_mask, dynamic=False, fullgraph=True, options={"assert_indirect_indexing": False}
 )
+_limits_raised = False  # dynamo's recompile limits are raised once, at the first flex call (one graph per shape)
 
 
 def vote_attention_flex(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
     sliding_window: int | None = None, block_size: tuple[int, int] = FLEX_BLOCK_SIZE,
+    runtime: RuntimeOptions = DEFAULT_RUNTIME,
 ) -> Tensor:
-    """Compiled FlexAttention: the vote ``score_mod`` (``+ ln p``; for 16-bit inputs the same sum carried by two
-    extra key columns, :func:`votes_as_key_columns`) and the data-dependent :func:`vote_block_mask` (visibility),
-    built and run in one compiled graph.
+    """Compiled FlexAttention: the vote ``score_mod`` (``+ ln p``; for query chunks in
+    ``runtime.vote_column_dtypes`` the same sum carried by two extra key columns, :func:`votes_as_key_columns`)
+    and the data-dependent :func:`vote_block_mask` (visibility), built and run in one compiled graph.
 
     Shapes: ``q [B, H, T, D]``, ``keys/values [B, H_kv, C, D]`` (same dtype as ``q``), ``log_votes`` and
     ``kv_positions [B, H_kv, C]``, ``q_positions [B, T]``; ``block_size`` the tile (query rows, slots).
     Returns ``[B, H, T, D]`` in ``q.dtype``.
     """
-    allow_graph_per_shape()  # one graph per (chunk, capacity, dtype, heads): the default limit of 8 is too few
+    global _limits_raised
+    if not _limits_raised:
+        allow_graph_per_shape(runtime.graphs_per_function)
+        _limits_raised = True
+    vote_columns = q.dtype in runtime.vote_column_dtypes and q.shape[2] > 1  # one-row queries keep the score_mod
     return _compiled_flex_attention(
-        q, keys, values, log_votes, kv_positions, q_positions, sliding_window, tuple(block_size)
+        q, keys, values, log_votes, kv_positions, q_positions, sliding_window, tuple(block_size), vote_columns
     )
 
-
-DECODE_PIECES = 8
-"""The packed kernel cuts the cache into up to this many equal pieces so its matrix products get
-``kv_heads x pieces`` independent batch items instead of ``kv_heads`` (3 for SmolLM2, 2 for Qwen2.5): with 2
-threads and 3 heads one thread idled half the time. Measured (SmolLM2 heads, 16k slots, compiled, per layer):
-1307 -> 1051 us (float32), 1110 -> 906 us (bfloat16); 4 to 16 pieces within 4% of each other. Only a divisor of
-the capacity is used (full caches are allocated in multiples of 256 slots): a separate tail piece cost two more
-small matrix products per layer, which made a 10% cache's step (~1.7k slots) 9-12% slower."""
 
 _MIN_PIECE = 128  # pieces shorter than this buy nothing
 
 
-def decode_pieces(capacity: int) -> int:
-    """The most pieces ``p <= DECODE_PIECES`` that divide ``capacity`` into pieces of at least ``_MIN_PIECE``."""
-    for pieces in range(DECODE_PIECES, 1, -1):
+def decode_pieces(capacity: int, most: int = DEFAULT_RUNTIME.decode_pieces) -> int:
+    """The most pieces ``p <= most`` that divide ``capacity`` into pieces of at least ``_MIN_PIECE`` slots.
+
+    More pieces give the packed kernel's matrix products ``kv_heads x pieces`` independent batch items instead of
+    ``kv_heads`` (a few KV heads leave threads idle); only a divisor of the capacity is used (full caches come in
+    multiples of ``RuntimeOptions.capacity_quantum``), since a separate tail piece costs two more small products."""
+    for pieces in range(most, 1, -1):
         if capacity % pieces == 0 and capacity // pieces >= _MIN_PIECE:
             return pieces
     return 1
@@ -164,21 +143,22 @@ def decode_pieces(capacity: int) -> int:
 
 def vote_attention_packed(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
-    sliding_window: int | None = None,
+    sliding_window: int | None = None, most_pieces: int = DEFAULT_RUNTIME.decode_pieces,
 ) -> Tensor:
     """Grouped ("packed") vote attention for short query blocks: the decode path (same arguments and result as
     :func:`vote_attention_flex`).
 
     ``Q_g [B, H_kv, G*T, D]`` (the group's query heads stacked, K/V never repeated); logits
     ``Q_g K^T / sqrt(d)`` in the input dtype, then ``+ ln p``, visibility mask, softmax in float32 and ``@ V``
-    in the input dtype. The ``C`` slots are viewed (no copy) as :func:`decode_pieces` equal pieces; one softmax
-    spans them all (shared row max and denominator) and the pieces' ``@ V`` partial sums are added in float32.
+    in the input dtype. The ``C`` slots are viewed (no copy) as ``decode_pieces(C, most_pieces)`` equal pieces;
+    one softmax spans them all (shared row max and denominator) and the pieces' ``@ V`` partial sums are added in
+    float32.
     Its score matrix is ``[B, H, T, C]``: meant for ``T = 1`` (or a few tokens).
     """
     batch, num_heads, q_len, head_dim = q.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     group_size = num_heads // kv_heads
-    pieces = decode_pieces(capacity)
+    pieces = decode_pieces(capacity, most_pieces)
     piece = capacity // pieces
     q_grouped = q.reshape(batch, kv_heads, 1, group_size * q_len, head_dim)
     keys, values = (t.view(batch, kv_heads, pieces, piece, head_dim) for t in (keys, values))
@@ -205,8 +185,7 @@ def vote_attention_sdpa(
     SDPA takes a float mask beside a 16-bit query) and repeated to the ``H`` query heads; ``enable_gqa`` shares
     K/V, never copies them. Its score matrix is ``[B, H, T, C]``: meant for ``T = 1``. A row that sees nothing is
     0, which is SDPA's own rule for a fully masked row since torch 2.5 (pytorch/pytorch#131060, #133882; on CPU
-    tested). No output guard on top: a ``where(isnan(out), 0, out)`` cost a quarter of a bf16 decode step (33
-    vs 44 tok/s, SmolLM2 4k at 10%; measured, the cause not profiled).
+    tested), so no NaN guard is added on the output (it would cost a large share of a 16-bit decode step).
     """
     group_size = q.shape[1] // keys.shape[1]
     bias = additive_vote_bias(log_votes, kv_positions, q_positions, group_size, sliding_window)
@@ -234,45 +213,35 @@ def vote_attention_reference(
     batch, num_heads, q_len, head_dim = q.shape
     kv_heads = keys.shape[1]
     group_size = num_heads // kv_heads
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_grouped = q.to(compute_dtype).reshape(batch, kv_heads, group_size * q_len, head_dim)
-    logits = torch.matmul(q_grouped, keys.to(compute_dtype).transpose(-1, -2)) / math.sqrt(head_dim)
-    logits = logits.reshape(batch, kv_heads, group_size, q_len, -1)
+    dtype = compute_dtype(q)
+    logits = head_logits(q.to(dtype).reshape(batch, kv_heads, group_size, q_len, head_dim), keys.to(dtype))
     q_pos = q_positions[:, None, None, :, None]
     kv_pos = kv_positions[:, :, None, None, :]
     # the bias (ln p where visible, -inf elsewhere) is built at [B, H_kv, 1, T, C] and added in place: eager
     # prefill chunks are dominated by passes over the [B, H_kv, G, T, C] logits, so they are kept few
-    bias = log_votes[:, :, None, None, :].to(compute_dtype).masked_fill(
+    bias = log_votes[:, :, None, None, :].to(dtype).masked_fill(
         ~visible(kv_pos, q_pos, sliding_window), -float("inf"))
     logits.add_(bias)
     weights = torch.softmax(logits, dim=-1)
     has_entries = torch.isfinite(bias).any(dim=-1, keepdim=True)  # a visible, non-empty slot
     weights = weights.masked_fill_(~has_entries, 0.0)  # a row without one is NaN after softmax: 0
     weights = weights.reshape(batch, kv_heads, group_size * q_len, -1)
-    out = torch.matmul(weights, values.to(compute_dtype))
+    out = torch.matmul(weights, values.to(dtype))
     return out.reshape(batch, num_heads, q_len, head_dim).to(q.dtype)
 
 
-PREFILL_KERNEL = "auto"
-"""Kernel of a compiled model's prefill chunks: ``"auto"`` (default: :func:`prefill_kernel_for`), ``"split"``
-(:func:`vote_attention_chunk`) or ``"flex"`` (:func:`vote_attention_flex`). The engine only offers a chunk to
-``"split"`` when its preconditions hold (see :func:`vote_attention_chunk`); any other chunk takes ``"flex"``.
-Measured numbers: docs/profile.md, section 9."""
-
-PREFILL_KERNELS = ("auto", "split", "flex")
-
-
-def prefill_kernel_for(device: torch.device) -> str:
-    """The kernel ``PREFILL_KERNEL = "auto"`` picks for prefill chunks on ``device``: ``"split"`` where torch
-    has a fused attention returning its log-sum-exp (the CPU flash kernel), else ``"flex"``."""
-    if PREFILL_KERNEL != "auto":
-        if PREFILL_KERNEL not in PREFILL_KERNELS:
-            raise ValueError(f"unknown PREFILL_KERNEL {PREFILL_KERNEL!r}; allowed: {', '.join(PREFILL_KERNELS)}")
-        if PREFILL_KERNEL == "split" and torch.device(device).type != "cpu":
-            raise ValueError(f"PREFILL_KERNEL = 'split' needs an attention returning its log-sum-exp, which torch "
-                             f"has on the CPU only; on {torch.device(device).type} use 'auto' or 'flex'")
-        return PREFILL_KERNEL
-    return "split" if torch.device(device).type == "cpu" else "flex"
+def prefill_kernel_for(device: torch.device, runtime: RuntimeOptions = DEFAULT_RUNTIME) -> str:
+    """The kernel of a compiled model's prefill chunks on ``device``: ``runtime.prefill_kernel``, or for
+    ``"auto"``: ``"split"`` (:func:`vote_attention_chunk`) where torch has a fused attention returning its
+    log-sum-exp (the CPU flash kernel), else ``"flex"`` (:func:`vote_attention_flex`). The engine offers a chunk
+    to ``"split"`` only when its preconditions hold; any other chunk takes ``"flex"``."""
+    kernel = runtime.prefill_kernel
+    if kernel == "auto":
+        return "split" if torch.device(device).type == "cpu" else "flex"
+    if kernel == "split" and torch.device(device).type != "cpu":
+        raise ValueError(f"prefill_kernel='split' needs an attention returning its log-sum-exp, which torch has on "
+                         f"the CPU only; on {torch.device(device).type} use 'auto' or 'flex'")
+    return kernel
 
 
 def _attention_with_lse(q: Tensor, keys: Tensor, values: Tensor, causal: bool, bias: Tensor | None
@@ -341,20 +310,20 @@ def vote_attention_chunk(
 
 def vote_attention(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
-    sliding_window: int | None = None, kernel: str = "flex",
+    sliding_window: int | None = None, kernel: str = "flex", runtime: RuntimeOptions = DEFAULT_RUNTIME,
 ) -> Tensor:
     """Vote-weighted attention with the chosen kernel (``"flex"`` or ``"reference"``); see the module doc.
 
-    ``"flex"`` runs one-token queries (decode) through :func:`decode_kernel_for` (see :data:`DECODE_KERNEL`)."""
+    ``"flex"`` runs one-token queries (decode) through :func:`decode_kernel_for` (``runtime.decode_kernel``)."""
     if kernel == "flex":
-        decode_kernel = decode_kernel_for(q.dtype, keys.shape[2]) if q.shape[2] == 1 else "flex"
+        decode_kernel = decode_kernel_for(q.dtype, keys.shape[2], runtime) if q.shape[2] == 1 else "flex"
         if decode_kernel == "packed":
-            return vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
+            return vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions, sliding_window,
+                                         runtime.decode_pieces)
         if decode_kernel == "sdpa":
             return vote_attention_sdpa(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
-        if decode_kernel != "flex":
-            raise ValueError(f"unknown DECODE_KERNEL {decode_kernel!r}; allowed: {', '.join(DECODE_KERNELS)}")
-        return vote_attention_flex(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
+        return vote_attention_flex(q, keys, values, log_votes, kv_positions, q_positions, sliding_window,
+                                   runtime.flex_block_size, runtime)
     if kernel == "reference":
         return vote_attention_reference(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
     raise ValueError(f"unknown attention kernel {kernel!r}; allowed: {', '.join(ATTENTION_KERNELS)}")

@@ -22,11 +22,8 @@ ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 FLEX_BLOCK_SIZE = (128, 256)
-"""``(query rows, cache slots)`` of one FlexAttention tile, the unit the vote block mask classifies.
-
-Measured (``tools/bench_prefill.py attention`` cases, SmolLM2 heads, a 512-query chunk against 16k slots,
-float32): 128 x 256 and 256 x 512 tiles within 2% of each other, 512 x 1024 tiles 10% slower; flex's default
-(no block mask: one tile of the whole chunk x the whole cache) 2.4x slower."""
+"""Default ``(query rows, cache slots)`` of one FlexAttention tile, the unit the vote block mask classifies
+(``RuntimeOptions.flex_block_size``; ``docs/profile.md``, "Measurements behind the code's choices")."""
 
 
 def generate_vote_score_mod(log_votes: Tensor, group_size: int) -> ScoreMod:

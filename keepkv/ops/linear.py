@@ -11,11 +11,9 @@ Written as a reduction,
 registers and accumulates in float32 (the same accumulation a BLAS GEMV does), and fuses it with the ops around
 it (RMSNorm, residual adds, SwiGLU, RoPE).
 
-Measured (``tools/bench_decode.py``; torch 2.13 CPU, 2 threads, SmolLM2-135M bf16, 16k context, 10% budget): the
-decode step without compression 32.3 ms -> 26.0 ms; in isolation (20 weights of one shape out of cache, bf16)
-15-23 GB/s -> 26-40 GB/s. In float32 the two forms measured the same (22.8 vs 23.3 tok/s at 4k), so float32 keeps
-``F.linear``; so does every multi-row input (prefill chunks, batches > 1: a GEMM) and every eager call (the
-reduction would materialise ``x * W`` there).
+Float32 weights keep ``F.linear`` (the two forms are equally fast there), and so does every multi-row input
+(prefill chunks, batches > 1: a GEMM) and every eager call (the reduction would materialise ``x * W`` there).
+Measurements: ``docs/profile.md``, "Measurements behind the code's choices".
 
 Device-agnostic: plain tensor ops; on a GPU inductor turns the same reduction into one Triton kernel.
 """
@@ -26,18 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-REDUCTION_DTYPES = (torch.bfloat16, torch.float16)
-"""Weight dtypes whose single-row products use the reduction form inside a compiled graph."""
+from keepkv.runtime import DEFAULT_RUNTIME
+
+def uses_reduction_gemv(x: Tensor, weight: Tensor,
+                        reduction_dtypes: tuple[torch.dtype, ...] = DEFAULT_RUNTIME.reduction_dtypes) -> bool:
+    """Whether :func:`linear` takes the reduction form: compiled, one input row, a weight in ``reduction_dtypes``
+    (``RuntimeOptions.reduction_dtypes``: the 16-bit dtypes by default)."""
+    return torch.compiler.is_compiling() and x.shape[:-1].numel() == 1 and weight.dtype in reduction_dtypes
 
 
-def uses_reduction_gemv(x: Tensor, weight: Tensor) -> bool:
-    """Whether :func:`linear` takes the reduction form: compiled, one input row, a 16-bit weight."""
-    return torch.compiler.is_compiling() and x.shape[:-1].numel() == 1 and weight.dtype in REDUCTION_DTYPES
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+           reduction_dtypes: tuple[torch.dtype, ...] = DEFAULT_RUNTIME.reduction_dtypes) -> Tensor:
     """``F.linear(x, weight, bias)``; one row of 16-bit weights inside ``torch.compile``: the reduction form above."""
-    if not uses_reduction_gemv(x, weight):
+    if not uses_reduction_gemv(x, weight, reduction_dtypes):
         return F.linear(x, weight, bias)
     out = (x.reshape(1, -1).float() * weight.float()).sum(dim=-1)
     if bias is not None:
@@ -46,7 +45,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and names, so checkpoints load unchanged) computing through :func:`linear`."""
+    """``nn.Linear`` (same parameters and names, so checkpoints load unchanged) computing through :func:`linear`.
+    ``reduction_dtypes``: the model's ``RuntimeOptions.reduction_dtypes`` (set by
+    ``Transformer.set_runtime_options``)."""
+
+    reduction_dtypes: tuple[torch.dtype, ...] = DEFAULT_RUNTIME.reduction_dtypes
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.reduction_dtypes)

@@ -1,8 +1,8 @@
 """The merge op: fold evicted KV entries into kept ones, in place, for every KeepKV variant.
 
 Paper: Tian et al., "KeepKV: Eliminating Output Perturbation in KV Cache Compression for Efficient LLMs
-Inference", arXiv 2504.09936 (electoral votes, ZIP-merging and its exactness, Theorem 3); spec
-``shared/spec/keepkv.md`` §1 (votes), §2 (ZIP), §5 (variants), §6 (GQA).
+Inference", arXiv 2504.09936 (electoral votes, ZIP-merging and its exactness, Theorem 3); the "spec §N" below
+are the sections of keepkv's KeepKV spec: §1 votes, §2 ZIP, §4 EMA reference, §5 variants, §6 GQA, §8 guard.
 
 **Groups.** Per (batch row, KV head), a *group* is one kept target slot ``c`` plus every evicted slot ``e``
 merged into it (many-to-one, all in one N-way step). Each member ``i`` has votes ``p_i`` (``ln p_i =
@@ -95,7 +95,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from keepkv.ops.scores import compute_dtype
+from keepkv.ops.scores import compute_dtype, log_mean_exp
 
 MERGE_VARIANTS = ("zip", "convex", "keep-key", "minnorm")
 ZIP_FALLBACKS = ("minnorm", "convex")
@@ -148,9 +148,9 @@ class _Segments:
     segment ``M`` collects the non-members. ``group [B, H, L]`` is each row's group clamped to ``[0, M)`` (for
     gathers; non-member rows must be masked by ``is_member``).
 
-    Group reductions are ``torch.segment_reduce`` calls, which return new tensors. (A first version used
-    ``scatter_add`` / ``scatter_reduce(amax)``; Inductor in torch 2.13 CPU lowers those as in-place fallback
-    kernels and fused one of their readers — the cache write — into a kernel that ran before the scatter.)
+    Group reductions are ``torch.segment_reduce`` calls, which return new tensors: in-place scatter reductions
+    could be reordered against their readers by inductor (``docs/profile.md``, "Measurements behind the code's
+    choices").
     """
 
     lengths: Tensor  # [B, H, M + 1]
@@ -370,7 +370,7 @@ def merge_into_kept(
     if ref_log_scores is not None:
         log_s = ref_log_scores.gather(2, member_slot).to(compute)
     else:
-        log_s = torch.logsumexp(member_logits, dim=-1) - math.log(member_logits.shape[-1])
+        log_s = log_mean_exp(member_logits, dim=-1)  # the group mean-score of spec §6
     log_s = torch.nan_to_num(log_s, nan=neg_inf, posinf=torch.finfo(compute).max / 4, neginf=neg_inf)
 
     # pi_i = w_i / W (log space); a group with W = 0 (every reference score 0) weighs by votes instead

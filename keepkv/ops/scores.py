@@ -1,7 +1,14 @@
-"""Small scoring kernels shared by KeepKV's merge path: group reference log-scores, cosine matching, log-space EMA.
+"""The scoring maths every compression method shares: logits, group log-scores, cosine matching, score EMA,
+pooling along the cache.
+
+One implementation of each formula, used by the cache (:mod:`keepkv.cache.compressed`: the window and query
+attention), the methods (:mod:`keepkv.cache.methods`: KeepKV's reference scores and matching, D2O's matching,
+SnapKV's and KeepKV's pooling), the merge op (:mod:`keepkv.ops.merge`) and the reference attention
+(:mod:`keepkv.ops.attention`). It lives in ``ops`` because it is pure tensor maths on plain tensors (no cache or
+method object), like the merge and attention kernels that call it.
 
 Paper: Tian et al., "KeepKV: Eliminating Output Perturbation in KV Cache Compression for Efficient LLMs
-Inference", arXiv 2504.09936 (spec ``shared/spec/keepkv.md`` §3, §4, §6).
+Inference", arXiv 2504.09936 (KeepKV spec §3 matching, §4 EMA, §6 GQA group score).
 
 Shapes: ``[batch, kv_heads, n, head_dim]`` for keys, ``[batch, kv_heads, G, head_dim]`` (or
 ``[batch, kv_heads, G, T, head_dim]``) for the ``G`` query heads of each KV head's GQA group. Every function works
@@ -14,17 +21,24 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "POOLINGS",
     "compute_dtype",
+    "cosine_best_match",
     "cosine_match",
     "ema_log_debias",
     "ema_log_scores",
     "ema_log_update",
     "group_log_scores",
     "head_logits",
+    "log_mean_exp",
+    "pool_along_slots",
 ]
+
+POOLINGS = ("maxpool", "avgpool")
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -33,21 +47,26 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def head_logits(queries: Tensor, keys: Tensor) -> Tensor:
-    """Per query head logits ``l_{g,i} = q_g·k_i / sqrt(d)``.
+    """Per query head logits ``l_{g,i} = q_g·k_i / sqrt(d)``, in the compute dtype.
 
     Args:
-        queries: ``[B, H_kv, G, D]`` or ``[B, H_kv, G, T, D]``.
+        queries: ``[B, H_kv, G, D]`` or ``[B, H_kv, G, T, D]`` (the ``G`` query heads of each KV head).
         keys: ``[B, H_kv, N, D]``.
     Returns:
-        ``[B, H_kv, G, N]`` or ``[B, H_kv, G, T, N]`` in the compute dtype.
+        ``[B, H_kv, G, N]`` or ``[B, H_kv, G, T, N]``. The ``G x T`` query rows of a KV head go through one
+        ``[G*T, D] x [D, N]`` product (keys read once per KV head).
     """
     dtype = compute_dtype(queries, keys)
-    keys = keys.to(dtype)
-    queries = queries.to(dtype)
-    scale = 1.0 / math.sqrt(keys.shape[-1])
-    if queries.dim() == 4:
-        return torch.matmul(queries, keys.transpose(-1, -2)) * scale
-    return torch.matmul(queries, keys[:, :, None].transpose(-1, -2)) * scale
+    batch, kv_heads, count, dim = keys.shape
+    rows = queries.to(dtype).reshape(batch, kv_heads, -1, dim)
+    logits = torch.matmul(rows, keys.to(dtype).transpose(-1, -2)) / math.sqrt(dim)
+    return logits.view(*queries.shape[:-1], count)
+
+
+def log_mean_exp(logits: Tensor, dim: int) -> Tensor:
+    """``ln mean_g exp(l_g) = logsumexp_g(l_g) - ln G`` along ``dim``: the log of a GQA group's mean score
+    (spec §6) from its per-head logits (``-inf`` stays ``-inf``)."""
+    return torch.logsumexp(logits, dim=dim) - math.log(logits.shape[dim])
 
 
 def group_log_scores(queries: Tensor, keys: Tensor) -> Tensor:
@@ -61,43 +80,47 @@ def group_log_scores(queries: Tensor, keys: Tensor) -> Tensor:
         queries: ``[B, H_kv, G, D]`` (-> ``[B, H_kv, N]``) or ``[B, H_kv, G, T, D]`` (-> ``[B, H_kv, T, N]``).
         keys: ``[B, H_kv, N, D]``.
     """
-    logits = head_logits(queries, keys)
-    return torch.logsumexp(logits, dim=2) - math.log(logits.shape[2])
+    return log_mean_exp(head_logits(queries, keys), dim=2)
+
+
+def cosine_best_match(evicted_keys: Tensor, kept_keys: Tensor, kept_valid: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """Each evicted key's most cosine-similar valid kept key: ``best_e = argmax_c cos(k_e, k_c)`` (the first
+    index among exact ties) and that similarity. A zero key has cosine 0 with every key.
+
+    Args:
+        evicted_keys: ``[B, H_kv, E, D]``; kept_keys: ``[B, H_kv, K, D]``; kept_valid: ``[B, H_kv, K]`` bool.
+    Returns:
+        ``(best [B, H_kv, E] int64 index into the kept axis, similarity [B, H_kv, E])``; with no valid kept key
+        ``best`` is 0 and ``similarity`` is ``-inf``.
+    """
+    dtype = compute_dtype(evicted_keys, kept_keys)
+    evicted = F.normalize(evicted_keys.to(dtype), dim=-1)
+    kept = F.normalize(kept_keys.to(dtype), dim=-1)
+    similarity = torch.matmul(evicted, kept.transpose(-1, -2))  # [B, H, E, K]
+    if kept_valid is not None:
+        similarity = similarity.masked_fill(~kept_valid[:, :, None, :], -float("inf"))
+    best_similarity, best = similarity.max(dim=-1)
+    return best, best_similarity
 
 
 def cosine_match(
     evicted_keys: Tensor, kept_keys: Tensor, threshold: float | Tensor,
     kept_valid: Tensor | None = None, evicted_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Match each evicted key to its most cosine-similar kept key (spec §3 step 2; the paper's ``T = 0.8``).
-
-    ``best_e = argmax_c cos(k_e, k_c)`` over the valid kept keys (the first index among exact ties), and
-    ``merge_e = cos(k_e, k_best) > threshold`` (strictly), and both entries valid. A zero key has cosine 0 with
-    every key.
+    """KeepKV's matching (spec §3 step 2; the paper's ``T = 0.8``): :func:`cosine_best_match`, merged only if
+    ``cos(k_e, k_best) > threshold`` (strictly) and the evicted entry is valid.
 
     Args:
-        evicted_keys: ``[B, H_kv, E, D]``; kept_keys: ``[B, H_kv, K, D]``.
         threshold: a float, or a tensor broadcastable to ``[B, H_kv, E]`` (a tensor avoids recompiles when the
-            value changes under ``torch.compile``).
-        kept_valid: ``[B, H_kv, K]`` bool (default all True); evicted_valid: ``[B, H_kv, E]`` bool.
+            value changes under ``torch.compile``); evicted_valid: ``[B, H_kv, E]`` bool (default all True).
     Returns:
-        ``(best [B, H_kv, E] int64 index into the kept axis, similarity [B, H_kv, E], merge_mask [B, H_kv, E])``.
-        With no valid kept key, ``best`` is 0, ``similarity`` is ``-inf`` and ``merge_mask`` is False.
+        ``(best, similarity, merge_mask)`` ``[B, H_kv, E]``; ``merge_mask`` is False where no kept key is valid.
     """
-    dtype = compute_dtype(evicted_keys, kept_keys)
-    eps = torch.finfo(dtype).tiny ** 0.5
-    evicted = evicted_keys.to(dtype)
-    kept = kept_keys.to(dtype)
-    evicted = evicted / torch.linalg.vector_norm(evicted, dim=-1, keepdim=True).clamp_min(eps)
-    kept = kept / torch.linalg.vector_norm(kept, dim=-1, keepdim=True).clamp_min(eps)
-    similarity = torch.matmul(evicted, kept.transpose(-1, -2))  # [B, H, E, K]
-    if kept_valid is not None:
-        similarity = similarity.masked_fill(~kept_valid[:, :, None, :], -float("inf"))
-    best = torch.argmax(similarity, dim=-1)
-    best_similarity = similarity.gather(-1, best[..., None])[..., 0]
+    best, best_similarity = cosine_best_match(evicted_keys, kept_keys, kept_valid)
     merge_mask = best_similarity > threshold
     if evicted_valid is not None:
-        merge_mask = merge_mask & evicted_valid
+        merge_mask = evicted_valid & merge_mask
     return best, best_similarity, merge_mask
 
 
@@ -124,9 +147,8 @@ def ema_log_debias(log_state: Tensor, steps: Tensor, alpha: float) -> Tensor:
     ``steps``: the number ``t`` of updates each entry received (integer tensor broadcastable to ``log_state``);
     ``-inf`` where ``t == 0``. The corrected EMA of a constant score ``s`` is exactly ``s``.
     """
-    steps_f = steps.to(log_state.dtype)
-    correction = torch.log1p(-torch.exp(steps_f.clamp_min(1) * math.log(alpha)))
-    return torch.where(steps > 0, log_state - correction, torch.full_like(log_state, -float("inf")))
+    correction = torch.log1p(-torch.pow(torch.full_like(log_state, alpha), steps.clamp_min(1)))
+    return torch.where(steps > 0, log_state - correction, -float("inf"))
 
 
 def ema_log_scores(log_scores: Tensor, alpha: float, visible: Tensor | None = None) -> Tensor:
@@ -150,3 +172,21 @@ def ema_log_scores(log_scores: Tensor, alpha: float, visible: Tensor | None = No
     terms = math.log1p(-alpha) + later.to(log_scores.dtype) * math.log(alpha) + log_scores
     terms = terms.masked_fill(~visible, -float("inf"))
     return ema_log_debias(torch.logsumexp(terms, dim=-2), counts.sum(-2), alpha)
+
+
+def pool_along_slots(scores: Tensor, kernel_size: int, pooling: str) -> Tensor:
+    """SnapKV's 1-D pooling of scores along the cache (last axis; stride 1, ``kernel_size // 2`` zero padding,
+    same length), so the neighbours of an important entry score with it. ``pooling`` is one of :data:`POOLINGS`.
+
+    ``avgpool`` divides by ``kernel_size`` at the borders too (the padding counts), ``maxpool`` ignores the
+    padding; for non-negative scores both equal pooling with zeros outside.
+    """
+    if kernel_size <= 1:
+        return scores
+    shape = scores.shape
+    flat = scores.reshape(-1, 1, shape[-1])
+    if pooling == "maxpool":
+        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
+    else:
+        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
+    return pooled.reshape(shape)

@@ -17,7 +17,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keepkv.models.language_model import LanguageModel
+from keepkv.serve.engine import BatchEngine
 from keepkv.serve.protocol import ParsedRequest, RequestError, error_body, parse_chat, parse_completion
 from keepkv.serve.scheduler import BatchScheduler, Event, Job
 from keepkv.serve.variants import ModelVariants
@@ -35,11 +36,14 @@ DISCONNECT_POLL_SECONDS = 0.5
 
 
 def create_app(model: LanguageModel, *, max_batch: int = 8, batch_window: float = 0.02, max_variants: int = 4,
-               model_id: str | None = None) -> FastAPI:
+               model_id: str | None = None, engine: Callable[[ModelVariants], BatchEngine] | None = None) -> FastAPI:
     """The ASGI app serving ``model`` (loaded once by the caller). The batching worker starts and stops with the
-    app's lifespan; ``app.state.scheduler`` exposes it (tests read ``slots_in_use``)."""
+    app's lifespan; ``app.state.scheduler`` exposes it (tests read ``slots_in_use``). ``engine`` builds the
+    worker's :class:`~keepkv.serve.engine.BatchEngine` from the variants (default: this process's
+    :class:`~keepkv.serve.engine.LocalBatchEngine`; ``--tp``: :class:`~keepkv.serve.lockstep.LockstepEngine`)."""
     variants = ModelVariants(model, max_variants)
-    scheduler = BatchScheduler(variants, max_batch=max_batch, batch_window=batch_window)
+    scheduler = BatchScheduler(variants, max_batch=max_batch, batch_window=batch_window,
+                               engine=engine(variants) if engine is not None else None)
     model_id = model_id or model.name
     context = model.config.max_position_embeddings
     created = int(time.time())

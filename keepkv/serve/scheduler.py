@@ -7,7 +7,9 @@ the same step, so a row cannot join a batch that is already decoding. The worker
 1. waits for a job, then keeps collecting for ``batch_window`` seconds (or until ``max_batch`` jobs) every queued
    job that shares the first one's cache variant ``(method, kv_budget)`` and sampling settings (greedy requests
    always batch together; others wait for the next batch);
-2. runs them as one left-padded batch through :meth:`~keepkv.generate.GenerationEngine.generate_tokens` with
+2. runs them as one left-padded batch (a :class:`~keepkv.serve.engine.BatchWork`) through its
+   :class:`~keepkv.serve.engine.BatchEngine` (one process: :meth:`~keepkv.generate.GenerationEngine.generate_tokens`;
+   ``--tp N``: the same calls replayed in lockstep on every rank, :mod:`keepkv.serve.lockstep`) with
    ``max_new_tokens`` = the largest ``max_tokens`` of the batch; every row stops on its own (end-of-sequence token,
    a stop string, its own ``max_tokens``) and its slot is released at once;
 3. stops the batch as soon as every row has finished or been cancelled (a client that disconnects mid-stream
@@ -18,8 +20,9 @@ Requests arriving while a batch decodes wait for the next batch. With ``compile=
 dummy rows to a power of two (at most ``max_batch``) so the decode step compiles one graph per bucket, not per
 batch size. Greedy rows of a padded batch give the tokens the same prompt gives alone (float32: up to ties).
 
-Each job reports through ``deliver(Event)``, called from the worker thread (the HTTP layer hands it to its event
-loop thread-safely). ``slots_in_use`` counts admitted jobs not yet finished or cancelled (queued + running).
+While idle the worker calls the engine's ``idle()`` every ``engine.heartbeat_seconds`` (never for one process), and
+``shutdown()`` once when it stops. Each job reports through ``deliver(Event)``, called from the worker thread (the
+HTTP layer hands it to its event loop thread-safely). ``slots_in_use`` counts admitted jobs not yet finished or cancelled (queued + running).
 """
 
 from __future__ import annotations
@@ -31,10 +34,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from keepkv.errors import KeepKVError
-from keepkv.generate import GenerationStats
+from keepkv.serve.engine import BatchEngine, BatchWork, LocalBatchEngine
 from keepkv.serve.protocol import JobSpec
 from keepkv.serve.variants import ModelVariants
 
@@ -108,12 +109,14 @@ class BatchScheduler:
     """The worker thread and its queue (see the module docstring). ``start()`` before ``submit``; ``stop()`` ends
     the thread and fails every queued job."""
 
-    def __init__(self, variants: ModelVariants, *, max_batch: int = 8, batch_window: float = 0.02) -> None:
+    def __init__(self, variants: ModelVariants, *, max_batch: int = 8, batch_window: float = 0.02,
+                 engine: BatchEngine | None = None) -> None:
         if max_batch < 1:
             raise KeepKVError(f"max_batch must be an integer >= 1, got {max_batch}")
         if not batch_window >= 0:
             raise KeepKVError(f"batch_window must be a number of seconds >= 0, got {batch_window}")
         self.variants, self.max_batch, self.batch_window = variants, max_batch, batch_window
+        self.engine: BatchEngine = engine if engine is not None else LocalBatchEngine(variants)
         self._pending: deque[Job] = deque()
         self._admitted: set[Job] = set()
         self._cond = threading.Condition()
@@ -191,7 +194,8 @@ class BatchScheduler:
         """Block for a job, then collect compatible ones for ``batch_window`` seconds (module docstring)."""
         with self._cond:
             while not self._pending and not self._stopping:
-                self._cond.wait()
+                if not self._cond.wait(self.engine.heartbeat_seconds):
+                    return []  # idle for a heartbeat: the loop calls engine.idle()
             if self._stopping:
                 return None
             deadline = time.monotonic() + self.batch_window
@@ -210,12 +214,17 @@ class BatchScheduler:
             return batch
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if batch:
-                self._run(batch)
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                if batch:
+                    self._run(batch)
+                else:
+                    self.engine.idle()
+        finally:
+            self.engine.shutdown()
 
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
@@ -239,23 +248,16 @@ class BatchScheduler:
         model = self.variants.get(first.variant)
         tokenizer = model.tokenizer
         eos = set(tokenizer.eos_token_ids)
-        rows = [list(job.spec.prompt_ids) for job in jobs]
+        rows = [tuple(job.spec.prompt_ids) for job in jobs]
         if model.engine.compile:
             rows += [rows[0]] * (padded_rows(len(rows), self.max_batch) - len(rows))
-        width = max(len(ids) for ids in rows)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.bool)
-        for row, ids in enumerate(rows):  # left padding, as LanguageModel.encode_prompts
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            valid[row, width - len(ids):] = True
+        work = BatchWork(tuple(rows), pad_id, first.variant, max(job.spec.max_tokens for job in jobs),
+                         first.sampling, tuple(eos))
         decoders = [RowDecoder(tokenizer, eos, job.spec.stop, job.spec.max_tokens) for job in jobs]
-        model.last_stats = GenerationStats()
-        tokens = model.engine.generate_tokens(
-            input_ids.to(model.device), valid.to(model.device), max(job.spec.max_tokens for job in jobs),
-            first.sampling, tuple(eos), model.last_stats)
+        self.engine.start(work)
         try:
-            for token in tokens:
+            while (token := self.engine.step()) is not None:
                 ids = token.tolist()
                 for row, job in enumerate(jobs):
                     if job.done:
@@ -278,4 +280,4 @@ class BatchScheduler:
                 if all(job.done for job in jobs):
                     break
         finally:
-            tokens.close()
+            self.engine.finish()

@@ -69,6 +69,7 @@ class ModelVariants:
                 base.network, base.tokenizer, name=base.name, source=base.source, method=name, kv_budget=kv_budget,
                 compile=base.engine.compile, prefill_chunk_size=base.engine.prefill_chunk_size,
                 method_object=method_object, decode_slack=getattr(manager, "decode_slack", DEFAULT_DECODE_SLACK),
+                runtime=base.runtime,
             )
             self._variants[key] = variant
             while len(self._variants) > self.max_variants - 1:

@@ -13,6 +13,15 @@ turn, split at the context's end); with ``"chat": false`` the context and questi
 (the pipeline's internal ``_forward`` is called, since its preprocessing always applies a template). Optional
 ``"context_ids"`` / ``"question_ids"`` fields in a cell override the tokenization (keepkv's exact tokens).
 
+RULER-style task exports (``keepkv eval export-tasks``, ids added by ``tools/peers/task_prompts.py``) run the
+same way, in one or both protocols (``--protocol``, :func:`protocol_split`): ``agnostic`` = kvpress's setting as
+is (the context compressed, then the question + assistant turn + answer prefix fed); ``aware`` = keepkv's
+query-aware protocol (everything but the prompt's last token, question included, prefilled and compressed, then
+that last token fed). ``--shared-prefill`` computes one uncompressed prefill per cell and protocol and replays it
+through each press's own hook (:class:`SharedPrefill`: the same caches as the pipeline, bit for bit; about 10x
+faster with 7 presses x 2 budgets); ``--check-shared`` also runs the plain pipeline per row and stops on any
+difference.
+
 This script writes RAW answers (``--out``, one JSON line per cell x press x budget, with what the cache actually
 kept); scoring is done on keepkv's side by ``tools/peers/score_kvpress.py`` with keepkv's own metrics, so the two
 engines are scored by the same code.
@@ -51,6 +60,8 @@ from peer_common import (
 PRESS_NAMES = ("snapkv", "streamingllm", "tova", "knorm", "expectedattention", "criticalkv", "adakv-snapkv")
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
 CELL_KEYS = ("task", "cell", "context", "question", "answers", "max_new_tokens", "chat")
+PROTOCOLS = ("agnostic", "aware")
+TASK_KEYS = ("length", "sample", "seed", "haystack", "answer_prefix")  # copied from task records into raw rows
 
 
 def make_press(name: str, compression_ratio: float):
@@ -102,29 +113,126 @@ def kept_entries(cache) -> list[int]:
     return [int(layer.keys.shape[-2]) for layer in cache.layers]
 
 
-def answer_cell(pipe, cell: dict, press, tokenizer) -> tuple[str, list[int], int]:
-    """``(answer, kept entries per layer after the context, context tokens)`` for one cell and press."""
+def cell_ids(pipe, cell: dict, tokenizer) -> tuple[list[int], list[int], str]:
+    """``(context ids, question ids, where they came from)`` of a cell, split at the end of the context: the cell's
+    own ``context_ids`` / ``question_ids`` (keepkv's exact tokens: ``"keepkv"``), else the pipeline's own chat
+    preprocessing (``"kvpress-template"``: context and question in one user turn, the assistant turn opened with
+    the cell's ``answer_prefix``), else (``"chat": false``) the plain tokenizations (``"plain"``)."""
+    if cell.get("context_ids") is not None:
+        return list(cell["context_ids"]), list(cell["question_ids"]), "keepkv"
+    if not cell["chat"]:
+        return (tokenizer.encode(cell["context"], add_special_tokens=False),
+                tokenizer.encode(cell["question"], add_special_tokens=False), "plain")
+    inputs = pipe.preprocess(cell["context"], questions=[cell["question"]],
+                             answer_prefix=cell.get("answer_prefix", ""), max_context_length=int(1e10))
+    return inputs["context_ids"][0].tolist(), inputs["questions_ids"][0][0].tolist(), "kvpress-template"
+
+
+def protocol_split(context_ids: list[int], question_ids: list[int], protocol: str) -> tuple[list[int], list[int]]:
+    """``(ids prefilled under the press, ids fed after it)``. ``agnostic`` (kvpress's own setting): the context,
+    then the question (with the assistant turn and answer prefix). ``aware`` (keepkv's query-aware protocol,
+    ``keepkv.eval.prompted.compressed_part`` / ``fed_part``): everything but the prompt's last token is
+    prefilled and compressed (the question included), then that last token is fed and the answer decoded."""
+    if protocol == "agnostic":
+        return context_ids, question_ids
+    if protocol == "aware":
+        return context_ids + question_ids[:-1], question_ids[-1:]
+    raise SystemExit(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
+
+
+def answer_cell(pipe, cell: dict, press, tokenizer, protocol: str = "agnostic") -> tuple[str, list[int], int, str]:
+    """``(answer, kept entries per layer after the compression, compressed tokens, ids source)`` for one cell and
+    press: ``pipe._forward`` (the pipeline's prefill under the press, then its greedy ``generate_answer``) on the
+    ids of :func:`cell_ids` split by :func:`protocol_split`. For the agnostic protocol without keepkv's ids this is
+    exactly what ``pipe(context, question=..., answer_prefix=..., press=...)`` runs."""
     import torch
     from transformers import DynamicCache
 
+    context_ids, question_ids, source = cell_ids(pipe, cell, tokenizer)
+    prefilled, fed = protocol_split(context_ids, question_ids, protocol)
     cache = DynamicCache()
-    if cell.get("context_ids") is not None or not cell["chat"]:
-        ctx = cell.get("context_ids") or tokenizer.encode(cell["context"], add_special_tokens=False)
-        qst = cell.get("question_ids") or tokenizer.encode(cell["question"], add_special_tokens=False)
-        inputs = {"context_ids": torch.tensor([ctx]), "questions_ids": [torch.tensor([qst])]}
-        with torch.inference_mode():
-            answer = pipe._forward(inputs, max_new_tokens=int(cell["max_new_tokens"]), press=press, cache=cache)[0]
-        context_tokens = len(ctx)
-    else:
-        # exactly what pipe(context, question=..., press=...) runs, split to see the context's token count
-        # the assistant turn opens with the cell's answer prefix (NIAH, RULER-style), fed after the compression
-        # exactly as keepkv feeds it (keepkv.eval.data.split_chat_prompt)
-        inputs = pipe.preprocess(cell["context"], questions=[cell["question"]],
-                                 answer_prefix=cell.get("answer_prefix", ""), max_context_length=int(1e10))
-        with torch.inference_mode():
-            answer = pipe._forward(inputs, max_new_tokens=int(cell["max_new_tokens"]), press=press, cache=cache)[0]
-        context_tokens = int(inputs["context_ids"].shape[1])
-    return answer, kept_entries(cache), context_tokens
+    inputs = {"context_ids": torch.tensor([prefilled]), "questions_ids": [torch.tensor([fed])]}
+    with torch.inference_mode():
+        answer = pipe._forward(inputs, max_new_tokens=int(cell["max_new_tokens"]), press=press, cache=cache)[0]
+    return answer, kept_entries(cache), len(prefilled), source
+
+
+class SharedPrefill:
+    """One uncompressed prefill of ``ids`` whose per-layer attention-hook arguments are recorded, then replayed
+    through any press's own ``forward_hook`` on a copy of the full cache (:meth:`compressed_cache`).
+
+    Exact, not an approximation: during kvpress's prefill a press only rewrites the cache after each attention
+    layer has computed its output from the full keys (``BasePress.forward_hook``), so every layer's input
+    ``hidden_states``, ``cache_position`` and ``position_embeddings`` are the same under every press and without
+    one. Replaying the hook with those recorded arguments on a copy of the uncompressed cache leaves the cache the
+    pipeline would leave (checked by ``--check-shared``, which also runs the plain pipeline and compares). AdaKV's
+    ``masked_key_indices`` (reset by kvpress's attention patch at every prefill) are reset before each replay."""
+
+    def __init__(self, model, ids: list[int]):
+        import torch
+        from transformers import DynamicCache
+
+        self.model, self.length = model, len(ids)
+        self.calls: list[tuple] = []
+        language_model = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        self.layers = [layer.self_attn for layer in language_model.layers]
+        for attn in self.layers:  # as BasePress.__call__ does
+            attn.rotary_emb = language_model.rotary_emb
+
+        def record(module, args, kwargs, output):
+            kept = {k: v for k, v in kwargs.items() if k != "past_key_values"}
+            self.calls.append((module, args, kept, (None, output[1])))
+            return output
+
+        hooks = [attn.register_forward_hook(record, with_kwargs=True) for attn in self.layers]
+        self.cache = DynamicCache()
+        try:
+            with torch.inference_mode():
+                model.model(input_ids=torch.tensor([ids]), past_key_values=self.cache)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(self.calls) != len(self.layers):
+            raise SystemExit(f"recorded {len(self.calls)} attention calls for {len(self.layers)} layers")
+
+    def compressed_cache(self, press):
+        """A copy of the full cache, compressed by ``press`` (None: the uncompressed copy)."""
+        import copy
+
+        import torch
+
+        cache = copy.deepcopy(self.cache)
+        if press is None:
+            return cache
+        for attn in self.layers:
+            attn.masked_key_indices = None
+        with torch.inference_mode(), press(self.model):  # post_init_from_model + hooks, as in the pipeline
+            for module, args, kwargs, output in self.calls:
+                press.forward_hook(module, list(args), {**kwargs, "past_key_values": cache}, output)
+        return cache
+
+
+def answer_shared(pipe, shared: SharedPrefill, fed: list[int], press, max_new_tokens: int) -> tuple[str, list[int]]:
+    """The pipeline's ``generate_answer`` (greedy, positions after the uncompressed length) on the press's cache."""
+    import torch
+
+    cache = shared.compressed_cache(press)
+    kept = kept_entries(cache)  # before the question and answer are appended
+    with torch.inference_mode():
+        answer = pipe.generate_answer(question_ids=torch.tensor([fed]), cache=cache, context_length=shared.length,
+                                      max_new_tokens=max_new_tokens)
+    return answer, kept
+
+
+def template_ids_equal(pipe, cell: dict) -> bool | None:
+    """Whether kvpress's own chat preprocessing gives the same ids as the cell's ``context_ids`` /
+    ``question_ids`` (None without them or without a chat template): a check that both engines see one prompt."""
+    if cell.get("context_ids") is None or not cell["chat"]:
+        return None
+    inputs = pipe.preprocess(cell["context"], questions=[cell["question"]],
+                             answer_prefix=cell.get("answer_prefix", ""), max_context_length=int(1e10))
+    return (inputs["context_ids"][0].tolist() == list(cell["context_ids"])
+            and inputs["questions_ids"][0][0].tolist() == list(cell["question_ids"]))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -146,27 +254,53 @@ def run_eval(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         for line in out.read_text().splitlines():
             row = json.loads(line)
-            done.add((row["task"], row["cell"], row["method"], row["budget"]))
+            done.add((row["task"], row["cell"], row["method"], row["budget"], row.get("protocol", "agnostic")))
     # budget 1.0 is the uncompressed reference: one "full" row per cell, not one per press
-    wanted = [(c, "full" if b >= 1.0 else p, b) for c in cells for b in args.budget for p in args.press]
-    jobs = list({(c["task"], c["cell"], p, b): (c, p, b) for c, p, b in wanted
-                 if (c["task"], c["cell"], p, b) not in done}.values())
-    print(f"[kvpress_eval] {len(cells)} cells x {len(args.press)} presses x {len(args.budget)} budgets: "
-          f"{len(jobs)} to run ({len(done)} already in {out})", file=sys.stderr, flush=True)
+    wanted = [(c, "full" if b >= 1.0 else p, b, protocol) for protocol in args.protocol for c in cells
+              for b in args.budget for p in args.press]
+    jobs = list({(c["task"], c["cell"], p, b, protocol): (c, p, b, protocol) for c, p, b, protocol in wanted
+                 if (c["task"], c["cell"], p, b, protocol) not in done}.values())
+    print(f"[kvpress_eval] {len(cells)} cells x {len(args.press)} presses x {len(args.budget)} budgets x "
+          f"{len(args.protocol)} protocols: {len(jobs)} to run ({len(done)} already in {out}); "
+          f"{'one shared prefill per cell and protocol' if args.shared_prefill else 'one pipeline call per row'}",
+          file=sys.stderr, flush=True)
+    shared_key, shared, equal = None, None, {}
     with out.open("w" if args.overwrite else "a") as handle:
-        for cell, name, budget in tqdm(jobs, desc="kvpress", file=sys.stderr):
+        for cell, name, budget, protocol in tqdm(jobs, desc="kvpress", file=sys.stderr):
             press = None if name == "full" else make_press(name, round(1.0 - budget, 6))
             started = time.perf_counter()
-            answer, kept, context_tokens = answer_cell(pipe, cell, press, tokenizer)
+            if args.shared_prefill:
+                context_ids, question_ids, source = cell_ids(pipe, cell, tokenizer)
+                prefilled, fed = protocol_split(context_ids, question_ids, protocol)
+                if shared_key != (cell["task"], cell["cell"], protocol):
+                    shared_key, shared = (cell["task"], cell["cell"], protocol), None
+                    shared = SharedPrefill(model, prefilled)
+                answer, kept = answer_shared(pipe, shared, fed, press, int(cell["max_new_tokens"]))
+                compressed_tokens = len(prefilled)
+                if args.check_shared:
+                    reference = answer_cell(pipe, cell, make_press(name, round(1.0 - budget, 6)) if press else None,
+                                            tokenizer, protocol)
+                    if (reference[0], reference[1]) != (answer, kept):
+                        raise SystemExit(f"shared prefill differs from the pipeline on {cell['cell']} {name} "
+                                         f"{budget} {protocol}: {answer!r} {kept[:3]} vs {reference[0]!r} "
+                                         f"{reference[1][:3]}")
+            else:
+                answer, kept, compressed_tokens, source = answer_cell(pipe, cell, press, tokenizer, protocol)
+            if cell["cell"] not in equal:
+                equal[cell["cell"]] = template_ids_equal(pipe, cell)
             row = {
                 "task": cell["task"], "cell": cell["cell"], "method": name, "variant": press_variant(name),
-                "budget": budget, "compression_ratio": round(1.0 - budget, 6), "seed": args.seed,
-                "answer": answer, "answers": cell["answers"], "context_tokens": cell.get("context_tokens"),
-                "context_tokens_peer": context_tokens, "depth": cell.get("depth"),
-                "target_tokens": cell.get("target_tokens"),
+                "budget": budget, "compression_ratio": round(1.0 - budget, 6), "seed": cell.get("seed", args.seed),
+                "protocol": protocol, "answer": answer, "answers": cell["answers"],
+                "context_tokens": cell.get("context_tokens"), "context_tokens_peer": compressed_tokens,
+                "depth": cell.get("depth"), "target_tokens": cell.get("target_tokens"),
                 "kept_entries_mean": sum(kept) / len(kept) if kept else None,
-                "seconds": time.perf_counter() - started, **meta,
+                "ids_source": source, "kvpress_template_ids_equal": equal[cell["cell"]],
+                "shared_prefill": bool(args.shared_prefill), "seconds": time.perf_counter() - started, **meta,
             }
+            for key in TASK_KEYS:  # keepkv's task records (keepkv eval export-tasks) carry these
+                if key in cell:
+                    row.setdefault(key, cell[key])
             handle.write(json.dumps(row) + "\n")
             handle.flush()
     return 0
@@ -256,6 +390,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ev.add_argument("--budget", action="append", type=float,
                     help="kept fraction in (0, 1] (1.0 = the uncompressed reference, method 'full'); "
                          "default 0.05 0.1 0.2 0.5")
+    ev.add_argument("--protocol", action="append", choices=PROTOCOLS,
+                    help="repeatable; agnostic (default): context compressed, then the question; aware: all but the "
+                         "prompt's last token compressed (keepkv's query-aware protocol)")
+    ev.add_argument("--shared-prefill", action="store_true",
+                    help="one uncompressed prefill per cell and protocol, replayed through each press's hook "
+                         "(same caches as the pipeline, see SharedPrefill; much faster with many presses)")
+    ev.add_argument("--check-shared", action="store_true",
+                    help="with --shared-prefill: also run the plain pipeline per row and stop if anything differs")
     ev.add_argument("--dtype", choices=DTYPES, default="float32")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--limit", type=int, default=0, help="only the first N cells (0 = all)")
@@ -276,6 +418,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mode == "eval":
         args.press = args.press or list(PRESS_NAMES)
         args.budget = args.budget or list(DEFAULT_BUDGETS)
+        args.protocol = list(dict.fromkeys(args.protocol or ["agnostic"]))
         bad = [b for b in args.budget if not 0.0 < b <= 1.0]
         if bad:
             p.error(f"--budget must be in (0, 1], got {bad}")

@@ -10,8 +10,18 @@ paragraph) — and writes one row per metric in keepkv's result-row shape (``kee
      "engine": "kvpress", "keepkv_version" (of the scorer), "kvpress_version", "transformers_version",
      "torch_version", "answer", ...}
 
-    /tmp/venv/bin/python tools/peers/score_kvpress.py results/eval/peers/kvpress-SmolLM2-135M-Instruct.answers.jsonl
+    .venv/bin/python tools/peers/score_kvpress.py results/eval/peers/kvpress-SmolLM2-135M-Instruct.answers.jsonl
         -> results/eval/peers/kvpress-SmolLM2-135M-Instruct.jsonl
+
+RULER-style task answers (raw rows of a ``keepkv eval export-tasks`` file, ``task`` = a family of
+:data:`keepkv.eval.tasks.FAMILIES`) are scored with :func:`keepkv.eval.tasks.score_task`, the scorer of keepkv's
+own task rows, and with ``--tasks-store DIR`` APPENDED to ``DIR/tasks.jsonl`` in the shape of keepkv's task rows
+(``task: "tasks"``, metric ``task_accuracy`` / ``task_accuracy_aware`` by ``protocol``, ``family``, ``sample``,
+``source``, ``unit`` starting with ``"kvpress"`` so keepkv's resumable store never takes a peer row for its own);
+rows already in the store (same engine, model, method, budget, cell, metric) are skipped, so reruns are safe::
+
+    .venv/bin/python tools/peers/score_kvpress.py results/tasks/peers/kvpress-SmolLM2-135M-Instruct.answers.jsonl \
+        --tasks-store results/tasks
 """
 
 from __future__ import annotations
@@ -22,8 +32,6 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from keepkv import __version__ as keepkv_version
 from keepkv.eval.niah import score_niah
@@ -49,6 +57,56 @@ def score_rows(raw: list[dict]) -> list[dict]:
     return rows
 
 
+TASK_COPIED = ("model", "method", "variant", "budget", "cell", "seed", "protocol", "kvpress_version",
+               "transformers_version", "torch_version", "dtype", "target_tokens", "context_tokens", "answer",
+               "ids_source", "kvpress_template_ids_equal", "shared_prefill", "compression_ratio")
+
+
+def is_task_row(item: dict) -> bool:
+    from keepkv.eval.tasks import FAMILIES
+
+    return item["task"] in FAMILIES
+
+
+def score_task_rows(raw: list[dict]) -> list[dict]:
+    """keepkv-task-shaped rows (one per raw answer and metric) scored by :func:`keepkv.eval.tasks.score_task`."""
+    from keepkv.eval.tasks import score_task, scoring_of
+
+    rows = []
+    for item in raw:
+        family, protocol = item["task"], item.get("protocol", "agnostic")
+        cell = SimpleNamespace(answers=[str(a) for a in item["answers"]], extra={"scoring": scoring_of(family)})
+        source = f"seed{item.get('seed', 0)}-{item.get('haystack') or 'dataset'}"
+        unit = json.dumps(["kvpress", "tasks", item["model"], item["method"], item["budget"],
+                           f"{source}/{item['cell']}/{protocol}"])
+        for metric, value in score_task(item["answer"], cell).items():
+            rows.append({**{k: item.get(k) for k in TASK_COPIED}, "task": "tasks",
+                         "metric": metric if protocol == "agnostic" else f"{metric}_aware", "value": float(value),
+                         "engine": "kvpress", "keepkv_version": keepkv_version, "family": family,
+                         "scoring": scoring_of(family), "source": source, "sample": item.get("sample"),
+                         "kept_entries_per_head": item.get("kept_entries_mean"),
+                         "prompt_tokens": item.get("context_tokens_peer"), "unit": unit})
+    return rows
+
+
+def append_new(rows: list[dict], store: Path) -> int:
+    """Append the rows not yet in ``store`` (key: engine, model, method, budget, cell, metric) in ONE write (other
+    writers append to the same file); returns how many were written."""
+    key = lambda r: (r.get("engine", "keepkv"), r["model"], r["method"], float(r["budget"]), r["cell"], r["metric"])
+    seen = set()
+    if store.exists():
+        for line in store.read_text().splitlines():
+            try:
+                seen.add(key(json.loads(line)))
+            except (json.JSONDecodeError, KeyError):
+                continue
+    new = [r for r in rows if key(r) not in seen]
+    if new:
+        with store.open("a") as handle:
+            handle.write("".join(json.dumps(r) + "\n" for r in new))
+    return len(new)
+
+
 def summary_table(rows: list[dict]) -> str:
     groups: dict[tuple, list[float]] = collections.defaultdict(list)
     for row in rows:
@@ -63,8 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("answers", nargs="+", help="raw answers JSONL from kvpress_eval.py eval (*.answers.jsonl)")
     p.add_argument("--out", help="scored rows JSONL (default: the first answers path without .answers)")
+    p.add_argument("--tasks-store", help="task answers: append the scored rows to DIR/tasks.jsonl (new rows only)")
     args = p.parse_args(argv)
     raw = [json.loads(line) for path in args.answers for line in Path(path).read_text().splitlines() if line.strip()]
+    if args.tasks_store:
+        others = sorted({item["task"] for item in raw if not is_task_row(item)})
+        if others:
+            raise SystemExit(f"--tasks-store takes task answers only; these rows are of {others}")
+        rows = score_task_rows(raw)
+        store = Path(args.tasks_store) / "tasks.jsonl"
+        written = append_new(rows, store)
+        print(summary_table([{**r, "method": f"{r['method']}/{r['protocol']}"} for r in rows]))
+        print(f"appended {written} new rows of {len(rows)} to {store}")
+        return 0
     rows = score_rows(raw)
     first = Path(args.answers[0])
     out = Path(args.out) if args.out else first.with_name(first.name.replace(".answers.jsonl", ".jsonl"))

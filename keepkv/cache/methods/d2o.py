@@ -41,7 +41,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from keepkv.cache.budgets import largest_remainder
@@ -50,6 +49,7 @@ from keepkv.cache.methods.h2o import accumulated_attention, recent_entries
 from keepkv.cache.policy import CompressionMethod
 from keepkv.distributed.heads import head_mean
 from keepkv.errors import KeepKVError
+from keepkv.ops.scores import cosine_best_match
 
 D2O_LAYER_BUDGETS = ("variance", "uniform")
 
@@ -143,11 +143,8 @@ class D2O(CompressionMethod):
         def index(slots: Tensor) -> Tensor:
             return slots[..., None].expand(-1, -1, -1, dim)
 
-        kept_keys = F.normalize(cache.keys.gather(2, index(kept_slots)).float(), dim=-1)
         evicted_keys = cache.keys.gather(2, index(evicted_slots)).float()
-        similarity = torch.matmul(F.normalize(evicted_keys, dim=-1), kept_keys.transpose(-1, -2))
-        similarity = similarity.masked_fill(~kept_valid[:, :, None, :], -float("inf"))
-        max_similarity, best = similarity.max(dim=-1)  # [B, H, E]
+        best, max_similarity = cosine_best_match(evicted_keys, cache.keys.gather(2, index(kept_slots)), kept_valid)
         valid = evicted_valid & torch.isfinite(max_similarity)
         threshold = self.update_threshold(layer, max_similarity, valid)
         merging = valid & (max_similarity >= threshold[..., None])

@@ -1,7 +1,7 @@
 """KeepKV (Tian et al., "KeepKV: Eliminating Output Perturbation in KV Cache Compression for Efficient LLMs
 Inference", arXiv 2504.09936; AAAI-26): merge instead of evict, with electoral votes and ZIP merging.
 
-At each compression of a layer, per batch row and KV head (spec ``shared/spec/keepkv.md`` §3):
+At each compression of a layer, per batch row and KV head (KeepKV spec §3):
 
 1. **Base selection** splits the live entries into kept ``C`` and evicted ``E``: sinks (4) and the recent window
    (``window``, 32) are protected; the rest is ranked by the paper's PyramidInfer-style recent-query attention
@@ -16,14 +16,13 @@ At each compression of a layer, per batch row and KV head (spec ``shared/spec/ke
    (:func:`keepkv.ops.merge.merge_into_kept`) with the chosen ``variant`` (``zip`` = the paper's rule, ``convex``
    = the official code, ``keep-key``, ``minnorm``); votes add: ``p_r = p_c + sum_e p_e``.
 
-**Defaults** are the configuration measured best (spec §5; the study, its command and every number with its
-interval: ``docs/keepkv-quality.md``): the ``minnorm`` key (the smallest key change that keeps every query head's
-softmax denominator), layer-shared selection and the paper's EMA reference. ``reference="last"`` (one reference
-for the key target and the value weights, exact for the newest queries) measured no better on needles and
-slightly worse on next-token KL. ``variant="zip", selection="head"`` reproduces the paper.
+**Defaults** are the best configuration of the quality study (``docs/keepkv-quality.md``: command, numbers and
+intervals): the ``minnorm`` key (the smallest key change that keeps every query head's softmax denominator),
+layer-shared selection and the paper's EMA reference. ``variant="zip", selection="head"`` reproduces the paper.
 
-Reference scores for the merge (spec §4): ``reference="ema"`` predicts each entry's future unnormalised score with
-the paper's exponential moving average over the observation window (the last ``window`` queries, oldest first)
+Reference scores for the merge (spec §4; maths in :mod:`keepkv.ops.scores`): ``reference="ema"`` predicts each
+entry's future unnormalised score with the paper's exponential moving average over the observation window (the
+last ``window`` queries, oldest first)
 ``S_t = alpha S_{t-1} + (1 - alpha) s_t``, bias-corrected by ``1 / (1 - alpha^m)`` where ``m`` is the number of
 window queries that saw the entry; kept in log space and computed lazily at each compression from the stored
 window queries (the same numbers as a per-step EMA truncated to the window; no extra work in the decode step).
@@ -38,44 +37,22 @@ keeps the softmax denominator of every query head of the group, using each head'
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from keepkv.cache.budgets import LAYER_BUDGETS, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.methods.snapkv import pool_along_slots
 from keepkv.cache.policy import CompressionMethod
 from keepkv.distributed.heads import head_mean
 from keepkv.errors import KeepKVError
 from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept, merge_into_kept_compiled
+from keepkv.ops.scores import cosine_match, ema_log_scores, log_mean_exp, pool_along_slots
 
 REFERENCES = ("ema", "last")
 SELECTIONS = ("layer", "head")
 SCORE_NORMALIZATIONS = ("per-token", "total")
-
-
-def group_log_scores(cache: CompressedLayerCache) -> Tensor:
-    """``[batch, kv_heads, w, capacity]``: ``ln mean_g exp(q_{g,t}·k_i/sqrt(d))`` (``-inf`` if not visible)."""
-    logits = cache.window_log_scores()  # [B, Hkv, G, w, C]
-    return torch.logsumexp(logits, dim=2) - math.log(logits.shape[2])
-
-
-def ema_log_scores(log_scores: Tensor, visible: Tensor, alpha: float) -> Tensor:
-    """Bias-corrected EMA of ``exp(log_scores)`` over axis -2 (queries, oldest first), in log space.
-
-    ``S = sum_j (1 - alpha) alpha^(m - j) s_j / (1 - alpha^m)`` over the ``m`` queries that saw the entry
-    (``visible``); ``-inf`` where no query saw it. Shapes ``[..., w, capacity]`` -> ``[..., capacity]``.
-    """
-    later = visible.flip(-2).cumsum(-2).flip(-2) - visible.to(torch.int64)  # visible queries after j
-    terms = math.log1p(-alpha) + later * math.log(alpha) + log_scores
-    terms = terms.masked_fill(~visible, -float("inf"))
-    seen = visible.sum(dim=-2)
-    correction = torch.log1p(-torch.pow(torch.full_like(terms[..., 0, :], alpha), seen.clamp_min(1)))
-    return torch.where(seen > 0, torch.logsumexp(terms, dim=-2) - correction, -float("inf"))
 
 
 @dataclass
@@ -103,7 +80,7 @@ class KeepKV(CompressionMethod):
       (:mod:`keepkv.cache.budgets`); layers with different budgets compress eagerly (``keepkv.cache.manager``);
     - ``kernel_size`` (1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
       neighbours of an important token (the other digits of a number) are kept with it
-      (:func:`keepkv.cache.methods.snapkv.pool_along_slots`; protected and empty slots count as 0).
+      (:func:`keepkv.ops.scores.pool_along_slots`; protected and empty slots count as 0).
 
     Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
@@ -188,23 +165,18 @@ class KeepKV(CompressionMethod):
         ``reference="last"``: the merge then takes the newest queries as its one reference."""
         if self.reference == "last":
             return None
-        log_scores = group_log_scores(cache)  # [B, Hkv, w, C]
-        visible = cache.visible_from_window().expand_as(log_scores)
-        return ema_log_scores(log_scores, visible, float(self.alpha))
+        log_scores = log_mean_exp(cache.window_log_scores(), dim=2)  # group log-scores [B, Hkv, w, C]
+        return ema_log_scores(log_scores, float(self.alpha), cache.visible_from_window())
 
     def match(self, cache: CompressedLayerCache, kept_slots: Tensor, kept_valid: Tensor, evicted_slots: Tensor,
               evicted_valid: Tensor) -> tuple[Tensor, Tensor]:
         """``(target_slots, merge_mask)`` ``[batch, kv_heads, E]``: each evicted entry's most cosine-similar kept
         entry, and whether it is merged (similarity above the threshold; both entries live)."""
         dim = cache.keys.shape[-1]
-        kept_keys = F.normalize(cache.keys.gather(2, kept_slots[..., None].expand(-1, -1, -1, dim)).float(), dim=-1)
-        evicted_keys = F.normalize(
-            cache.keys.gather(2, evicted_slots[..., None].expand(-1, -1, -1, dim)).float(), dim=-1
-        )
-        similarity = torch.matmul(evicted_keys, kept_keys.transpose(-1, -2))
-        similarity = similarity.masked_fill(~kept_valid[:, :, None, :], -float("inf"))
-        best_similarity, best = similarity.max(dim=-1)
-        merge_mask = evicted_valid & (best_similarity > float(self.similarity_threshold))
+        kept_keys = cache.keys.gather(2, kept_slots[..., None].expand(-1, -1, -1, dim))
+        evicted_keys = cache.keys.gather(2, evicted_slots[..., None].expand(-1, -1, -1, dim))
+        best, _, merge_mask = cosine_match(evicted_keys, kept_keys, float(self.similarity_threshold), kept_valid,
+                                           evicted_valid)
         return kept_slots.gather(2, best), merge_mask
 
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,

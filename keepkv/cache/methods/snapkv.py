@@ -29,32 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from keepkv.cache.budgets import BudgetOptions
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.errors import KeepKVError
-
-POOLINGS = ("maxpool", "avgpool")
-
-
-def pool_along_slots(scores: Tensor, kernel_size: int, pooling: str) -> Tensor:
-    """1-D pooling over the last axis (stride 1, ``kernel_size // 2`` zero padding, same length).
-
-    ``avgpool`` divides by ``kernel_size`` at the borders too (the padding counts), ``maxpool`` ignores the
-    padding; for non-negative scores both equal pooling with zeros outside.
-    """
-    if kernel_size <= 1:
-        return scores
-    shape = scores.shape
-    flat = scores.reshape(-1, 1, shape[-1])
-    if pooling == "maxpool":
-        pooled = F.max_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2)
-    else:
-        pooled = F.avg_pool1d(flat, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=True)
-    return pooled.reshape(shape)
-
+from keepkv.ops.scores import POOLINGS, pool_along_slots
 
 @dataclass
 class SnapKV(BudgetOptions):

