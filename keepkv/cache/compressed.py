@@ -33,6 +33,7 @@ from keepkv.ops.scores import head_logits
 
 
 class CompressedLayerCache(LayerKVCache):
+    @torch.inference_mode(False)  # normal-tensor buffers, as LayerKVCache's
     def __init__(
         self, batch_size: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
         device: torch.device | str | None = None, *, num_heads: int, window: int, sliding_window: int | None = None,

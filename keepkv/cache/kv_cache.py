@@ -22,8 +22,14 @@ POSITION_DTYPE = torch.int32
 
 
 class LayerKVCache(nn.Module):
-    """The KV buffers of one layer (see the module docstring for the fields)."""
+    """The KV buffers of one layer (see the module docstring for the fields).
 
+    Buffers are always normal tensors, even when a cache is built inside ``torch.inference_mode`` (the engine
+    builds prefill caches outside it and decode caches inside ``end_prefill``): dynamo guards on the tensor kind,
+    so one kind keeps one compiled graph for prefill- and decode-time compressions. In-place writes to normal
+    tensors are allowed in inference mode."""
+
+    @torch.inference_mode(False)
     def __init__(
         self, batch_size: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
         device: torch.device | str | None = None,

@@ -60,14 +60,6 @@ if TYPE_CHECKING:
 PREFILL_COMPRESSION = ("chunked", "once")
 
 
-def normal_tensors():
-    """Cache buffers are always created as normal tensors, even inside ``torch.inference_mode`` (the engine
-    allocates prefill caches outside it and decode caches inside ``end_prefill``): dynamo guards on the tensor
-    kind, so one kind for every cache keeps one compiled graph for the prefill and the decode compressions
-    instead of two. In-place writes to normal tensors are allowed in inference mode."""
-    return torch.inference_mode(False)
-
-
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -95,11 +87,10 @@ class FullCacheManager:
             for cache in self.caches:
                 cache.reset()
         else:
-            with normal_tensors():
-                self.caches = [
-                    LayerKVCache(batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
-                    for _ in range(c.num_layers)
-                ]
+            self.caches = [
+                LayerKVCache(batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+                for _ in range(c.num_layers)
+            ]
         self.filled = 0
         return self.caches
 
@@ -129,10 +120,9 @@ class FullCacheManager:
         c = self.config
         batch = source[0].keys.shape[0]
         capacity = self.capacity_for(source[0].capacity, max_new_tokens)
-        with normal_tensors():
-            self.caches = [
-                LayerKVCache(batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device) for _ in source
-            ]
+        self.caches = [
+            LayerKVCache(batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device) for _ in source
+        ]
         with torch.inference_mode():
             for old, new in zip(source, self.caches):
                 for name in ("keys", "values", "log_votes", "positions"):
@@ -255,15 +245,14 @@ class CompressedCacheManager(FullCacheManager):
     def _new_caches(self, batch_size: int, capacity: int | list[int]) -> list[CompressedLayerCache]:
         c = self.config
         capacities = capacity if isinstance(capacity, list) else [capacity] * c.num_layers
-        with normal_tensors():
-            caches = [
-                CompressedLayerCache(
-                    batch_size, c.num_kv_heads, layer_capacity, c.head_dim, self.dtype, self.device,
-                    num_heads=c.num_heads, window=self.method.query_window, sliding_window=c.sliding_window,
-                    accumulate_attention=self.method.needs_accumulated_attention,
-                )
-                for layer_capacity in capacities
-            ]
+        caches = [
+            CompressedLayerCache(
+                batch_size, c.num_kv_heads, layer_capacity, c.head_dim, self.dtype, self.device,
+                num_heads=c.num_heads, window=self.method.query_window, sliding_window=c.sliding_window,
+                accumulate_attention=self.method.needs_accumulated_attention,
+            )
+            for layer_capacity in capacities
+        ]
         return attach_head_shard(self.head_shard, caches)  # tensor parallelism: cross-head reductions see every rank
 
     def _set_layer_budgets(self, layer_budgets: list[int]) -> None:
