@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from keepkv.cache.manager import CompressedCacheManager, round_up
+from keepkv.cache.manager import CompressedCacheManager, cache_manager_for, round_up
 from keepkv.checks import require_int, require_text, shown
 from keepkv.context import decode_tokens
 from keepkv.errors import KeepKVError
@@ -361,12 +361,8 @@ def _session_engine(model: LanguageModel, kv_budget: float | int | None, method:
         name, method_object, kv_budget = model.method, model.method_object, model.kv_budget
     else:
         name, method_object = resolve_method(method, kv_budget, dict(options))
-    if method_object is None:
-        manager = None
-    else:
-        method_object.use_compiled_ops = model.engine.compile
-        manager = CompressedCacheManager(model.config, model.dtype, model.device, method_object, kv_budget, slack,
-                                         once)
+    manager = cache_manager_for(model.config, model.dtype, model.device, method_object, kv_budget, slack, once,
+                                compiled_ops=model.engine.compile, runtime=model.network.runtime)
     engine = GenerationEngine(model.network, compile=model.engine.compile,
                               prefill_chunk_size=model.engine.prefill_chunk_size, cache_manager=manager)
     return engine, name, kv_budget

@@ -13,8 +13,9 @@ the native engine with its own cache manager for ``method`` / ``kv_budget``: chu
 ``budget + chunk`` fills and once more at its end, exactly as :meth:`LanguageModel.generate` would for that prompt
 (:mod:`keepkv.cache.manager`). With a question the question's tokens are the last of the prompt, so its queries
 form the observation window the method scores with (SnapKV's, KeepKV's merge reference): the compression is
-*query-aware*; without one it is *query-agnostic* (the window is the context's own last tokens). The compressed
-per-layer caches are kept and never modified.
+*query-aware*; without one it is *query-agnostic* (the window is the context's own last tokens) and the method
+compresses as its ``for_query_agnostic()`` copy (KeepKV then ranks by the newest query: its
+``agnostic_last_query_weight``). The compressed per-layer caches are kept and never modified.
 
 **Answering.** :meth:`CompressedContext.generate` copies the caches (entries, votes, positions and the method's
 score state) into buffers with room for the question and the answer, feeds the question's tokens (positions
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 
 from keepkv.cache.kv_cache import LayerKVCache
-from keepkv.cache.manager import CompressedCacheManager, FullCacheManager, round_up
+from keepkv.cache.manager import CompressedCacheManager, cache_manager_for, round_up
 from keepkv.checks import require_int, require_text
 from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine
@@ -76,17 +77,17 @@ def model_identity(model: LanguageModel) -> dict[str, Any]:
 
 
 def _make_engine(model: LanguageModel, method: str, kv_budget: float | int | None,
-                 options: dict[str, Any]) -> tuple[GenerationEngine, str]:
-    """A generation engine over ``model``'s network with its own cache manager for ``method`` / ``kv_budget``."""
+                 options: dict[str, Any], *, query_agnostic: bool = False) -> tuple[GenerationEngine, str]:
+    """A generation engine over ``model``'s network with its own cache manager for ``method`` / ``kv_budget``;
+    ``query_agnostic``: the question comes after the compression (the method's ``for_query_agnostic()``)."""
     from keepkv.models.loading import resolve_method
 
     name, method_object = resolve_method(method, kv_budget, dict(options))
+    if method_object is not None and query_agnostic:
+        method_object = method_object.for_query_agnostic()
     slack = getattr(model.engine.cache_manager, "decode_slack", 64)
-    if method_object is None:
-        manager: FullCacheManager = FullCacheManager(model.config, model.dtype, model.device)
-    else:
-        method_object.use_compiled_ops = model.engine.compile
-        manager = CompressedCacheManager(model.config, model.dtype, model.device, method_object, kv_budget, slack)
+    manager = cache_manager_for(model.config, model.dtype, model.device, method_object, kv_budget, slack,
+                                compiled_ops=model.engine.compile)
     engine = GenerationEngine(model.network, compile=model.engine.compile,
                               prefill_chunk_size=model.engine.prefill_chunk_size, cache_manager=manager)
     return engine, name
@@ -211,7 +212,7 @@ def prefill_context(model: LanguageModel, context: str, *, kv_budget: float | in
         raise KeepKVError("the context is empty: give at least one non-blank character")
     if question is not None:
         require_text(question, "question")
-    engine, name = _make_engine(model, method, kv_budget, method_options)
+    engine, name = _make_engine(model, method, kv_budget, method_options, query_agnostic=question is None)
     tokenizer = model.tokenizer
     ids = tokenizer.encode(context)
     if question is not None:

@@ -12,7 +12,9 @@ and two code paths:
 
 How big the caches are and when they are compressed is the cache manager's business
 (:mod:`keepkv.cache.manager`): the engine asks it to make room before every forward and tells it when prefill ends.
-All that bookkeeping uses Python integers mirroring the tensor cursors, so the compiled step never syncs.
+Every such call returns the manager's current caches, which the engine hands to the network (:meth:`_use`: only
+when they changed). All that bookkeeping uses Python integers mirroring the tensor cursors, so the compiled step
+never syncs.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class GenerationEngine:
         network.set_runtime_options(runtime)
         self.cache_manager = cache_manager or FullCacheManager(self.config, self.dtype, self.device, runtime=runtime)
         self.cache_manager.bind_network(network)  # methods that read weights (CriticalKV's W_O) get the model
+        self._attached: list[LayerKVCache] | None = None  # the caches this engine last attached (_use)
+        self._first_attention = network.attention_layers[0]
         if compile:
             allow_graph_per_shape(runtime.graphs_per_function)  # once per engine, before anything is traced
         self._decode_compiled = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else None
@@ -109,10 +113,16 @@ class GenerationEngine:
         ``prompt_tokens``: the longest row (the padded width); ``row_prompt_tokens``: each row's real length
         (optional; a compressed cache reports the budget each row would have alone)."""
         padded = round_up(prompt_tokens, self.prefill_chunk_size) if self.compile else prompt_tokens
-        self.network.attach_caches(
-            self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_chunk_size, prompt_tokens,
-                                        row_prompt_tokens=row_prompt_tokens)
-        )
+        self._use(self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_chunk_size,
+                                              prompt_tokens, row_prompt_tokens=row_prompt_tokens))
+
+    def _use(self, caches: list[LayerKVCache]) -> None:
+        """Attach ``caches`` (what a cache-manager call returned) to the network unless it already holds them: the
+        list this engine attached last (a manager returns a new list when it replaces caches) and still in the first
+        layer (several engines may share one network). Two identity checks: this runs before every decode step."""
+        if caches is not self._attached or self._first_attention.kv_cache is not caches[0]:
+            self.network.attach_caches(caches)
+            self._attached = caches
 
     def cache_bytes(self) -> int:
         return self.cache_manager.resident_bytes()
@@ -136,8 +146,7 @@ class GenerationEngine:
         return list(cursors) if cursors else [self.cache_manager.filled] * self.config.num_layers
 
     def _forward_chunk(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
-        if self.cache_manager.make_room(input_ids.shape[1]):
-            self.network.attach_caches(self.caches)
+        self._use(self.cache_manager.make_room(input_ids.shape[1]))
         self.network.set_prefill_past_slots(self._split_prefill_past(valid) if input_ids.shape[1] > 1 else None)
         try:
             hidden = self.network(input_ids, positions, valid)
@@ -188,8 +197,7 @@ class GenerationEngine:
 
     def decode_step(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Logits ``[B, vocab]`` for one new token per row (``tokens``, ``positions``: ``[B]``)."""
-        if self.cache_manager.make_room(1):
-            self.network.attach_caches(self.caches)
+        self._use(self.cache_manager.make_room(1))
         step = self._decode_compiled if self._decode_compiled is not None else self._decode
         with torch.inference_mode():  # inputs as inference tensors whatever the caller's mode: dynamo guards on
             # that (dispatch keys), so a caller mixing modes would otherwise get a second decode graph; the
@@ -200,18 +208,16 @@ class GenerationEngine:
         return logits
 
     def end_prefill(self) -> None:
-        if self.cache_manager.end_prefill():
-            self.network.attach_caches(self.caches)
+        """Tell the cache manager the prompt is in (it compresses to the budget and moves to the decode buffers)."""
+        self._use(self.cache_manager.end_prefill())
 
     def start_from_prefill(self, source: list[LayerKVCache], prompt_tokens: int, max_new_tokens: int,
                            compress: bool = True) -> None:
         """Continue from a prefill made elsewhere (evaluation: one full prefill shared by several methods): the
         cache manager copies ``source`` (not modified), compresses it to the budget unless ``compress=False`` and
         makes room for ``max_new_tokens`` more tokens; the copies are attached. Follow with :meth:`extend` (a
-        suffix such as a question) and :meth:`decode_step`. See ``CacheManager.start_from_prefill``."""
-        self.network.attach_caches(
-            self.cache_manager.start_from_prefill(source, prompt_tokens, max_new_tokens, compress=compress)
-        )
+        suffix such as a question) and :meth:`decode_step`. See ``FullCacheManager.start_from_prefill``."""
+        self._use(self.cache_manager.start_from_prefill(source, prompt_tokens, max_new_tokens, compress=compress))
 
     def extend(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """Teacher-forced logits ``[B, T, vocab]`` (float32) of ``input_ids [B, T]`` at ``positions [B, T]``

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from keepkv.cache.budget import entries_for_budget, is_full_budget, validate_budget
+from keepkv.cache.budgets import entries_for_budget, is_full_budget, validate_budget
 from keepkv.cache.methods import available_methods, make_method
 from keepkv.errors import KeepKVError
 from keepkv.models.loading import resolve_method
@@ -62,12 +62,49 @@ def test_unknown_option_names_it_and_the_allowed_ones():
     (dict(alpha=1.0), r"\(0, 1\)"),
     (dict(window=-1), "non-negative integer"),
     (dict(sinks=2.5), "non-negative integer"),
+    (dict(agnostic_last_query_weight=1.5), r"agnostic_last_query_weight must lie in \[0, 1\]"),
 ])
 def test_bad_keepkv_options(options, match):
     with pytest.raises(KeepKVError, match=match):
         make_method("keepkv", **options)
 
 
+def test_query_agnostic_copy_of_a_method():
+    """Compressing before the question is known: KeepKV ranks with ``agnostic_last_query_weight`` (a copy, the rest
+    of its options and the original unchanged); a selector's ranking (``X+keepkv``) and other methods are
+    unchanged."""
+    keepkv = make_method("keepkv", window=8)
+    agnostic = keepkv.for_query_agnostic()
+    assert agnostic is not keepkv and keepkv.last_query_weight == 0.0 and agnostic.last_query_weight == 1.0
+    assert {**agnostic.options(), "last_query_weight": 0.0} == keepkv.options()
+    tuned = make_method("keepkv", last_query_weight=0.3, agnostic_last_query_weight=0.3)
+    assert tuned.for_query_agnostic() is tuned
+    for name in ("snapkv", "tova", "snapkv+keepkv", "adakv-snapkv"):
+        method = make_method(name)
+        assert method.for_query_agnostic() is method
+
+
 def test_method_without_budget_is_refused():
     with pytest.raises(KeepKVError, match="needs a kv_budget"):
         resolve_method("streamingllm", None, {})
+
+
+def test_composition_is_an_object_the_name_parses_into():
+    """``adakv-snapkv+keepkv`` is ``Selected(selector=SnapKV(head_budgets="adakv"), merger=KeepKV())``: the same
+    options; budgets, protection and selection from the selector, the decode schedule from the merger; a merging
+    method cannot select."""
+    from keepkv.cache.compose import Selected
+    from keepkv.cache.methods.keepkv import KeepKV
+    from keepkv.cache.methods.snapkv import SnapKV
+
+    built = Selected(selector=SnapKV(window=8, head_budgets="adakv"), merger=KeepKV(window=8))
+    parsed = make_method("adakv-snapkv+keepkv", window=8)
+    assert built == parsed and built.options() == parsed.options()
+    assert built != make_method("snapkv+keepkv", window=8)
+    assert built.protected_entries == 8 and built.query_window == 8  # SnapKV protects no sinks
+    assert built.slots_for_budget(64) == 128 and built.compresses_during_decode  # Ada-KV slots; KeepKV's schedule
+    assert not built.needs_accumulated_attention and make_method("h2o+keepkv").needs_accumulated_attention
+    built.use_compiled_ops = True
+    assert built.merger.use_compiled_ops and built.name == "keepkv"
+    with pytest.raises(KeepKVError, match="not a plain eviction method"):
+        Selected(selector=KeepKV(), merger=KeepKV())

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from keepkv.cache.budget import entries_for_budget
+from keepkv.cache.budgets import entries_for_budget
 from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
 from keepkv.cache.methods import make_method
 from keepkv.errors import KeepKVError
@@ -160,3 +160,23 @@ def test_any_budget_runs_with_invariants_or_is_refused_before_allocation(case, n
     lengths = case["lengths"]
     assert manager.row_budgets == ([manager._row_budget(n, new) for n in lengths] if len(lengths) > 1
                                    else [manager.budget])
+
+
+def test_manager_calls_return_the_caches_they_leave(network):
+    """``allocate`` / ``make_room`` / ``end_prefill`` return the manager's current caches: the same list while
+    nothing was replaced, a new one once ``end_prefill`` moved the entries into the decode buffers; the engine
+    attaches what it gets."""
+    engine = engine_for(network, "keepkv", 40, decode_slack=4, chunk=16)
+    manager = engine.cache_manager
+    ids = torch.randint(3, TINY_VOCAB, (1, 80), generator=torch.Generator().manual_seed(0))
+    engine.prepare_caches(1, 80, 6)
+    prefill_caches = manager.caches
+    assert manager.make_room(16) is prefill_caches  # fits: nothing replaced
+    with torch.inference_mode():
+        engine.prefill(ids, torch.ones_like(ids, dtype=torch.bool))
+        assert manager.compressions > 0 and manager.caches is prefill_caches  # compressed in place
+        decode_caches = manager.end_prefill()
+    assert decode_caches is manager.caches and decode_caches is not prefill_caches
+    assert all(cache.capacity == 40 + 4 for cache in decode_caches)
+    engine.end_prefill()  # through the engine: the network gets the manager's caches
+    assert [attention.kv_cache for attention in network.attention_layers] == manager.caches

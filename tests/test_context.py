@@ -73,6 +73,19 @@ def test_repeatable_independent_and_saved(smollm2_eager, context_text, tmp_path)
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_query_agnostic_context_ranks_with_the_agnostic_weight(smollm2_eager, context_text):
+    """Without a question, KeepKV compresses as ``for_query_agnostic()``: the entries kept are those of
+    ``last_query_weight = agnostic_last_query_weight`` (default 1, the newest query), not the window mean's."""
+    model = smollm2_eager
+    def kept(ctx):
+        return [cache.positions.sort(dim=-1).values for cache in ctx.caches]
+    default = kept(model.prefill(context_text, kv_budget=0.2, method="keepkv"))
+    newest = kept(model.prefill(context_text, kv_budget=0.2, method="keepkv", last_query_weight=1.0))
+    window_mean = kept(model.prefill(context_text, kv_budget=0.2, method="keepkv", agnostic_last_query_weight=0.0))
+    assert all(torch.equal(a, b) for a, b in zip(default, newest))
+    assert not all(torch.equal(a, b) for a, b in zip(default, window_mean))
+
+
 def test_mismatches_are_errors(smollm2_eager, context_text, tmp_path):
     model = smollm2_eager
     path = model.prefill(context_text[:400], kv_budget=64, method="tova").save(tmp_path / "c.safetensors")

@@ -116,6 +116,25 @@ def test_labels_from_resolved_options_name_what_differs_from_todays_defaults():
     assert MethodConfig.parse("snapkv+keepkv").resolved_options()["selector.name"] == "snapkv"
 
 
+def test_rows_from_before_the_agnostic_option_show_what_they_ran():
+    """KeepKV rows written before ``agnostic_last_query_weight`` existed ranked query-agnostic cells with their
+    ``last_query_weight``: those cells' label says so (never today's default); their query-aware cells, and
+    fidelity, ran what today's default runs and keep its label."""
+    from keepkv.eval.report import label
+
+    resolved = MethodConfig.parse("keepkv:minnorm").row_fields()["resolved_options"]
+    older = {k: v for k, v in resolved.items() if k != "agnostic_last_query_weight"}
+    def row(**fields):
+        return _row(method="keepkv", variant="minnorm", resolved_options=older, **fields)
+    assert label(row(task="tasks", protocol="agnostic")) == "keepkv:minnorm@agnostic_last_query_weight=0.0"
+    assert label(row(task="niah", metric="niah_exact_match")) == "keepkv:minnorm@agnostic_last_query_weight=0.0"
+    assert label(row(task="tasks", protocol="aware")) == "keepkv:minnorm"
+    assert label(row(task="niah", metric="niah_exact_match_aware")) == "keepkv:minnorm"
+    assert label(row(task="fidelity", metric="kl")) == "keepkv:minnorm"
+    assert label(_row(method="keepkv", variant="minnorm", resolved_options=resolved, task="tasks",
+                      protocol="agnostic")) == "keepkv:minnorm"
+
+
 def test_needle_digit_recall():
     assert metrics.needle_digit_recall(" 7342819.", "7342819") == 1.0
     assert metrics.needle_digit_recall("It is 7,342,819", "7342819") == 1.0

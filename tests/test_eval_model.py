@@ -63,6 +63,25 @@ def test_compressing_a_shared_prefill_equals_the_engine_own_prefill(eval_model, 
         assert torch.allclose(a.values, b.values, atol=1e-4)
 
 
+def test_query_agnostic_answers_compress_with_the_agnostic_copy(eval_model):
+    """The eval's query-agnostic protocol compresses with the method's ``for_query_agnostic()``: default KeepKV
+    then answers and keeps exactly what ``last_query_weight=1`` keeps, and the query-aware protocol what the
+    default (window mean) keeps."""
+    context = _prompt(eval_model, 200)
+    question = _prompt(eval_model, 230)[200:]
+    configs = [MethodConfig.parse(x) for x in ("keepkv", "keepkv@last_query_weight=1.0")]
+    prefill = eval_model.shared_prefill([context], configs)
+    def run(config, agnostic):
+        return eval_model.answer(prefill, config, 0.3, [question], 6, query_agnostic=agnostic)
+    default, newest = configs
+    assert run(default, True) == run(newest, False) == run(newest, True)
+    engines = [eval_model.engine_for(default, 0.3, query_agnostic=a) for a in (True, False)]
+    for engine in engines:
+        engine.start_from_prefill(prefill.caches, len(context), 8)
+    agnostic, aware = ([c.positions.sort(dim=-1).values for c in e.caches] for e in engines)
+    assert not all(torch.equal(a, b) for a, b in zip(agnostic, aware))
+
+
 @pytest.mark.parametrize("name", ["keepkv", "snapkv"])
 def test_prefill_compression_once_equals_compressing_the_whole_prompt(eval_model, name):
     """``prefill_compression="once"``: a prompt of several chunks is kept whole through prefill and compressed

@@ -153,7 +153,7 @@ def check_invariants(spec: str, result: dict) -> None:
     slots = torch.tensor(result["slots"])[:, None, None]
     budgets = torch.tensor(result["budgets"])[:, None]
     after = result["after_prefill"]
-    adakv = getattr(manager.method.selector or manager.method, "head_budgets", "uniform") == "adakv"
+    adakv = getattr(getattr(manager.method, "selector", manager.method), "head_budgets", "uniform") == "adakv"
     if adakv:
         assert (after <= slots).all() and (after.sum(dim=-1) <= budgets * after.shape[-1]).all(), spec
     else:

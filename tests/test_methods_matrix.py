@@ -65,7 +65,7 @@ def _one_thread(one_thread):
 
 def build_method(name: str, layers: int = 1, heads: int = 4, head_dim: int = 8, seed: int = 0):
     method = make_method(name, **MATRIX[name])
-    target = method.selector or method
+    target = getattr(method, "selector", method)
     if hasattr(target, "bind_output_projections"):
         generator = torch.Generator().manual_seed(seed)
         target.bind_output_projections(
@@ -79,7 +79,7 @@ def carries_votes(method) -> bool:
 
 
 def uses_head_budgets(method) -> bool:
-    return getattr(method.selector or method, "head_budgets", "uniform") == "adakv"
+    return getattr(getattr(method, "selector", method), "head_budgets", "uniform") == "adakv"
 
 
 def write_tokens(cache: CompressedLayerCache, generator: torch.Generator, start: int, count: int, padding: int,
@@ -142,7 +142,8 @@ def compress_and_check(method, cache: CompressedLayerCache, budget: int) -> None
     votes_before = torch.exp(cache.log_votes).sum()
     if carries_votes(method):  # the votes of the entries evicted without a merge
         kept_slots, kept_valid, evicted_slots, evicted_valid = method.select(cache, 0, budget)
-        _, merge_mask = method.match(cache, kept_slots, kept_valid, evicted_slots, evicted_valid)
+        merger = getattr(method, "merger", method)  # X+keepkv: KeepKV (the merger) matches
+        _, merge_mask = merger.match(cache, kept_slots, kept_valid, evicted_slots, evicted_valid)
         evicted_votes = torch.exp(cache.log_votes.gather(2, evicted_slots))
         dropped_votes = torch.where(evicted_valid & ~merge_mask, evicted_votes, 0.0).sum()
     method.compress(cache, 0, budget)

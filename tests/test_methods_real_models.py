@@ -21,7 +21,7 @@ import torch
 
 from keepkv.cache.manager import CompressedCacheManager
 from keepkv.cache.methods import make_method
-from keepkv.eval.session import SharedPrefillManager
+from keepkv.eval.session import shared_prefill_manager
 from keepkv.generate import GenerationEngine
 
 pytestmark = pytest.mark.real_model
@@ -37,12 +37,12 @@ METHODS = (
 
 class SharedPrefill:
     """One forward pass over ``prompt[:-1]`` into caches that keep everything, reused by every method
-    (:class:`keepkv.eval.session.SharedPrefillManager` + :meth:`GenerationEngine.start_from_prefill`)."""
+    (:func:`keepkv.eval.session.shared_prefill_manager` + :meth:`GenerationEngine.start_from_prefill`)."""
 
     def __init__(self, model, prompt: torch.Tensor) -> None:
         self.model, self.prompt = model, prompt
         self.context = prompt.shape[1] - 1
-        manager = SharedPrefillManager(model.config, torch.float32, torch.device("cpu"), window=32, accumulate=True)
+        manager = shared_prefill_manager(model.config, torch.float32, torch.device("cpu"), window=32, accumulate=True)
         engine = GenerationEngine(model.network, compile=False, cache_manager=manager, prefill_chunk_size=512)
         engine.prepare_caches(1, self.context, 0)
         with torch.inference_mode():

@@ -24,7 +24,10 @@ is replaced when re-run)::
 
     flock /tmp/keepkv-cpu.lock .venv/bin/python tools/bench_request.py --model SmolLM2-135M-Instruct \\
         --dtype float32 --context 4096 --new-tokens 64 256 --runs 5
-    .venv/bin/python tools/bench_request.py --report      # table + PNG from the committed JSON, nothing run
+    .venv/bin/python tools/bench_request.py --report --readme   # table + PNG (+ README) from the JSON, nothing run
+
+``--full-chunk-sizes 2048`` adds keepkv full-cache engines with other prefill chunk sizes (the full cache's results
+do not depend on the chunk; the compressed caches' do, so their chunk stays keepkv's default).
 
 Writes ``results/bench/request.json`` and ``results/bench/request.png``; prints a markdown table.
 """
@@ -88,6 +91,8 @@ def bench_point(name: str, dtype: str, context: int, args: argparse.Namespace) -
     n_max = max(args.new_tokens)
     print(f"== {name} {dtype} {context} prompt tokens, N = {args.new_tokens}, {args.runs} runs", flush=True)
     keepkv_models = {"keepkv_full": load(name, dtype=dtype)}
+    for chunk in args.full_chunk_sizes:  # the full cache with other prefill chunks (same results, other speed)
+        keepkv_models[f"keepkv_full_chunk{chunk}"] = load(name, dtype=dtype, prefill_chunk_size=chunk)
     for method in args.methods:
         keepkv_models[f"keepkv_{method}_{args.budget}"] = load(name, kv_budget=args.budget, method=method,
                                                                 dtype=dtype)
@@ -115,6 +120,7 @@ def bench_point(name: str, dtype: str, context: int, args: argparse.Namespace) -
             engines[f"kvpress_snapkv_{args.budget}"] = lambda: kvp.run(dtype=dtype, new_tokens=n_max)
         order = ["keepkv_full", "transformers_full", *[k for k in engines if k.startswith("keepkv_") and
                                                         k != "keepkv_full"], f"kvpress_snapkv_{args.budget}"]
+        order = list(dict.fromkeys(order))
         order = [k for k in order if k in engines]
         runs: dict[str, list[dict]] = {k: [] for k in order}
         for round_index in range(args.runs + 1):  # round 0: warm-up (compiles), not counted
@@ -149,22 +155,28 @@ def targets(engines: dict, budget: float) -> dict:
     keep, kvp = engines.get(f"keepkv_keepkv_{budget}"), engines.get(f"kvpress_snapkv_{budget}")
     out = {}
 
-    def put(key: str, value: float | None) -> None:
-        if value is not None:
-            out[key] = {"ratio": value, "target": TARGETS[key], "met": value >= TARGETS[key]}
+    def put(key: str, ours: dict | None, peer: dict | None, metric: str, faster_is_higher: bool) -> None:
+        """Ratio of the medians (higher = keepkv better), and the per-round paired ratios' range (rounds are
+        interleaved, so round i of every engine ran under the same machine load)."""
+        if not ours or not peer or metric not in ours or metric not in peer:
+            return
+        def ratio(a: float, b: float) -> float:
+            return a / b if faster_is_higher else b / a
+        paired = [ratio(a, b) for a, b in zip(ours[f"{metric}_all"], peer[f"{metric}_all"])]
+        value = ratio(ours[metric], peer[metric])
+        out[key] = {"ratio": value, "paired_min": min(paired), "paired_median": statistics.median(paired),
+                    "paired_max": max(paired), "target": TARGETS[key], "met": value >= TARGETS[key]}
 
     total = f"total_seconds_at_{TOTAL_AT}"
-    put("full_prefill_vs_transformers", full and hf and full["prefill_tokens_per_second"]
-        / hf["prefill_tokens_per_second"])
-    put("budget_prefill_vs_kvpress", keep and kvp and keep["prefill_tokens_per_second"]
-        / kvp["prefill_tokens_per_second"])
-    put("budget_total_vs_transformers", keep and hf and total in keep and hf[total] / keep[total])
-    put("budget_total_vs_kvpress", keep and kvp and total in keep and kvp[total] / keep[total])
+    put("full_prefill_vs_transformers", full, hf, "prefill_tokens_per_second", True)
+    put("budget_prefill_vs_kvpress", keep, kvp, "prefill_tokens_per_second", True)
+    put("budget_total_vs_transformers", keep, hf, total, False)
+    put("budget_total_vs_kvpress", keep, kvp, total, False)
     return out
 
 
 def markdown(points: list[dict]) -> str:
-    lines = ["| model | dtype | prompt | engine | TTFT s | prefill tok/s | " + " | ".join(
+    lines = ["| model | dtype | prompt | engine | TTFT s (min-max) | prefill tok/s | " + " | ".join(
         f"total N={n} s" for n in sorted({n for p in points for n in p["new_tokens"]})) + " | runs |"]
     ns = sorted({n for p in points for n in p["new_tokens"]})
     lines.append("|" + "---|" * 4 + "---:|" * (3 + len(ns)))
@@ -172,14 +184,40 @@ def markdown(points: list[dict]) -> str:
         for key, e in p["engines"].items():
             totals = " | ".join(f"{e[f'total_seconds_at_{n}']:.2f}" if f"total_seconds_at_{n}" in e else "–"
                                 for n in ns)
-            lines.append(f"| {p['model']} | {p['dtype']} | {p['prompt_tokens']} | {key} | {e['ttft_seconds']:.2f} | "
-                         f"{e['prefill_tokens_per_second']:.0f} | {totals} | {p['runs']} |")
-    lines += ["", "| model | dtype | prompt | target | ratio | goal | met |", "|---|---|---|---|---:|---:|---|"]
+            ttft_all = e["ttft_seconds_all"]
+            lines.append(f"| {p['model']} | {p['dtype']} | {p['prompt_tokens']} | {key} | {e['ttft_seconds']:.2f} "
+                         f"({min(ttft_all):.2f}-{max(ttft_all):.2f}) | {e['prefill_tokens_per_second']:.0f} | "
+                         f"{totals} | {p['runs']} |")
+    lines += ["", "| model | dtype | prompt | target | ratio of medians | paired per round (min-max) | goal | met |",
+              "|---|---|---|---|---:|---:|---:|---|"]
     for p in points:
         for key, t in p["targets"].items():
+            spread = (f"{t['paired_min']:.2f}-{t['paired_max']:.2f}" if "paired_min" in t else "–")
             lines.append(f"| {p['model']} | {p['dtype']} | {p['prompt_tokens']} | {key} | {t['ratio']:.2f}x | "
-                         f">= {t['target']}x | {'PASS' if t['met'] else 'FAIL'} |")
+                         f"{spread} | >= {t['target']}x | {'PASS' if t['met'] else 'FAIL'} |")
     return "\n".join(lines)
+
+
+README_BEGIN = "<!-- request:begin (issue 15; regenerated by `python tools/bench_request.py --report --readme`) -->"
+README_END = "<!-- request:end -->"
+
+
+def write_readme(table: str, readme: Path = ROOT / "README.md") -> None:
+    """Put ``table`` between the whole-request markers of README's Performance section (added after the
+    ``perf:end`` marker the first time; ``tools/perf_report.py`` owns the block before it)."""
+    text = readme.read_text()
+    body = (f"{README_BEGIN}\n### Whole request (issue 15)\n\n`tools/bench_request.py` (greedy, 2 threads, the "
+            f"Jargon File prompt; medians of the timed rounds, engines interleaved per round; *paired* = the ratio "
+            f"within each round). Profile and history: [docs/profile.md](docs/profile.md) sections 9 and 12.\n\n"
+            f"{table}\n{README_END}")
+    if README_BEGIN in text:
+        head, rest = text.split(README_BEGIN, 1)
+        text = head + body + rest.split(README_END, 1)[1]
+    elif "<!-- perf:end -->" in text:
+        text = text.replace("<!-- perf:end -->", "<!-- perf:end -->\n\n" + body, 1)
+    else:
+        raise SystemExit("README.md has no <!-- perf:end --> marker to put the whole-request table after")
+    readme.write_text(text)
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -201,7 +239,7 @@ def plot(points: list[dict], path: Path) -> None:
         ax.set_ylabel("seconds (median)")
         ax.set_title(f"{p['model']} {p['dtype']}\n{p['prompt_tokens']} prompt tokens", fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("whole request: keepkv vs transformers (full) and kvpress (SnapKV, 10%)", fontsize=10)
+    fig.suptitle("whole request: keepkv vs transformers (full)\nand kvpress (SnapKV, 10%)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -217,10 +255,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="timed rounds (median) after one warm-up round")
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--methods", nargs="+", default=["keepkv", "snapkv"], help="keepkv methods at --budget")
+    p.add_argument("--full-chunk-sizes", type=int, nargs="*", default=[],
+                   help="extra keepkv full-cache engines with these prefill chunk sizes (default chunk: 512)")
     p.add_argument("--no-peers", action="store_true", help="keepkv only (no transformers / kvpress workers)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2))
     p.add_argument("--out", default=OUT, help="results/bench/<out>.json and .png")
     p.add_argument("--report", action="store_true", help="only print the table and redraw the PNG from the JSON")
+    p.add_argument("--readme", action="store_true", help="also write the table into README's Performance section")
     args = p.parse_args(argv)
     args.model = args.model or ["SmolLM2-135M-Instruct"]
     args.dtype = args.dtype or ["float32"]
@@ -251,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     previous.sort(key=lambda p: (p["model"], p["dtype"], p["context"]))
     if previous:
         plot(previous, RESULTS / f"{args.out}.png")
-        print(markdown(previous))
+        table = markdown(previous)
+        print(table)
+        if args.readme:
+            write_readme(table)
     return 0
 
 

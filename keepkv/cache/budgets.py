@@ -1,7 +1,26 @@
-"""Per-layer and per-head KV budgets, as options any scoring method can take.
+"""KV budgets, in one place: what ``kv_budget`` means in entries per KV head, and the per-layer and per-head
+budgets that spend it differently (options any scoring method can take, :class:`BudgetOptions`).
 
-``kv_budget`` (see :mod:`keepkv.cache.budget`) gives ``B`` entries per KV head. Two published ways of spending the
-same total differently are options of every scorer that mixes in :class:`BudgetOptions`:
+``kv_budget`` is either a fraction of the prompt in ``(0, 1]`` (``0.1`` keeps 10% of the prompt's entries,
+rounded up) or an integer ``>= 1``: an absolute number of entries per KV head. ``1.0`` (the whole prompt) is the
+full cache: nothing is ever compressed. A method never keeps fewer entries than it protects (attention sinks +
+recent window + the newest token); a budget below that is an error naming the minimum.
+
+Limits, checked before any cache is allocated (:func:`entries_for_budget`):
+
+- an integer budget above the model's context (``max_position_embeddings``) is refused with a
+  :class:`~keepkv.errors.KeepKVError`: no prompt plus its new tokens can ever fill it, so it is a mistake (a
+  fraction meant as a percentage, a byte count), not a request;
+- any budget is capped at ``prompt + max_new_tokens`` entries, all a generation can ever hold (never below the
+  protected entries): a budget at least as long as the prompt compresses nothing at prefill and gets buffers no
+  larger than the full cache's, and is still a valid compressed run if decoding grows past it.
+
+A batch shares one budget, computed from its longest prompt (the padded width): with a fraction ``f`` every row may
+keep ``ceil(f * longest)`` entries, more than ``ceil(f * its own length)`` for the shorter rows (the cache manager
+records each row's own budget as ``row_budgets``).
+
+Two published ways of spending the same total ``B`` differently are options of every scorer that mixes in
+:class:`BudgetOptions`:
 
 **PyramidKV layer budgets** (Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
 Funneling", arXiv 2406.02069), ``layer_budgets="pyramid"``: with ``P`` protected entries per head (sinks + recent
@@ -12,8 +31,8 @@ window: PyramidKV's observation window) and ``R = B - P`` selectable ones, layer
 
 so ``mean_l R_l = R``. keepkv rounds the ``R_l`` by largest remainder (ties to the shallower layer), so the
 integer budgets are non-increasing and their mean is **exactly** ``B`` (the reference code floors the step and
-loses up to ``L - 1`` entries in total). Memory: the manager gives each layer its own buffer of ``B_l + slack``
-slots, so the total is the same as uniform budgets.
+loses up to ``L - 1`` entries in total). Memory: the manager pads every layer's buffer to the largest layer's
+slots (one shape for the compiled graphs, :mod:`keepkv.cache.manager`).
 
 **Ada-KV head budgets** (Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for
 Efficient LLM Inference", NeurIPS 2025, arXiv 2407.11550), ``head_budgets="adakv"``: a layer's ``H_kv * B``
@@ -109,6 +128,17 @@ def layer_budget_schedule(kind: str, budget: int, num_layers: int, protected: in
     return [budget] * num_layers
 
 
+def check_layer_budget_options(method: str, layer_budgets: str, cosine_decay: float, pyramid_beta: int) -> None:
+    """Raise a :class:`~keepkv.errors.KeepKVError` naming ``method`` and the allowed values unless
+    ``layer_budgets`` is one of ``LAYER_BUDGETS``, ``cosine_decay`` lies in ``[0, 1]`` and ``pyramid_beta >= 1``."""
+    if layer_budgets not in LAYER_BUDGETS:
+        raise KeepKVError(f"{method}: unknown layer_budgets {layer_budgets!r}; allowed: {', '.join(LAYER_BUDGETS)}")
+    if not 0.0 <= float(cosine_decay) <= 1.0:
+        raise KeepKVError(f"{method}: cosine_decay must lie in [0, 1], got {cosine_decay}")
+    if pyramid_beta < 1:
+        raise KeepKVError(f"{method}: pyramid_beta must be an integer >= 1, got {pyramid_beta}")
+
+
 def adakv_head_budgets(keep_priority: Tensor, protected: Tensor, live: Tensor, layer_budget: int,
                        floor_fraction: float, head_slots: int) -> Tensor:
     """Ada-KV's per-head entry counts ``[batch, kv_heads]`` int64 (module docstring).
@@ -145,6 +175,52 @@ def adakv_head_budgets(keep_priority: Tensor, protected: Tensor, live: Tensor, l
     return protected_count + floor + taken.sum(dim=-1)
 
 
+def validate_budget(kv_budget: float | int | None) -> float | int | None:
+    """Check the *form* of a budget (before any prompt is seen); returns it unchanged."""
+    if kv_budget is None:
+        return None
+    if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, float)):
+        raise KeepKVError(f"kv_budget must be a fraction in (0, 1] or an integer >= 1, got {kv_budget!r}")
+    if isinstance(kv_budget, float) and not (0.0 < kv_budget <= 1.0):
+        raise KeepKVError(
+            f"kv_budget={kv_budget} is not allowed: a fraction must lie in (0, 1] (0.1 keeps 10% of the prompt); "
+            "for an absolute size pass an integer >= 1"
+        )
+    if isinstance(kv_budget, int) and kv_budget < 1:
+        raise KeepKVError(f"kv_budget={kv_budget} is not allowed: an absolute budget is an integer >= 1")
+    return kv_budget
+
+
+def is_full_budget(kv_budget: float | int | None) -> bool:
+    """``None`` and the fraction ``1.0`` keep every entry."""
+    return kv_budget is None or (isinstance(kv_budget, float) and kv_budget == 1.0)
+
+
+def entries_for_budget(kv_budget: float | int, prompt_tokens: int, protected: int, *, max_new_tokens: int = 0,
+                       max_context: int | None = None) -> int:
+    """Entries per KV head for a prompt of ``prompt_tokens``: ``ceil(f * prompt)`` or the integer itself, capped at
+    ``max(protected, prompt_tokens + max_new_tokens)`` (module docstring).
+
+    Raises :class:`~keepkv.errors.KeepKVError` if the asked budget is fewer than ``protected`` (sinks + recent
+    window + 1), naming the minimum, or if an integer budget exceeds ``max_context`` (the model's context).
+    """
+    if max_context is not None and not isinstance(kv_budget, float) and int(kv_budget) > max_context:
+        raise KeepKVError(
+            f"kv_budget={kv_budget} entries per head is more than the model's context of {max_context} tokens: "
+            f"an absolute budget is an integer between the method's protected entries and {max_context} "
+            "(a fraction in (0, 1] keeps that share of the prompt)"
+        )
+    entries = math.ceil(kv_budget * prompt_tokens) if isinstance(kv_budget, float) else int(kv_budget)
+    if entries < protected:
+        what = f"{kv_budget:g} of a {prompt_tokens}-token prompt = {entries}" if isinstance(kv_budget, float) \
+            else f"{entries}"
+        raise KeepKVError(
+            f"kv_budget {what} entries per head is below this method's {protected} protected entries "
+            f"(attention sinks + recent window + newest token): ask for at least {protected} entries"
+        )
+    return min(entries, max(protected, prompt_tokens + max_new_tokens))
+
+
 @dataclass
 class BudgetOptions(CompressionMethod):
     """Budget-shaping options for scoring methods (module docstring):
@@ -164,16 +240,10 @@ class BudgetOptions(CompressionMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layer_budgets not in LAYER_BUDGETS:
-            raise KeepKVError(f"{self.name}: unknown layer_budgets {self.layer_budgets!r}; allowed: "
-                              f"{', '.join(LAYER_BUDGETS)}")
+        check_layer_budget_options(self.name, self.layer_budgets, self.cosine_decay, self.pyramid_beta)
         if self.head_budgets not in HEAD_BUDGETS:
             raise KeepKVError(f"{self.name}: unknown head_budgets {self.head_budgets!r}; allowed: "
                               f"{', '.join(HEAD_BUDGETS)}")
-        if self.pyramid_beta < 1:
-            raise KeepKVError(f"{self.name}: pyramid_beta must be an integer >= 1, got {self.pyramid_beta}")
-        if not 0.0 <= float(self.cosine_decay) <= 1.0:
-            raise KeepKVError(f"{self.name}: cosine_decay must lie in [0, 1], got {self.cosine_decay}")
         if not 0.0 <= float(self.adakv_floor) <= 1.0:
             raise KeepKVError(f"{self.name}: adakv_floor must lie in [0, 1], got {self.adakv_floor}")
         if not float(self.adakv_head_cap) >= 1.0:

@@ -1,7 +1,13 @@
 """When and into what the caches are sized and compressed (host-side bookkeeping, no device syncs).
 
+Every call that may change the caches (:meth:`~FullCacheManager.allocate`, :meth:`~FullCacheManager.make_room`,
+:meth:`~FullCacheManager.end_prefill`, :meth:`~FullCacheManager.start_from_prefill`) returns them: the one way
+to get the caches after a call (the engine attaches what it gets; a new list means new caches).
+:func:`cache_manager_for` picks the manager of a method.
+
 - :class:`FullCacheManager`: one buffer per layer big enough for the prompt and every new token; never
-  compresses. ``kv_budget=None`` or ``1.0``.
+  compresses. ``kv_budget=None`` or ``1.0``. With ``observe_window`` it is the shared prefill of an evaluation
+  (its caches also record the score state the methods of a comparison read).
 - :class:`CompressedCacheManager`: a budget ``B`` (entries per KV head, from ``kv_budget`` and the prompt
   length) and a method.
 
@@ -29,7 +35,7 @@
   eagerly (``compiled_ops_suspended``; the decode step and the prefill kernel stay compiled).
 
   Capacity never exceeds what the generation can hold: the budget is capped at ``prompt + max_new_tokens``
-  entries (:func:`keepkv.cache.budget.entries_for_budget`) and the prefill buffer at the chunk-padded prompt, so
+  entries (:func:`keepkv.cache.budgets.entries_for_budget`) and the prefill buffer at the chunk-padded prompt, so
   a budget at least as long as the prompt behaves like the full cache (nothing compressed at prefill).
 
   A batch shares one budget: ``B`` comes from the longest prompt of the batch, so with a fractional budget a
@@ -42,7 +48,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from keepkv.cache.budget import entries_for_budget
+from keepkv.cache.budgets import entries_for_budget
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.kv_cache import LayerKVCache
 from keepkv.cache.policy import CompressionMethod
@@ -66,14 +72,31 @@ def round_up(value: int, multiple: int) -> int:
 
 class FullCacheManager:
     """Capacity = prompt (rounded up to whole chunks) + new tokens, rounded up to ``runtime.capacity_quantum``
-    (:class:`keepkv.runtime.RuntimeOptions`) so that prompts of similar lengths share one compiled decode graph."""
+    (:class:`keepkv.runtime.RuntimeOptions`) so that prompts of similar lengths share one compiled decode graph.
+
+    ``observe_window > 0`` makes it the shared prefill of an evaluation: its caches are
+    :class:`CompressedLayerCache` buffers that also record the last ``observe_window`` queries and, with
+    ``accumulate_attention``, per-slot accumulated attention — the score state the compressing managers copy
+    (:meth:`CompressedCacheManager.start_from_prefill`)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, *,
-                 runtime: RuntimeOptions = DEFAULT_RUNTIME) -> None:
+                 runtime: RuntimeOptions = DEFAULT_RUNTIME, observe_window: int = 0,
+                 accumulate_attention: bool = False) -> None:
         self.config, self.dtype, self.device = config, dtype, device
         self.runtime = runtime
+        self.observe_window, self.accumulate_attention = observe_window, accumulate_attention
         self.caches: list[LayerKVCache] = []
         self.filled = 0
+
+    def _full_cache(self, batch_size: int, capacity: int) -> LayerKVCache:
+        c = self.config
+        if not self.observe_window:
+            return LayerKVCache(batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
+        return CompressedLayerCache(
+            batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device, num_heads=c.num_heads,
+            window=self.observe_window, sliding_window=c.sliding_window,
+            accumulate_attention=self.accumulate_attention,
+        )
 
     def capacity_for(self, padded_prompt_tokens: int, max_new_tokens: int) -> int:
         return round_up(padded_prompt_tokens + max_new_tokens, self.runtime.capacity_quantum)
@@ -82,29 +105,26 @@ class FullCacheManager:
                  prompt_tokens: int | None = None, row_prompt_tokens: list[int] | None = None) -> list[LayerKVCache]:
         """Caches for a batch whose prompt takes ``padded_prompt_tokens`` slots (chunk padding included)."""
         capacity = self.capacity_for(padded_prompt_tokens, max_new_tokens)
-        c = self.config
         if self.caches and self.caches[0].keys.shape[0] == batch_size and self.caches[0].capacity == capacity:
             for cache in self.caches:
                 cache.reset()
         else:
-            self.caches = [
-                LayerKVCache(batch_size, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device)
-                for _ in range(c.num_layers)
-            ]
+            self.caches = [self._full_cache(batch_size, capacity) for _ in range(self.config.num_layers)]
         self.filled = 0
         return self.caches
 
-    def make_room(self, new_tokens: int) -> bool:
-        """Ensure ``new_tokens`` more fit; returns True when the caches were replaced (re-attach them)."""
+    def make_room(self, new_tokens: int) -> list[LayerKVCache]:
+        """Ensure ``new_tokens`` more fit; returns the caches (the full cache never replaces them)."""
         if self.filled + new_tokens > self.caches[0].capacity:
             raise RuntimeError(f"cache overflow: {self.filled} + {new_tokens} > {self.caches[0].capacity} slots")
-        return False
+        return self.caches
 
     def wrote(self, new_tokens: int) -> None:
         self.filled += new_tokens
 
-    def end_prefill(self) -> bool:
-        return False
+    def end_prefill(self) -> list[LayerKVCache]:
+        """The prompt is in; returns the caches (unchanged for the full cache)."""
+        return self.caches
 
     def bind_network(self, network: nn.Module) -> None:
         """Give the compression method (if any) the model it compresses; the full cache needs nothing."""
@@ -117,12 +137,9 @@ class FullCacheManager:
         is not modified: its entries are copied into new caches with room for ``max_new_tokens`` more tokens
         (suffix and answer). The full cache never compresses (``compress`` is ignored). Returns the new caches.
         """
-        c = self.config
         batch = source[0].keys.shape[0]
         capacity = self.capacity_for(source[0].capacity, max_new_tokens)
-        self.caches = [
-            LayerKVCache(batch, c.num_kv_heads, capacity, c.head_dim, self.dtype, self.device) for _ in source
-        ]
+        self.caches = [self._full_cache(batch, capacity) for _ in source]
         with torch.inference_mode():
             for old, new in zip(source, self.caches):
                 for name in ("keys", "values", "log_votes", "positions"):
@@ -288,11 +305,11 @@ class CompressedCacheManager(FullCacheManager):
             own = self.method.protected_entries
         return min(own, self.budget)
 
-    def _resize(self, room: int) -> bool:
-        """Give each layer ``max_l slots_l + room`` slots (copying its entries); True if any cache was replaced."""
+    def _resize(self, room: int) -> None:
+        """Give each layer ``max_l slots_l + room`` slots (copying its entries; a new list if any was replaced)."""
         capacities = [self.layer_capacity(room)] * len(self.caches)
         if [cache.capacity for cache in self.caches] == capacities:
-            return False
+            return
         batch = self.caches[0].keys.shape[0]
         resized = []
         for layer, (old, capacity) in enumerate(zip(self.caches, capacities)):
@@ -304,7 +321,6 @@ class CompressedCacheManager(FullCacheManager):
             self.cursors[layer] = min(self.cursors[layer], capacity)
             resized.append(new)
         self.caches = resized
-        return True
 
     def allocate(self, batch_size: int, padded_prompt_tokens: int, max_new_tokens: int, chunk: int,
                  prompt_tokens: int | None = None, row_prompt_tokens: list[int] | None = None) -> list[LayerKVCache]:
@@ -366,21 +382,21 @@ class CompressedCacheManager(FullCacheManager):
         return all(cursor + new_tokens <= (min(cache.capacity, slots + self.room) if self.decoding else cache.capacity)
                    for cursor, cache, slots in zip(self.cursors, self.caches, self.layer_slots))
 
-    def make_room(self, new_tokens: int) -> bool:
-        """Compress every layer to its budget when ``new_tokens`` would not fit in some layer. Returns True when
-        the caches were replaced (only when measured layer budgets re-size them at the first compression)."""
+    def make_room(self, new_tokens: int) -> list[LayerKVCache]:
+        """Compress every layer to its budget when ``new_tokens`` would not fit in some layer. Returns the caches
+        (new ones only when measured layer budgets re-size them at the first compression)."""
         if self._fits(new_tokens):
-            return False
+            return self.caches
         self.compress_all()
         with torch.inference_mode():
-            replaced = self._resize(self.room)
+            self._resize(self.room)
         if not self._fits(new_tokens):
             raise RuntimeError(f"cache overflow after compression: {self.cursors} + {new_tokens} slots")
-        return replaced
+        return self.caches
 
-    def end_prefill(self) -> bool:
+    def end_prefill(self) -> list[LayerKVCache]:
         """Compress to the budgets and move into the decode buffers (``max_l slots_l + W`` slots, or
-        ``max_l slots_l + max_new`` for methods that compress only once). Returns True: the caches were replaced."""
+        ``max_l slots_l + max_new`` for methods that compress only once). Returns the new caches."""
         self._measure_budgets()
         if any(cursor > budget for cursor, budget in zip(self.cursors, self.layer_budgets)):
             self.compress_all()
@@ -393,4 +409,17 @@ class CompressedCacheManager(FullCacheManager):
         self.cursors = [min(cursor, cache.capacity) for cursor, cache in zip(self.cursors, decode_caches)]
         self.filled = max(self.cursors)
         self.caches = decode_caches
-        return True
+        return self.caches
+
+
+def cache_manager_for(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod | None,
+    kv_budget: float | int | None = None, decode_slack: int = 64, prefill_compression: str = "chunked", *,
+    compiled_ops: bool | None = None, runtime: RuntimeOptions = DEFAULT_RUNTIME,
+) -> FullCacheManager:
+    """The manager of ``method`` at ``kv_budget``: :class:`FullCacheManager` for ``method=None`` (the full cache),
+    else :class:`CompressedCacheManager` (``compiled_ops``: whether the method's compression ops run compiled)."""
+    if method is None:
+        return FullCacheManager(config, dtype, device, runtime=runtime)
+    return CompressedCacheManager(config, dtype, device, method, kv_budget, decode_slack, prefill_compression,
+                                  compiled_ops=compiled_ops, runtime=runtime)

@@ -1,30 +1,31 @@
 """The small interface every KV-compression method implements.
 
-A method is a dataclass whose fields are its hyper-parameters (with the paper's defaults). The shared machinery
-here does what every method needs:
+A method is a dataclass whose fields are its hyper-parameters (with the paper's defaults). What the cache manager
+(:mod:`keepkv.cache.manager`) uses of it:
 
-1. :meth:`CompressionMethod.scores` — the only thing most methods write: ``[batch, kv_heads, capacity]`` float32,
-   higher = keep (empty slots are excluded by the machinery);
-2. :meth:`CompressionMethod.select` — protect attention sinks (``position < sinks``) and the recent window
-   (the ``window`` newest positions, the newest token included), then keep the highest scores up to the budget.
-   Ties are broken by slot = position order (a stable sort), so selection is deterministic;
-3. :meth:`CompressionMethod.merge` — optional: fold evicted entries into kept ones (merging methods);
-4. :meth:`CompressionMethod.compress` — select, merge, then compact the cache to the kept entries.
-
-Hooks with neutral defaults, for methods that need more than one score per slot (all optional):
-
+- :meth:`CompressionMethod.compress` — shrink one layer's cache to a budget: :meth:`~CompressionMethod.select`
+  the kept / evicted split, :meth:`~CompressionMethod.merge` evicted entries into kept ones (merging methods),
+  then pack the kept entries (:meth:`~keepkv.cache.compressed.CompressedLayerCache.packed_entries`);
 - budgets: :meth:`~CompressionMethod.plan_layer_budgets` (per-layer budgets known in advance, e.g. PyramidKV),
-  :meth:`~CompressionMethod.measure_layer_budgets` (per-layer budgets measured at the first compression, e.g.
-  D2O), :meth:`~CompressionMethod.slots_for_budget` (slots per head a layer needs: more than its budget when heads
-  get different lengths, Ada-KV) and :meth:`~CompressionMethod.plan_head_budgets` (per-head entry counts);
-- :meth:`~CompressionMethod.recent_window`: the protected recent window may depend on the budget (H2O's 50/50);
-- ``accumulates_attention``: the cache keeps per-slot accumulated attention (see
-  :class:`~keepkv.cache.compressed.CompressedLayerCache`);
-- :meth:`~CompressionMethod.bind_model`: methods that read model weights (CriticalKV's ``W_O``) get the network;
-- :meth:`~CompressionMethod.reset_state`: forget per-generation state (D2O's similarity threshold);
-- :meth:`~CompressionMethod.with_selector`: a merging method (KeepKV) takes its kept / evicted split from another
-  method (``snapkv+keepkv``): ``select`` and every budget / protection hook are then the selector's, ``merge`` is
-  the merging method's own.
+  :meth:`~CompressionMethod.measure_layer_budgets` (measured at the first compression, e.g. D2O),
+  :meth:`~CompressionMethod.slots_for_budget` (slots per head a layer needs: more than its budget when heads get
+  different lengths, Ada-KV) and :attr:`~CompressionMethod.protected_entries` (the least budget);
+- what its caches record: :attr:`~CompressionMethod.query_window` (observation-window rows) and
+  :attr:`~CompressionMethod.needs_accumulated_attention`;
+- :meth:`~CompressionMethod.bind_model` (methods that read weights: CriticalKV's ``W_O``),
+  :meth:`~CompressionMethod.reset_state` (per-generation state: D2O's threshold),
+  :meth:`~CompressionMethod.for_query_agnostic` (the method to use before the question is known) and
+  :meth:`~CompressionMethod.options` (every hyper-parameter, for result rows).
+
+What a method writes: usually only :meth:`~CompressionMethod.scores` (``[batch, kv_heads, capacity]`` float32,
+higher = keep). The shared :meth:`~CompressionMethod.select` protects attention sinks (``position < sinks``) and
+the recent window (:meth:`~CompressionMethod.recent_window` newest positions, the newest token included), then
+keeps the highest scores up to the budget (per head, or :meth:`~CompressionMethod.plan_head_budgets` entries),
+ties broken by slot = position order (a stable sort), so selection is deterministic. Merging methods also write
+:meth:`~CompressionMethod.merge`; a method with its own selection (CriticalKV's two stages) overrides ``select``.
+
+Composition is by objects, not by this class: :class:`keepkv.cache.compose.Selected` takes one method's
+selection and another's merge (``snapkv+keepkv``).
 
 Compression runs per layer (all batch rows and heads at once, no Python loop over heads or tokens), at the end of
 prefill and whenever the cache has no room left (see :mod:`keepkv.cache.manager`).
@@ -62,6 +63,30 @@ def _check_option_type(method: str, option: str, default: Any, value: Any) -> No
         raise KeepKVError(f"{method}: option {option} must be a str (e.g. {default!r}), got {shown(value)}")
 
 
+def split_by_order(cache: CompressedLayerCache, order: Tensor, live: Tensor, budget: int,
+                   head_budgets: Tensor | None, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Keep the first ``budget`` slots of ``order [batch, kv_heads, capacity]`` (each head's first
+    ``head_budgets`` of at most ``width`` columns when given); see :meth:`CompressionMethod.select` for the
+    returned tensors."""
+    if head_budgets is None:
+        kept_slots, evicted_slots = order[..., :budget], order[..., budget:]
+        return kept_slots, live.gather(2, kept_slots), evicted_slots, live.gather(2, evicted_slots)
+    # per-head budgets: a head never keeps the whole buffer, so every head has a slot that is not kept
+    width = min(width, cache.capacity)
+    rank = torch.arange(cache.capacity, device=order.device)
+    head_budgets = head_budgets.clamp(0, min(width, cache.capacity - 1))
+    kept_by_rank = live.gather(2, order) & (rank < head_budgets[..., None])
+    kept = torch.zeros_like(live).scatter(2, order, kept_by_rank)
+    # evicted list of fixed width (every slot): empty slots, then evicted ones, in slot order; the kept slots'
+    # places are filled with the head's first non-kept slot (invalid), so a merge that empties every listed
+    # slot (keepkv.ops.merge.merge_into_kept) never touches a kept entry
+    category = torch.where(kept, 2, torch.where(live, 1, 0))
+    listing = torch.sort(category, dim=-1, stable=True).indices
+    listed_category = category.gather(2, listing)
+    evicted_slots = torch.where(listed_category == 2, listing[..., :1], listing)
+    return order[..., :width], kept_by_rank[..., :width], evicted_slots, listed_category == 1
+
+
 @dataclass
 class CompressionMethod:
     """Base of all methods. ``sinks``: first positions always kept; ``window``: newest positions always kept
@@ -85,78 +110,84 @@ class CompressionMethod:
         string. Subclasses check ranges and choices after calling this."""
         for field in dataclasses.fields(self):
             _check_option_type(self.name, field.name, field.default, getattr(self, field.name))
-        self.selector: CompressionMethod | None = None
         self._compiled_entries = None  # torch.compile of _layer_free_entries, made on first use
 
+    # ---- what the cache manager reads -------------------------------------------------------------------------
     @property
     def protected_entries(self) -> int:
         """Entries a budget must at least hold: sinks + recent window (which includes the newest token)."""
-        if self.selector is not None:
-            return self.selector.protected_entries
         return self.sinks + max(self.window, 1)
-
-    # ---- composition ------------------------------------------------------------------------------------------
-    def with_selector(self, selector: CompressionMethod) -> CompressionMethod:
-        """Take the kept / evicted split (and budgets, protection, score state) from ``selector``; keep this
-        method's ``merge``. Returns ``self``. Used for ``X+keepkv``."""
-        if not selector.is_eviction_selector or selector.selector is not None:
-            raise KeepKVError(f"{selector.name!r} cannot select for {self.name!r}: it is not a plain eviction method")
-        self.selector = selector
-        return self
-
-    @property
-    def needs_accumulated_attention(self) -> bool:
-        """Whether caches for this method must accumulate attention (its own need or its selector's)."""
-        return self.accumulates_attention or (self.selector is not None and self.selector.accumulates_attention)
 
     @property
     def query_window(self) -> int:
-        """Rows of the caches' observation window: this method's ``window`` and its selector's, at least 1."""
-        own = max(self.window, 1)
-        return own if self.selector is None else max(own, self.selector.query_window)
+        """Rows of the caches' observation window: this method's ``window``, at least 1."""
+        return max(self.window, 1)
 
-    # ---- budgets and model hooks (neutral defaults) -----------------------------------------------------------
+    @property
+    def needs_accumulated_attention(self) -> bool:
+        """Whether caches for this method must accumulate attention."""
+        return self.accumulates_attention
+
+    @property
+    def compiles_whole_compression(self) -> bool:
+        """Whether :meth:`compress` runs as one compiled graph when ``use_compiled_ops`` is set (:attr:`layer_free`
+        methods)."""
+        return self.layer_free
+
     def plan_layer_budgets(self, budget: int, num_layers: int) -> list[int]:
         """Entries per KV head of each layer for a requested ``budget`` (default: ``budget`` everywhere)."""
-        if self.selector is not None:
-            return self.selector.plan_layer_budgets(budget, num_layers)
         return [budget] * num_layers
 
     def measure_layer_budgets(self, budget: int, caches: Sequence[CompressedLayerCache]) -> list[int] | None:
         """Per-layer budgets decided from the caches' contents at the first compression of a generation, or
         ``None`` to keep :meth:`plan_layer_budgets` (default)."""
-        if self.selector is not None:
-            return self.selector.measure_layer_budgets(budget, caches)
         return None
 
     def slots_for_budget(self, layer_budget: int) -> int:
         """Slots per KV head a layer with ``layer_budget`` needs after compression (default: the budget)."""
-        if self.selector is not None:
-            return self.selector.slots_for_budget(layer_budget)
         return layer_budget
-
-    def plan_head_budgets(self, cache: CompressedLayerCache, layer: int, budget: int, keep_priority: Tensor,
-                          protected: Tensor, live: Tensor) -> Tensor | None:
-        """``[batch, kv_heads]`` int64 entries each head keeps, or ``None`` for ``budget`` per head (default).
-
-        ``keep_priority [batch, kv_heads, capacity]`` is the ranking :meth:`select` sorts by (``+inf`` protected,
-        ``-inf`` empty)."""
-        return None
-
-    def recent_window(self, budget: int | None) -> int:
-        """Newest positions protected at a compression to ``budget`` (default: ``window``, at least 1)."""
-        return max(self.window, 1)
 
     def bind_model(self, network: nn.Module) -> None:
         """Called once with the model (a :class:`~keepkv.models.transformer.Transformer`) for methods that read
         its weights; default: nothing."""
-        if self.selector is not None:
-            self.selector.bind_model(network)
 
     def reset_state(self) -> None:
         """Forget per-generation state; called when the manager allocates caches for a new generation."""
-        if self.selector is not None:
-            self.selector.reset_state()
+
+    def for_query_agnostic(self) -> CompressionMethod:
+        """The method to compress with when the question is not in the compressed prompt (it comes afterwards:
+        ``model.prefill(context)`` without a question, the eval's query-agnostic protocol). Default: ``self``;
+        a method whose best score differs between the two settings returns a configured copy (KeepKV)."""
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Every hyper-parameter (the dataclass fields), defaults included."""
+        return dataclasses.asdict(self)
+
+    def compress(self, cache: CompressedLayerCache, layer: int, budget: int) -> None:
+        """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head).
+
+        With ``use_compiled_ops`` and :attr:`compiles_whole_compression` the selection, the merge and the
+        compaction run as one compiled graph (:meth:`compressed_entries` under ``torch.compile``): one graph per
+        (method, cache shapes, budget) whatever the layer, no host sync inside."""
+        if self.use_compiled_ops and self.compiles_whole_compression:
+            if self._compiled_entries is None:
+                self._compiled_entries = torch.compile(self._layer_free_entries, fullgraph=True, dynamic=False)
+            entries = self._compiled_entries(cache, budget)
+        else:
+            entries = self.compressed_entries(cache, layer, budget)
+        cache.store_packed(entries)
+
+    def compressed_entries(self, cache: CompressedLayerCache, layer: int, budget: int) -> dict[str, Tensor]:
+        """Select, merge (in place, into kept slots) and return the compacted buffers
+        (:meth:`CompressedLayerCache.packed_entries`); :meth:`compress` stores them."""
+        with cache.reuse_window_scores():  # selection and merge reference share one window-score product
+            kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
+            self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
+        return cache.packed_entries(kept_slots, kept_valid)
+
+    def _layer_free_entries(self, cache: CompressedLayerCache, budget: int) -> dict[str, Tensor]:
+        return self.compressed_entries(cache, 0, budget)  # layer-free: the index is never read
 
     # ---- what a method defines --------------------------------------------------------------------------------
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
@@ -167,11 +198,21 @@ class CompressionMethod:
               evicted_slots: Tensor, evicted_valid: Tensor) -> None:
         """Fold evicted entries into kept ones, in place (default: nothing, i.e. plain eviction)."""
 
-    # ---- shared machinery -------------------------------------------------------------------------------------
+    # ---- the shared selection ---------------------------------------------------------------------------------
+    def recent_window(self, budget: int | None) -> int:
+        """Newest positions protected at a compression to ``budget`` (default: ``window``, at least 1)."""
+        return max(self.window, 1)
+
+    def plan_head_budgets(self, cache: CompressedLayerCache, layer: int, budget: int, keep_priority: Tensor,
+                          protected: Tensor, live: Tensor) -> Tensor | None:
+        """``[batch, kv_heads]`` int64 entries each head keeps, or ``None`` for ``budget`` per head (default).
+
+        ``keep_priority [batch, kv_heads, capacity]`` is the ranking :meth:`select` sorts by (``+inf`` protected,
+        ``-inf`` empty)."""
+        return None
+
     def protected_mask(self, cache: CompressedLayerCache, budget: int | None = None) -> Tensor:
         """``[batch, kv_heads, capacity]``: sinks and the recent window of each row (live slots only)."""
-        if self.selector is not None:
-            return self.selector.protected_mask(cache, budget)
         live = torch.isfinite(cache.log_votes)
         newest = cache.positions.masked_fill(~live, -1).amax(dim=(1, 2), keepdim=True)
         recent = cache.positions > newest - self.recent_window(budget)
@@ -192,70 +233,9 @@ class CompressionMethod:
         With per-head budgets (:meth:`plan_head_budgets`) ``kept_slots`` has :meth:`slots_for_budget` columns of
         which each head's first ``head_budget`` are valid, and ``evicted_slots`` has one column per slot: the
         evicted ones valid, the rest padding that points at a slot that is empty or evicted (never a kept one)."""
-        if self.selector is not None:
-            return self.selector.select(cache, layer, budget)
         live = torch.isfinite(cache.log_votes)
         protected = self.protected_mask(cache, budget)
         ranking = self.keep_priority(cache, layer, budget, protected, live)
         order = torch.sort(ranking, dim=-1, descending=True, stable=True).indices
         head_budgets = self.plan_head_budgets(cache, layer, budget, ranking, protected, live)
-        return self.split_by_order(cache, order, live, budget, head_budgets)
-
-    def split_by_order(self, cache: CompressedLayerCache, order: Tensor, live: Tensor, budget: int,
-                       head_budgets: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Keep the first ``budget`` slots of ``order [batch, kv_heads, capacity]`` (each head's first
-        ``head_budgets`` when given); see :meth:`select` for the returned tensors."""
-        if head_budgets is None:
-            kept_slots, evicted_slots = order[..., :budget], order[..., budget:]
-            return kept_slots, live.gather(2, kept_slots), evicted_slots, live.gather(2, evicted_slots)
-        # per-head budgets: a head never keeps the whole buffer, so every head has a slot that is not kept
-        width = min(self.slots_for_budget(budget), cache.capacity)
-        rank = torch.arange(cache.capacity, device=order.device)
-        head_budgets = head_budgets.clamp(0, min(width, cache.capacity - 1))
-        kept_by_rank = live.gather(2, order) & (rank < head_budgets[..., None])
-        kept = torch.zeros_like(live).scatter(2, order, kept_by_rank)
-        # evicted list of fixed width (every slot): empty slots, then evicted ones, in slot order; the kept slots'
-        # places are filled with the head's first non-kept slot (invalid), so a merge that empties every listed
-        # slot (keepkv.ops.merge.merge_into_kept) never touches a kept entry
-        category = torch.where(kept, 2, torch.where(live, 1, 0))
-        listing = torch.sort(category, dim=-1, stable=True).indices
-        listed_category = category.gather(2, listing)
-        evicted_slots = torch.where(listed_category == 2, listing[..., :1], listing)
-        return order[..., :width], kept_by_rank[..., :width], evicted_slots, listed_category == 1
-
-    def compress(self, cache: CompressedLayerCache, layer: int, budget: int) -> None:
-        """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head).
-
-        With ``use_compiled_ops`` and a layer-free method (:attr:`compiles_whole_compression`) the selection, the
-        merge and the compaction run as one compiled graph (:meth:`compressed_entries` under ``torch.compile``):
-        one graph per (method, cache shapes, budget) whatever the layer, no host sync inside."""
-        if self.use_compiled_ops and self.compiles_whole_compression:
-            if self._compiled_entries is None:
-                self._compiled_entries = torch.compile(self._layer_free_entries, fullgraph=True, dynamic=False)
-            entries = self._compiled_entries(cache, budget)
-        else:
-            entries = self.compressed_entries(cache, layer, budget)
-        cache.store_packed(entries)
-
-    def compressed_entries(self, cache: CompressedLayerCache, layer: int, budget: int) -> dict[str, Tensor]:
-        """Select, merge (in place, into kept slots) and return the compacted buffers
-        (:meth:`CompressedLayerCache.packed_entries`); :meth:`compress` stores them."""
-        with cache.reuse_window_scores():  # selection and merge reference share one window-score product
-            kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
-            self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
-        return cache.packed_entries(kept_slots, kept_valid)
-
-    @property
-    def compiles_whole_compression(self) -> bool:
-        """Whether :meth:`compress` runs as one compiled graph when ``use_compiled_ops`` is set: this method and
-        its selector (if any) are :attr:`layer_free`."""
-        return self.layer_free and (self.selector is None or self.selector.layer_free)
-
-    def _layer_free_entries(self, cache: CompressedLayerCache, budget: int) -> dict[str, Tensor]:
-        return self.compressed_entries(cache, 0, budget)  # layer-free: the index is never read
-
-    def options(self) -> dict[str, Any]:
-        options = dataclasses.asdict(self)
-        if self.selector is not None:
-            options["selector"] = {"name": self.selector.name, **self.selector.options()}
-        return options
+        return split_by_order(cache, order, live, budget, head_budgets, self.slots_for_budget(budget))

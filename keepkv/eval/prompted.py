@@ -53,7 +53,8 @@ def run_prompted(
         cells = groups[group]
         bar.set_postfix_str(f"{group} {config.label} {budget}")
         answers, kept = model.answer(prefills[group], config, budget, [fed_part(cell, protocol) for cell in cells],
-                                     max(cell.max_new_tokens for cell in cells), decode_slack=decode_slack)
+                                     max(cell.max_new_tokens for cell in cells), decode_slack=decode_slack,
+                                     query_agnostic=protocol == "agnostic")
         rows: list[dict[str, Any]] = []
         for cell, ids in zip(cells, answers):
             text = model.tokenizer.decode(ids)

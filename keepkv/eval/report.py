@@ -45,9 +45,29 @@ def label(row: dict[str, Any]) -> str:
     options = row.get("options") or {}
     if row.get("resolved_options"):
         defaults = _current_defaults(row["method"], row.get("variant", ""))
-        options = {k: v for k, v in row["resolved_options"].items() if k != "variant" and defaults.get(k) != v}
+        resolved = {**_behaviour_before_options(row), **row["resolved_options"]}
+        options = {k: v for k, v in resolved.items() if k != "variant" and defaults.get(k) != v}
     name += "".join(f"@{key}={value}" for key, value in sorted(options.items()))
     return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"
+
+
+def compressed_before_question(row: dict[str, Any]) -> bool:
+    """Whether the row's compression ran before its question was read (the query-agnostic protocol of the
+    prompted tasks: ``tasks``, ``niah``, ``qa``)."""
+    if row.get("task") not in ("tasks", "niah", "qa"):
+        return False
+    return (row.get("protocol") or ("aware" if str(row.get("metric", "")).endswith("_aware") else "agnostic")) \
+        == "agnostic"
+
+
+def _behaviour_before_options(row: dict[str, Any]) -> dict[str, Any]:
+    """For a row written before an option existed, the value of that option that reproduces what the row ran, so
+    its label does not pass for today's default: KeepKV rows compressed before the question without
+    ``agnostic_last_query_weight`` ranked with their ``last_query_weight``."""
+    resolved = row["resolved_options"]
+    if row["method"] == "keepkv" and "agnostic_last_query_weight" not in resolved and compressed_before_question(row):
+        return {"agnostic_last_query_weight": resolved.get("last_query_weight", 0.0)}
+    return {}
 
 
 @lru_cache(maxsize=None)

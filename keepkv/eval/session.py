@@ -16,39 +16,29 @@ Rows of a batch are left-padded; methods treat padding as empty slots, so every 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.manager import FullCacheManager, cache_manager_for
 from keepkv.cache.methods import make_method
 from keepkv.eval.results import MethodConfig
 from keepkv.generate import GenerationEngine, positions_from_valid
+from keepkv.runtime import DEFAULT_RUNTIME
 
 
-class SharedPrefillManager(FullCacheManager):
-    """Full-cache buffers (capacity = the prompt) that also record a ``window``-query observation window and,
-    with ``accumulate``, per-slot accumulated attention: the score state of every method of a comparison."""
+EXACT_CAPACITY = dataclasses.replace(DEFAULT_RUNTIME, capacity_quantum=1)  # eager evaluation: no graph to share
 
-    def __init__(self, config, dtype, device, window: int, accumulate: bool) -> None:
-        super().__init__(config, dtype, device)
-        self.window, self.accumulate = window, accumulate
 
-    def allocate(self, batch_size, padded_prompt_tokens, max_new_tokens, chunk, prompt_tokens=None,
-                 row_prompt_tokens=None):
-        c = self.config
-        self.caches = [
-            CompressedLayerCache(
-                batch_size, c.num_kv_heads, padded_prompt_tokens + max_new_tokens, c.head_dim, self.dtype,
-                self.device, num_heads=c.num_heads, window=self.window, sliding_window=c.sliding_window,
-                accumulate_attention=self.accumulate,
-            )
-            for _ in range(c.num_layers)
-        ]
-        self.filled = 0
-        return self.caches
+def shared_prefill_manager(config, dtype, device, window: int, accumulate: bool) -> FullCacheManager:
+    """The full cache of a shared prefill (capacity = the prompt, not rounded) that also records a
+    ``window``-query observation window and, with ``accumulate``, per-slot accumulated attention: the score state
+    of every method of a comparison."""
+    return FullCacheManager(config, dtype, device, runtime=EXACT_CAPACITY, observe_window=window,
+                            accumulate_attention=accumulate)
 
 
 @dataclass
@@ -98,13 +88,14 @@ class EvalModel:
         return self.lm.dtype
 
     def engine_for(self, config: MethodConfig, budget: float | int, *, decode_slack: int = 64,
-                   prefill_chunk_size: int | None = None) -> GenerationEngine:
+                   prefill_chunk_size: int | None = None, query_agnostic: bool = False) -> GenerationEngine:
+        """An eager engine for ``config`` at ``budget``; ``query_agnostic``: its compressions run before the
+        question is known (the method's :meth:`~keepkv.cache.policy.CompressionMethod.for_query_agnostic`)."""
         chunk = prefill_chunk_size or self.prefill_chunk_size
-        if config.is_full:
-            manager = FullCacheManager(self.config, self.dtype, self.device)
-        else:
-            method = make_method(config.method, **config.method_options())
-            manager = CompressedCacheManager(self.config, self.dtype, self.device, method, budget, decode_slack)
+        method = None if config.is_full else make_method(config.method, **config.method_options())
+        if method is not None and query_agnostic:
+            method = method.for_query_agnostic()
+        manager = cache_manager_for(self.config, self.dtype, self.device, method, budget, decode_slack)
         return GenerationEngine(self.network, compile=False, prefill_chunk_size=chunk, cache_manager=manager)
 
     def shared_prefill(self, rows: list[list[int]], configs: list[MethodConfig]) -> Prefill:
@@ -112,7 +103,7 @@ class EvalModel:
         methods = [make_method(c.method, **c.method_options()) for c in configs if not c.is_full]
         window = max([m.query_window for m in methods] or [1])
         accumulate = any(m.needs_accumulated_attention for m in methods)
-        manager = SharedPrefillManager(self.config, self.dtype, self.device, window, accumulate)
+        manager = shared_prefill_manager(self.config, self.dtype, self.device, window, accumulate)
         engine = GenerationEngine(self.network, compile=False, prefill_chunk_size=self.prefill_chunk_size,
                                   cache_manager=manager)
         input_ids, valid = left_pad(rows, self.pad_id, self.device)
@@ -122,11 +113,12 @@ class EvalModel:
         return Prefill(manager.caches, input_ids, valid, lengths, logits)
 
     def answer(self, prefill: Prefill, config: MethodConfig, budget: float | int, suffixes: list[list[int]],
-               max_new_tokens: int, decode_slack: int = 64) -> tuple[list[list[int]], float]:
+               max_new_tokens: int, decode_slack: int = 64, *, query_agnostic: bool) -> tuple[list[list[int]], float]:
         """Compress a copy of ``prefill`` for one configuration, feed each row's suffix (left-padded), decode
-        greedily until every row emitted an end token or ``max_new_tokens``. Returns (new token ids per row,
-        kept entries per head after the compression: mean over layers, rows and KV heads)."""
-        engine = self.engine_for(config, budget, decode_slack=decode_slack)
+        greedily until every row emitted an end token or ``max_new_tokens``. ``query_agnostic``: the suffixes hold
+        the question (it was not prefilled). Returns (new token ids per row, kept entries per head after the
+        compression: mean over layers, rows and KV heads)."""
+        engine = self.engine_for(config, budget, decode_slack=decode_slack, query_agnostic=query_agnostic)
         suffix_ids, suffix_valid = left_pad(suffixes, self.pad_id, self.device)
         engine.start_from_prefill(prefill.caches, prefill.width, suffix_ids.shape[1] + max_new_tokens)
         kept = float(engine.cache_manager.entries_per_head().float().mean())

@@ -57,7 +57,7 @@ warning, as lm-eval's ``hf`` model does.
   nothing before a window's end, i.e. scores it with the full cache).
 
 **Batches share a budget.** keepkv's cache manager gives every row of a batch the budget of its longest prompt
-(:mod:`keepkv.cache.budget`), so with a fractional ``kv_budget`` a short request in a batch keeps more entries than
+(:mod:`keepkv.cache.budgets`), so with a fractional ``kv_budget`` a short request in a batch keeps more entries than
 alone, and results depend on the batch size. ``batch_size=1`` (lm-eval's default) gives each request its own
 budget. A fractional budget below the method's protected entries (KeepKV: 4 sinks + 32 recent + 1) for a short
 context is the engine's :class:`KeepKVError`; use an integer budget or a smaller ``window`` for short tasks.

@@ -53,7 +53,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.manager import FullCacheManager, cache_manager_for
 from keepkv.checks import require_int
 from keepkv.errors import KeepKVError
 from keepkv.models.config import ModelConfig
@@ -208,11 +208,8 @@ class KeepKVCache(Cache):
         self.method_name, self.kv_budget, self.kernel = name, kv_budget, kernel
         weight = model.get_input_embeddings().weight
         dtype, device = weight.dtype, weight.device
-        if method_object is None:
-            self.manager: FullCacheManager = FullCacheManager(self.config, dtype, device)
-        else:
-            method_object.use_compiled_ops = kernel == "flex"
-            self.manager = CompressedCacheManager(self.config, dtype, device, method_object, kv_budget, decode_slack)
+        self.manager: FullCacheManager = cache_manager_for(self.config, dtype, device, method_object, kv_budget,
+                                                           decode_slack, compiled_ops=kernel == "flex")
         self.manager.bind_network(_AttentionLayers(model))
         self.max_new_tokens = max_new_tokens
         self.prompt_tokens, self.row_prompt_tokens = prompt_tokens, row_prompt_tokens

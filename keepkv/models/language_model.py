@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.manager import cache_manager_for
 from keepkv.cache.policy import CompressionMethod
 from keepkv.checks import require_bool, require_int, require_text, shown
 from keepkv.errors import KeepKVError
@@ -59,13 +59,11 @@ class LanguageModel:
         self.name, self.source = name, source
         self.method, self.kv_budget = method, kv_budget
         self.method_object = method_object
-        cache_manager = None
         self.runtime = runtime
-        if method_object is not None:
-            cache_manager = CompressedCacheManager(
-                self.config, network.model.embed_tokens.weight.dtype, network.inv_freq.device, method_object,
-                kv_budget, decode_slack, prefill_compression, compiled_ops=compile, runtime=runtime,
-            )
+        cache_manager = cache_manager_for(
+            self.config, network.model.embed_tokens.weight.dtype, network.inv_freq.device, method_object,
+            kv_budget, decode_slack, prefill_compression, compiled_ops=compile, runtime=runtime,
+        )
         self.engine = GenerationEngine(
             network, compile=compile, prefill_chunk_size=prefill_chunk_size, cache_manager=cache_manager,
             runtime=runtime,
@@ -226,7 +224,7 @@ class LanguageModel:
         """What the cache actually holds after the last generation: entries per layer and KV head (real counts,
         not the asked budget), resident bytes, compressions, the merge counters of merging methods, and
         ``row_budgets``: the budget each batch row would have had alone (a batch shares its longest row's budget,
-        see :mod:`keepkv.cache.budget`)."""
+        see :mod:`keepkv.cache.budgets`)."""
         manager = self.engine.cache_manager
         report: dict[str, Any] = {"method": self.method, "kv_budget": self.kv_budget}
         if not manager.caches:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from keepkv.cache.budget import is_full_budget, validate_budget
+from keepkv.cache.budgets import is_full_budget, validate_budget
 from keepkv.cache.manager import PREFILL_COMPRESSION
 from keepkv.cache.methods import FULL, make_method
 from keepkv.checks import (

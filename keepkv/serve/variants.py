@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from keepkv.cache.budget import is_full_budget
+from keepkv.cache.budgets import is_full_budget
 from keepkv.models.language_model import LanguageModel
 from keepkv.models.loading import DEFAULT_DECODE_SLACK, resolve_method
 

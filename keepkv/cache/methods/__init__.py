@@ -1,10 +1,12 @@
 """The registry of KV-compression methods: one file per method, one line here.
 
 ``make_method(name, **options)`` builds a method from its name and hyper-parameters; ``"full"`` is the
-uncompressed cache and has no method object. Two name forms build variants:
+uncompressed cache and has no method object. It is a thin parser for the command line, ``load()`` and the eval;
+in code, build the objects directly. Two name forms build variants:
 
-- ``"adakv-X"``: method ``X`` with Ada-KV head-adaptive budgets (``head_budgets="adakv"``; scorers only);
-- ``"X+keepkv"``: KeepKV merging what the eviction method ``X`` evicts (``X`` may itself be ``adakv-Y``), e.g.
+- ``"adakv-X"``: ``X(head_budgets="adakv")``, method ``X`` with Ada-KV head-adaptive budgets (scorers only);
+- ``"X+keepkv"``: ``Selected(selector=X(...), merger=KeepKV(...))`` (:class:`keepkv.cache.compose.Selected`),
+  KeepKV merging what the eviction method ``X`` evicts (``X`` may itself be ``adakv-Y``), e.g.
   ``"snapkv+keepkv"``, ``"adakv-criticalkv+keepkv"``. Each option goes to whichever of the two takes it (both
   for ``sinks`` / ``window``: the selector protects, KeepKV's window sets its reference queries).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from keepkv.cache.compose import Selected
 from keepkv.cache.methods.cam import CaM
 from keepkv.cache.methods.criticalkv import CriticalKV
 from keepkv.cache.methods.d2o import D2O
@@ -93,7 +96,8 @@ def _build(key: str, name: str, options: dict[str, Any]) -> CompressionMethod:
 
 
 def make_method(name: str, **options: Any) -> CompressionMethod | None:
-    """The method called ``name`` with ``options`` (its dataclass fields); ``None`` for ``"full"``."""
+    """The method called ``name`` with ``options`` (its dataclass fields); ``None`` for ``"full"`` (module
+    docstring)."""
     key = name.lower()
     if key == FULL:
         if options:
@@ -122,4 +126,4 @@ def make_method(name: str, **options: Any) -> CompressionMethod | None:
         )
     selector = _build(selector_key, name, {k: v for k, v in options.items() if k in selector_options})
     merger = KeepKV(**{k: v for k, v in options.items() if k in merger_options})
-    return merger.with_selector(selector)
+    return Selected(selector=selector, merger=merger)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.methods.snapkv import SnapKV
+from keepkv.cache.policy import split_by_order
 from keepkv.errors import KeepKVError
 
 PROJECTION_BLOCK_ELEMENTS = 1 << 24  # float32 elements of one block of v W_O products (64 MB)
@@ -115,4 +116,4 @@ class CriticalKV(SnapKV):
         by_score = torch.sort(critical, dim=-1, descending=True, stable=True).indices
         by_tier = torch.sort(tier.gather(2, by_score), dim=-1, descending=True, stable=True).indices
         order = by_score.gather(2, by_tier)
-        return self.split_by_order(cache, order, live, budget, head_budgets)
+        return split_by_order(cache, order, live, budget, head_budgets, self.slots_for_budget(budget))

@@ -37,12 +37,13 @@ keeps the softmax denominator of every query head of the group, using each head'
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from keepkv.cache.budgets import LAYER_BUDGETS, layer_budget_schedule
+from keepkv.cache.budgets import check_layer_budget_options, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.policy import CompressionMethod
 from keepkv.distributed.heads import head_mean
@@ -71,6 +72,10 @@ class KeepKV(CompressionMethod):
     - ``last_query_weight`` (``lambda``, 0): the selection score is ``(1 - lambda)`` times the window mean
       above plus ``lambda`` times the attention of the newest query alone (TOVA's score, averaged over the
       group's query heads); the protected window stays. ``lambda = 1`` ranks by the newest query only;
+    - ``agnostic_last_query_weight`` (1.0): the ``last_query_weight`` used when the question is not in the
+      compressed prompt (:meth:`for_query_agnostic`: a context compressed for questions asked later). The window
+      mean is right when the window holds the question (its queries look for the answer) and wrong when it holds
+      the context's last sentences; the newest query alone then ranks like TOVA's score (``docs/keepkv-quality.md``);
     - ``score_normalization`` (per-token | total): ``per-token`` divides a merged entry's attention by its votes,
       as the official code averages a cluster's scores per token, so a cluster does not survive by its size;
     - ``max_evicted_weight`` (``m``, 1.0 = unguarded): the dominance guard of the merge, the evicted members of
@@ -94,6 +99,7 @@ class KeepKV(CompressionMethod):
     selection: str = "layer"
     score_normalization: str = "total"
     last_query_weight: float = 0.0
+    agnostic_last_query_weight: float = 1.0
     max_evicted_weight: float = 1.0
     kernel_size: int = 1
     layer_budgets: str = "uniform"
@@ -117,25 +123,27 @@ class KeepKV(CompressionMethod):
                               f"{', '.join(SCORE_NORMALIZATIONS)}")
         if not 0.0 <= float(self.last_query_weight) <= 1.0:
             raise KeepKVError(f"keepkv: last_query_weight must lie in [0, 1], got {self.last_query_weight}")
+        if not 0.0 <= float(self.agnostic_last_query_weight) <= 1.0:
+            raise KeepKVError(f"keepkv: agnostic_last_query_weight must lie in [0, 1], "
+                              f"got {self.agnostic_last_query_weight}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise KeepKVError(f"keepkv: kernel_size must be an odd integer >= 1, got {self.kernel_size}")
         if not 0.0 < float(self.max_evicted_weight) <= 1.0:
             raise KeepKVError(f"keepkv: max_evicted_weight must lie in (0, 1] (1 = no guard), "
                               f"got {self.max_evicted_weight}")
-        if self.layer_budgets not in LAYER_BUDGETS:
-            raise KeepKVError(f"keepkv: unknown layer_budgets {self.layer_budgets!r}; allowed: "
-                              f"{', '.join(LAYER_BUDGETS)}")
-        if not 0.0 <= float(self.cosine_decay) <= 1.0:
-            raise KeepKVError(f"keepkv: cosine_decay must lie in [0, 1], got {self.cosine_decay}")
-        if self.pyramid_beta < 1:
-            raise KeepKVError(f"keepkv: pyramid_beta must be an integer >= 1, got {self.pyramid_beta}")
+        check_layer_budget_options(self.name, self.layer_budgets, self.cosine_decay, self.pyramid_beta)
         self.stats = MergeStats()
 
+    def for_query_agnostic(self) -> CompressionMethod:
+        """A copy ranking with ``last_query_weight = agnostic_last_query_weight`` (``self`` when the two weights
+        agree; in ``X+keepkv`` the selector ranks, see :class:`keepkv.cache.compose.Selected`)."""
+        if self.agnostic_last_query_weight == self.last_query_weight:
+            return self
+        return dataclasses.replace(self, last_query_weight=self.agnostic_last_query_weight)
+
     def plan_layer_budgets(self, budget: int, num_layers: int) -> list[int]:
-        """A selector's budgets (``X+keepkv``), else this method's ``layer_budgets`` schedule
-        (:func:`keepkv.cache.budgets.layer_budget_schedule`; ``cosine`` is the official code's)."""
-        if self.selector is not None:
-            return self.selector.plan_layer_budgets(budget, num_layers)
+        """This method's ``layer_budgets`` schedule (:func:`keepkv.cache.budgets.layer_budget_schedule`; ``cosine``
+        is the official code's)."""
         return layer_budget_schedule(self.layer_budgets, budget, num_layers, self.protected_entries,
                                      pyramid_beta=self.pyramid_beta, cosine_decay=float(self.cosine_decay))
 

@@ -20,8 +20,9 @@ attention being non-negative). With chunked prefill the cache may already have b
 in the cache are neighbours among the kept entries.
 
 Compresses once (``compresses_during_decode = False``): the decode cache grows by the new tokens, as in the
-paper. Takes the budget options of :class:`~keepkv.cache.budgets.BudgetOptions` (``head_budgets="adakv"`` is
-Ada-KV's SnapKV, ``layer_budgets="pyramid"`` is :mod:`PyramidKV <keepkv.cache.methods.pyramidkv>`).
+paper. Takes the budget options of :class:`~keepkv.cache.budgets.BudgetOptions`
+(``head_budgets="adakv"`` is Ada-KV's SnapKV, ``layer_budgets="pyramid"`` is
+:mod:`PyramidKV <keepkv.cache.methods.pyramidkv>`).
 """
 
 from __future__ import annotations
