@@ -83,11 +83,9 @@ def _make_engine(model: LanguageModel, method: str, kv_budget: float | int | Non
     from keepkv.models.loading import resolve_method
 
     name, method_object = resolve_method(method, kv_budget, dict(options))
-    if method_object is not None and query_agnostic:
-        method_object = method_object.for_query_agnostic()
     slack = getattr(model.engine.cache_manager, "decode_slack", 64)
     manager = cache_manager_for(model.config, model.dtype, model.device, method_object, kv_budget, slack,
-                                compiled_ops=model.engine.compile)
+                                compiled_ops=model.engine.compile, query_agnostic=query_agnostic)
     engine = GenerationEngine(model.network, compile=model.engine.compile,
                               prefill_chunk_size=model.engine.prefill_chunk_size, cache_manager=manager)
     return engine, name

@@ -415,11 +415,15 @@ class CompressedCacheManager(FullCacheManager):
 def cache_manager_for(
     config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod | None,
     kv_budget: float | int | None = None, decode_slack: int = 64, prefill_compression: str = "chunked", *,
-    compiled_ops: bool | None = None, runtime: RuntimeOptions = DEFAULT_RUNTIME,
+    compiled_ops: bool | None = None, runtime: RuntimeOptions = DEFAULT_RUNTIME, query_agnostic: bool = False,
 ) -> FullCacheManager:
     """The manager of ``method`` at ``kv_budget``: :class:`FullCacheManager` for ``method=None`` (the full cache),
-    else :class:`CompressedCacheManager` (``compiled_ops``: whether the method's compression ops run compiled)."""
+    else :class:`CompressedCacheManager` (``compiled_ops``: whether the method's compression ops run compiled;
+    ``query_agnostic``: the question comes after the compressions, so they use the method's
+    :meth:`~keepkv.cache.policy.CompressionMethod.for_query_agnostic` copy)."""
     if method is None:
         return FullCacheManager(config, dtype, device, runtime=runtime)
+    if query_agnostic:
+        method = method.for_query_agnostic()
     return CompressedCacheManager(config, dtype, device, method, kv_budget, decode_slack, prefill_compression,
                                   compiled_ops=compiled_ops, runtime=runtime)

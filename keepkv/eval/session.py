@@ -93,9 +93,8 @@ class EvalModel:
         question is known (the method's :meth:`~keepkv.cache.policy.CompressionMethod.for_query_agnostic`)."""
         chunk = prefill_chunk_size or self.prefill_chunk_size
         method = None if config.is_full else make_method(config.method, **config.method_options())
-        if method is not None and query_agnostic:
-            method = method.for_query_agnostic()
-        manager = cache_manager_for(self.config, self.dtype, self.device, method, budget, decode_slack)
+        manager = cache_manager_for(self.config, self.dtype, self.device, method, budget, decode_slack,
+                                    query_agnostic=query_agnostic)
         return GenerationEngine(self.network, compile=False, prefill_chunk_size=chunk, cache_manager=manager)
 
     def shared_prefill(self, rows: list[list[int]], configs: list[MethodConfig]) -> Prefill:
