@@ -5,7 +5,11 @@ and two code paths:
 
 - **prefill**: the prompt runs through the network in chunks of ``prefill_chunk_size`` tokens (the last chunk is
   padded to that size when the compiled FlexAttention kernel is used, so its graph is compiled once per
-  (chunk, capacity)); peak activation memory is one chunk's, never a prompt x prompt score matrix;
+  (chunk, capacity)); peak activation memory is one chunk's, never a prompt x prompt score matrix. With
+  ``prefill_chunk_size=None`` (automatic) the chunk is :data:`DEFAULT_PREFILL_CHUNK`, and a cache whose results do
+  not depend on the chunk (the full cache, ``prefill_compression="once"``) takes the prompt in *long* chunks of
+  :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks (:func:`chunk_widths`): two chunk
+  shapes per prompt at most, so nothing compiles per prompt length;
 - **decode**: one token per row per step through ``torch.compile(fullgraph=True, dynamic=False)``. Every shape in
   the step is fixed (capacity-sized buffers, a tensor cursor, tensor positions), so the step compiles once per
   (model, dtype, batch, capacity) and never recompiles as the context grows.
@@ -32,10 +36,45 @@ from keepkv.cache.manager import FullCacheManager, round_up
 from keepkv.compile_limits import allow_graph_per_shape
 from keepkv.errors import KeepKVError
 from keepkv.logs import PREFILL_PROGRESS_MIN_CHUNKS, progress
+from keepkv.models.config import ModelConfig
 from keepkv.models.transformer import Transformer
 from keepkv.ops.attention import prefill_kernel_for
 from keepkv.runtime import RuntimeOptions
 from keepkv.sampling import SamplingConfig, sample_next_token
+
+DEFAULT_PREFILL_CHUNK = 512
+"""Prompt tokens per prefill forward when ``prefill_chunk_size=None``: the chunk of a compressed cache (its prefill
+buffer holds ``budget + chunk`` slots) and the padding unit of every compiled engine."""
+
+
+def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Estimated bytes one prompt token holds at the peak of a decoder layer's prefill forward: the MLP's gate,
+    up, activation and product rows (``4 * intermediate``), the query / key / value / attention-output rows
+    (``(2 * heads + 2 * kv_heads) * head_dim``) and four hidden-state rows (residual, normed, float32 norm
+    statistics counted as two), at the activations' ``dtype``. The attention kernels of a compiled prefill are
+    fused (no ``T x S`` score matrix), so nothing grows with the cache."""
+    rows = (4 * config.intermediate_size + (2 * config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+            + 4 * config.hidden_size)
+    return rows * torch.empty((), dtype=dtype).element_size()
+
+
+def automatic_long_chunk(config: ModelConfig, dtype: torch.dtype, batch_size: int, chunk: int,
+                         runtime: RuntimeOptions) -> int:
+    """The long prefill chunk of an automatic engine: the largest multiple of ``chunk`` that is at most
+    ``runtime.prefill_long_chunk`` tokens and whose activations (``batch_size`` rows of
+    :func:`activation_bytes_per_token`) stay within ``runtime.prefill_activation_bytes``; at least ``chunk``."""
+    fits = runtime.prefill_activation_bytes // max(1, batch_size * activation_bytes_per_token(config, dtype))
+    return max(chunk, min(runtime.prefill_long_chunk, fits) // chunk * chunk)
+
+
+def chunk_widths(tokens: int, chunk: int, long_chunk: int) -> list[int]:
+    """Forward widths covering ``tokens`` prompt tokens: as many ``long_chunk`` pieces as fit whole, then pieces
+    of ``chunk`` (the last one may hold fewer real tokens; a compiled engine pads it to ``chunk``). With
+    ``long_chunk == chunk`` these are the plain chunks."""
+    longs = tokens // long_chunk if long_chunk > chunk else 0
+    rest = tokens - longs * long_chunk
+    return [long_chunk] * longs + [chunk] * -(-rest // chunk)
+
 
 def positions_from_valid(valid: Tensor) -> Tensor:
     """Token positions ``[batch, T]``: each row counts only its real tokens (padding gets position 0)."""
@@ -68,18 +107,27 @@ class GenerationEngine:
     ``runtime`` (:class:`~keepkv.runtime.RuntimeOptions`, set once: kernel choices, capacity rounding, compile
     limits) is given to the network's attention layers and to the default cache manager; ``None`` keeps the
     options the network already runs with (``network.runtime``). A ``cache_manager`` given here should be built
-    with the same options."""
+    with the same options.
+
+    ``prefill_chunk_size``: prompt tokens per prefill forward (default :data:`DEFAULT_PREFILL_CHUNK`); ``None``
+    (automatic, opt-in) means
+    :data:`DEFAULT_PREFILL_CHUNK`, plus long chunks (:func:`automatic_long_chunk`) in :meth:`prefill` and
+    :meth:`teacher_forced_logits` for caches whose results do not depend on the chunk (:meth:`long_chunk`).
+    :attr:`prefill_chunk_size` is always the integer chunk (the padding unit and a compressed cache's room)."""
 
     def __init__(
-        self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int = 512,
+        self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
         cache_manager: FullCacheManager | None = None, runtime: RuntimeOptions | None = None,
     ) -> None:
-        if prefill_chunk_size < 1:
-            raise KeepKVError(f"prefill_chunk_size must be a positive integer, got {prefill_chunk_size}")
+        if prefill_chunk_size is not None and (isinstance(prefill_chunk_size, bool)
+                                               or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
+            raise KeepKVError(f"prefill_chunk_size must be a positive integer or None (automatic), "
+                              f"got {prefill_chunk_size!r}")
         self.network = network
         self.config = network.config
         self.compile = compile
-        self.prefill_chunk_size = prefill_chunk_size
+        self.automatic_chunks = prefill_chunk_size is None
+        self.prefill_chunk_size = DEFAULT_PREFILL_CHUNK if prefill_chunk_size is None else prefill_chunk_size
         runtime = network.runtime if runtime is None else runtime
         self.runtime = runtime
         self.kernel = "flex" if compile else "reference"
@@ -145,6 +193,22 @@ class GenerationEngine:
         cursors = getattr(self.cache_manager, "cursors", None)
         return list(cursors) if cursors else [self.cache_manager.filled] * self.config.num_layers
 
+    def long_chunk(self, valid: Tensor) -> int:
+        """The widest prefill forward for the prompt whose validity mask is ``valid [B, T]``: the long chunk of an
+        automatic engine (:func:`automatic_long_chunk`) when the chunk cannot change the results and the long
+        chunk runs the fused split kernel, else :attr:`prefill_chunk_size`. Conditions: ``prefill_chunk_size=None``,
+        a cache manager that does not compress during prefill (no ``prefill_compression="chunked"``; the full
+        cache), the prompt longer than one long chunk, and the split kernel for every chunk of it
+        (:meth:`_split_prefill_past`'s conditions over the whole prompt: FlexAttention and the eager reference
+        keep ordinary chunks, so their compiled graphs and memory stay as they were)."""
+        chunk = self.prefill_chunk_size
+        if not self.automatic_chunks or getattr(self.cache_manager, "prefill_compression", "once") == "chunked":
+            return chunk
+        long_chunk = automatic_long_chunk(self.config, self.dtype, valid.shape[0], chunk, self.runtime)
+        if long_chunk <= chunk or valid.shape[1] < long_chunk or self._split_prefill_past(valid) is None:
+            return chunk
+        return long_chunk
+
     def _forward_chunk(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         self._use(self.cache_manager.make_room(input_ids.shape[1]))
         self.network.set_prefill_past_slots(self._split_prefill_past(valid) if input_ids.shape[1] > 1 else None)
@@ -155,14 +219,18 @@ class GenerationEngine:
         self.cache_manager.wrote(input_ids.shape[1])
         return hidden
 
-    def _run_chunks(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Iterator[tuple[int, int, Tensor]]:
-        """Feed the sequence chunk by chunk; yield ``(start, real width, hidden [B, chunk, hidden])``.
+    def _run_chunks(self, input_ids: Tensor, positions: Tensor, valid: Tensor,
+                    widths: list[int] | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """Feed the sequence chunk by chunk (``widths``, default: chunks of :attr:`prefill_chunk_size`); yield
+        ``(start, real width, hidden [B, chunk, hidden])``.
 
         With the compiled kernel the last chunk is padded (``valid = False``) to the full chunk size, so every
-        chunk has the same shape and the attention kernel compiles once.
+        chunk has one of at most two shapes and the attention kernel compiles once per shape.
         """
-        chunk = self.prefill_chunk_size
-        for start in range(0, input_ids.shape[1], chunk):
+        if widths is None:
+            widths = chunk_widths(input_ids.shape[1], self.prefill_chunk_size, self.prefill_chunk_size)
+        start = 0
+        for chunk in widths:
             # fresh standard strides: a view of the prompt would trip the compiled kernel's stride guards
             ids, pos, ok = (
                 t[:, start : start + chunk].clone(memory_format=torch.contiguous_format)
@@ -174,6 +242,7 @@ class GenerationEngine:
                 ids, pos = F.pad(ids, pad), F.pad(pos, pad)
                 ok = F.pad(ok, pad, value=False)
             yield start, width, self._forward_chunk(ids, pos, ok)
+            start += chunk
 
     def prefill(self, input_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Run the prompt; return ``(logits of each row's last real token [B, vocab], next positions [B])``."""
@@ -182,8 +251,9 @@ class GenerationEngine:
         lengths = valid.sum(dim=1)
         last_index = torch.where(lengths > 0, valid.long().cumsum(1).argmax(1), 0)
         last_hidden = torch.zeros(batch, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        chunks = progress(self._run_chunks(input_ids, positions, valid), desc="prefill", unit="chunk",
-                          total=-(-prompt_len // self.prefill_chunk_size), min_total=PREFILL_PROGRESS_MIN_CHUNKS)
+        widths = chunk_widths(prompt_len, self.prefill_chunk_size, self.long_chunk(valid))
+        chunks = progress(self._run_chunks(input_ids, positions, valid, widths), desc="prefill", unit="chunk",
+                          total=len(widths), min_total=PREFILL_PROGRESS_MIN_CHUNKS)
         for start, width, hidden in chunks:  # a tqdm bar for long prompts on a terminal (keepkv.logs; host side)
             in_chunk = (last_index >= start) & (last_index < start + width)
             picked = hidden[torch.arange(batch, device=self.device), (last_index - start).clamp(0, width - 1)]
@@ -281,9 +351,10 @@ class GenerationEngine:
         batch, length = input_ids.shape
         self.prepare_caches(batch, length, 0)
         positions = positions_from_valid(valid)
+        widths = chunk_widths(length, self.prefill_chunk_size, self.long_chunk(valid))
         with torch.inference_mode():
             pieces = [
                 self.network.project(hidden[:, :width])
-                for _, width, hidden in self._run_chunks(input_ids, positions, valid)
+                for _, width, hidden in self._run_chunks(input_ids, positions, valid, widths)
             ]
         return torch.cat(pieces, dim=1)

@@ -46,7 +46,12 @@ class RuntimeOptions:
     - ``capacity_quantum`` (>= 1): full caches are allocated in multiples of this many slots, so prompts of
       similar lengths share one compiled decode graph;
     - ``graphs_per_function`` (>= 8): how many shape-specialised graphs one compiled function may have in a
-      process (:func:`keepkv.compile_limits.allow_graph_per_shape`).
+      process (:func:`keepkv.compile_limits.allow_graph_per_shape`);
+    - ``prefill_long_chunk`` (>= 1) and ``prefill_activation_bytes`` (>= 1): the automatic prefill chunks
+      (``load(prefill_chunk_size=None)``) of caches whose results do not depend on the chunk (the full cache,
+      ``prefill_compression="once"``): prompt pieces of up to ``prefill_long_chunk`` tokens, fewer when one
+      chunk's activations would pass ``prefill_activation_bytes``
+      (:func:`keepkv.generate.automatic_long_chunk`).
     """
 
     decode_kernel: str = "auto"
@@ -58,6 +63,8 @@ class RuntimeOptions:
     prefill_kernel: str = "auto"
     capacity_quantum: int = 256
     graphs_per_function: int = GRAPHS_PER_FUNCTION
+    prefill_long_chunk: int = 2048
+    prefill_activation_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
         if self.decode_kernel not in DECODE_KERNELS:
@@ -66,7 +73,8 @@ class RuntimeOptions:
             raise KeepKVError(f"unknown prefill_kernel {self.prefill_kernel!r}; allowed: "
                               f"{', '.join(PREFILL_KERNELS)}")
         for name, least in (("sdpa_decode_max_slots", 0), ("decode_pieces", 1), ("capacity_quantum", 1),
-                            ("graphs_per_function", 8)):
+                            ("graphs_per_function", 8),
+                            ("prefill_long_chunk", 1), ("prefill_activation_bytes", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise KeepKVError(f"{name} must be an integer >= {least}, got {value!r}")

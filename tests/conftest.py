@@ -90,6 +90,17 @@ def qwen_eager(qwen_gguf):
     return load(qwen_gguf, compile=False, device="cpu")
 
 
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """Hugging Face transformers' SmolLM2 from the same GGUF (float32, eval; a test-only reference): parsed once
+    per session (transformers' GGUF reader takes most of half a minute). Tests that change it restore it."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one thread (synchronisation would dominate, and the box may be shared); restored after."""

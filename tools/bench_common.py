@@ -8,7 +8,9 @@ first on the import path, and keepkv is imported as the installed package (``pip
   bytes read + written / time, median of runs) — the denominator of the "fraction of the bandwidth bound";
 - :func:`read_bandwidth`: the read-only stream rate (``sum`` of a 512 MB buffer), reported beside it;
 - :func:`median_time`: median wall time of a callable over ``runs`` after ``warmup`` calls;
-- :func:`write_json`, :func:`rss_bytes`, :func:`peak_rss_bytes`.
+- :func:`record_round`: one engine's result of a timed round (warm-up dropped, load average kept);
+- :func:`write_json`, :func:`write_rows`, :func:`print_row`, :func:`save_figure`, :func:`rss_bytes`,
+  :func:`peak_rss_bytes`.
 
 Every timed run is meant to run under ``flock /tmp/keepkv-cpu.lock`` with ``OMP_NUM_THREADS`` set.
 """
@@ -137,6 +139,39 @@ def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def write_rows(name: str, benchmark: str, runs: int, rows: list[dict]) -> Path:
+    """A table of measured rows as ``results/bench/<name>``, with the machine's facts and the number of runs."""
+    return write_json(name, {"benchmark": benchmark, "machine": machine_facts(), "runs": runs, "rows": rows})
+
+
+def record_round(runs: dict[str, list[dict]], key: str, round_index: int, rounds: int, result: dict,
+                 line: str) -> None:
+    """One engine's result in round ``round_index`` of ``rounds`` (round 0 is the warm-up and is not kept): the
+    1-minute load average after it goes into the result (above the thread count, something else ran), and
+    ``line`` is printed after the round's tag."""
+    result["loadavg_1m_after"] = os.getloadavg()[0]
+    tag = "warm-up" if round_index == 0 else f"run {round_index}/{rounds}"
+    print(f"  [{tag}] {key:28s} {line}", flush=True)
+    if round_index > 0:
+        runs[key].append(result)
+
+
+def print_row(row: dict, digits: int = 3) -> None:
+    """One measured row as a JSON line (floats rounded to ``digits``), flushed so progress shows as it runs."""
+    print(json.dumps({k: (round(v, digits) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Lay out, write (the folder made if needed) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
     return path
 
 

@@ -158,6 +158,16 @@ def time_kernel(fn, inner: int, runs: int) -> float:
     return seconds / inner
 
 
+def attention_points(args, q_len: int):
+    """``(case, row)`` for every model shape x dtype x capacity of ``args``: the kernels' inputs
+    (:func:`attention_case`) and the start of that point's result row."""
+    for model in args.models:
+        for dtype_name in args.dtypes:
+            for capacity in args.capacities:
+                case = attention_case(SHAPES[model], capacity, q_len, bc.dtype_of(dtype_name))
+                yield case, {"model_shapes": model, "dtype": dtype_name, "capacity": capacity, "q_len": q_len}
+
+
 def cmd_attention(args) -> None:
     from keepkv.ops.attention import (
         decode_kernel_for, vote_attention_flex, vote_attention_packed, vote_attention_reference, vote_attention_sdpa,
@@ -167,30 +177,22 @@ def cmd_attention(args) -> None:
     packed = torch.compile(vote_attention_packed, fullgraph=True, dynamic=False)
     sdpa_kernel = torch.compile(vote_attention_sdpa, fullgraph=True, dynamic=False)
     rows = []
-    for model in args.models:
-        for dtype_name in args.dtypes:
-            dtype = bc.dtype_of(dtype_name)
-            for capacity in args.capacities:
-                case = attention_case(SHAPES[model], capacity, 1, dtype)
-                reference = vote_attention_reference(*case).float()
-                row = {"model_shapes": model, "dtype": dtype_name, "capacity": capacity, "q_len": 1}
-                for kernel, fn in (("flex", vote_attention_flex), ("sdpa_additive_bias", sdpa),
-                                   ("packed", packed), ("sdpa_kernel", sdpa_kernel)):
-                    out = fn(*case)
-                    row[f"{kernel}_max_abs_error"] = (out.float() - reference).abs().max().item()
-                    row[f"{kernel}_us"] = time_kernel(lambda: fn(*case), inner=20, runs=args.runs) * 1e6
-                row["flex_over_sdpa"] = row["flex_us"] / row["sdpa_additive_bias_us"]
-                row["flex_over_packed"] = row["flex_us"] / row["packed_us"]
-                # what keepkv's decode step runs here (RuntimeOptions.decode_kernel = "auto"): packed or keepkv's SDPA call
-                row["decode_kernel"] = decode_kernel_for(dtype, capacity)
-                row["decode_us"] = row["packed_us" if row["decode_kernel"] == "packed" else "sdpa_kernel_us"]
-                rows.append(row)
-                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
-                      flush=True)
-    bc.write_json("decode_attention.json", {
-        "benchmark": "attention kernels, decode (q_len = 1), compiled, per layer call",
-        "machine": bc.machine_facts(), "runs": args.runs, "rows": rows,
-    })
+    for case, row in attention_points(args, q_len=1):
+        reference = vote_attention_reference(*case).float()
+        for kernel, fn in (("flex", vote_attention_flex), ("sdpa_additive_bias", sdpa),
+                           ("packed", packed), ("sdpa_kernel", sdpa_kernel)):
+            out = fn(*case)
+            row[f"{kernel}_max_abs_error"] = (out.float() - reference).abs().max().item()
+            row[f"{kernel}_us"] = time_kernel(lambda: fn(*case), inner=20, runs=args.runs) * 1e6
+        row["flex_over_sdpa"] = row["flex_us"] / row["sdpa_additive_bias_us"]
+        row["flex_over_packed"] = row["flex_us"] / row["packed_us"]
+        # what keepkv's decode step runs here (RuntimeOptions.decode_kernel = "auto"): packed or keepkv's SDPA call
+        row["decode_kernel"] = decode_kernel_for(case[0].dtype, row["capacity"])
+        row["decode_us"] = row["packed_us" if row["decode_kernel"] == "packed" else "sdpa_kernel_us"]
+        rows.append(row)
+        bc.print_row(row, digits=3)
+    bc.write_rows("decode_attention.json", "attention kernels, decode (q_len = 1), compiled, per layer call",
+                  args.runs, rows)
 
 
 # ---- compile cost ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import RESULTS, ROOT, machine_facts, write_json
+from bench_common import RESULTS, ROOT, machine_facts, record_round, save_figure, write_json
 
 PEERS = ROOT / "tools" / "peers"
 VENVS = ROOT / ".cache" / "peers"
@@ -168,12 +168,9 @@ def bench_model(name: str, args: argparse.Namespace, log_dir: Path) -> dict:
             for key, fn in engines.items():
                 started = time.perf_counter()
                 result = fn()
-                result["loadavg_1m_after"] = os.getloadavg()[0]  # > threads: something else ran (see log)
-                tag = "warm-up" if round_index == 0 else f"run {round_index}/{args.runs}"
-                print(f"  [{tag}] {key:28s} decode {result['decode_tokens_per_second']:7.2f} tok/s  prefill "
-                      f"{result['prefill_seconds']:6.2f}s  ({time.perf_counter() - started:.0f}s)", flush=True)
-                if round_index > 0:
-                    runs[key].append(result)
+                record_round(runs, key, round_index, args.runs, result,
+                             f"decode {result['decode_tokens_per_second']:7.2f} tok/s  prefill "
+                             f"{result['prefill_seconds']:6.2f}s  ({time.perf_counter() - started:.0f}s)")
     finally:
         hf.close()
         kvp.close()
@@ -247,10 +244,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel("decode tokens/s (median)")
         ax.set_title(f"{res['model']}\n{res['prompt_tokens']} prompt tokens, {res['dtype']}", fontsize=9)
     fig.suptitle("keepkv vs transformers generate() (full cache) and kvpress (10% budget)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

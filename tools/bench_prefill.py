@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 import bench_common as bc
-from bench_decode import SHAPES, attention_case, sdpa_additive, time_kernel
+from bench_decode import attention_points, sdpa_additive, time_kernel
 
 
 def cmd_attention(args) -> None:
@@ -44,26 +44,18 @@ def cmd_attention(args) -> None:
 
     sdpa = torch.compile(sdpa_additive, fullgraph=True, dynamic=False)
     rows = []
-    for model in args.models:
-        for dtype_name in args.dtypes:
-            dtype = bc.dtype_of(dtype_name)
-            for capacity in args.capacities:
-                case = attention_case(SHAPES[model], capacity, args.chunk, dtype)
-                row = {"model_shapes": model, "dtype": dtype_name, "capacity": capacity, "q_len": args.chunk}
-                reference = vote_attention_reference(*case).float() if capacity <= 4096 else None
-                for kernel, fn in (("flex", vote_attention_flex), ("sdpa_additive_bias", sdpa)):
-                    out = fn(*case)
-                    if reference is not None:
-                        row[f"{kernel}_max_abs_error"] = (out.float() - reference).abs().max().item()
-                    row[f"{kernel}_ms"] = time_kernel(lambda: fn(*case), inner=2, runs=args.runs) * 1e3
-                row["flex_over_sdpa"] = row["flex_ms"] / row["sdpa_additive_bias_ms"]
-                rows.append(row)
-                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
-                      flush=True)
-    bc.write_json("prefill_attention.json", {
-        "benchmark": "attention kernels for one prefill chunk, compiled, per layer call",
-        "machine": bc.machine_facts(), "runs": args.runs, "rows": rows,
-    })
+    for case, row in attention_points(args, q_len=args.chunk):
+        reference = vote_attention_reference(*case).float() if row["capacity"] <= 4096 else None
+        for kernel, fn in (("flex", vote_attention_flex), ("sdpa_additive_bias", sdpa)):
+            out = fn(*case)
+            if reference is not None:
+                row[f"{kernel}_max_abs_error"] = (out.float() - reference).abs().max().item()
+            row[f"{kernel}_ms"] = time_kernel(lambda: fn(*case), inner=2, runs=args.runs) * 1e3
+        row["flex_over_sdpa"] = row["flex_ms"] / row["sdpa_additive_bias_ms"]
+        rows.append(row)
+        bc.print_row(row, digits=4)
+    bc.write_rows("prefill_attention.json", "attention kernels for one prefill chunk, compiled, per layer call",
+                  args.runs, rows)
 
 
 def memory_worker(args) -> dict:

@@ -26,8 +26,10 @@ is replaced when re-run)::
         --dtype float32 --context 4096 --new-tokens 64 256 --runs 5
     .venv/bin/python tools/bench_request.py --report --readme   # table + PNG (+ README) from the JSON, nothing run
 
-``--full-chunk-sizes 2048`` adds keepkv full-cache engines with other prefill chunk sizes (the full cache's results
-do not depend on the chunk; the compressed caches' do, so their chunk stays keepkv's default).
+``keepkv_full`` is ``load()``'s default (512-token prefill chunks; ``prefill_chunk_size=None`` opts into long chunks
+for the full cache, ``keepkv.generate.automatic_long_chunk``). ``--full-chunk-sizes 2048 4096`` adds keepkv full-cache
+engines with explicit prefill chunk sizes (the full cache's results do not depend on the chunk; the compressed
+caches' do, so their chunk stays keepkv's default, 512).
 
 Writes ``results/bench/request.json`` and ``results/bench/request.png``; prints a markdown table.
 """
@@ -42,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import RESULTS, ROOT, machine_facts, write_json
+from bench_common import RESULTS, ROOT, machine_facts, record_round, save_figure, write_json
 from bench_peers import ASSETS, PROMPTS, PeerWorker, prompt_ids, write_prompt_file
 
 OUT = "request"
@@ -127,13 +129,10 @@ def bench_point(name: str, dtype: str, context: int, args: argparse.Namespace) -
             for key in order:
                 result = engines[key]()
                 metrics = request_metrics(result, args.new_tokens)
-                metrics["loadavg_1m_after"] = os.getloadavg()[0]
                 metrics["tokens"] = result["tokens"][:16]
-                tag = "warm-up" if round_index == 0 else f"run {round_index}/{args.runs}"
-                print(f"  [{tag}] {key:26s} ttft {metrics['ttft_seconds']:6.2f}s  total({n_max}) "
-                      f"{metrics[f'total_seconds_at_{n_max}']:6.2f}s", flush=True)
-                if round_index > 0:
-                    runs[key].append(metrics)
+                record_round(runs, key, round_index, args.runs, metrics,
+                             f"ttft {metrics['ttft_seconds']:6.2f}s  total({n_max}) "
+                             f"{metrics[f'total_seconds_at_{n_max}']:6.2f}s")
     finally:
         for worker in workers:
             worker.close()
@@ -240,10 +239,7 @@ def plot(points: list[dict], path: Path) -> None:
         ax.set_title(f"{p['model']} {p['dtype']}\n{p['prompt_tokens']} prompt tokens", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle("whole request: keepkv vs transformers (full)\nand kvpress (SnapKV, 10%)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

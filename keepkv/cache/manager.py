@@ -19,7 +19,13 @@ to get the caches after a call (the engine attaches what it gets; a new list mea
     ``W`` amortises the compression over ``W`` steps. Methods that compress only once (SnapKV, PyramidKV) let
     the cache grow by the new tokens instead.
 
-  Peak cache memory is therefore ``max(B + chunk, B + W)`` slots per head, whatever the prompt length.
+  Peak cache memory is therefore ``max(B + chunk, B + W)`` slots per head, whatever the prompt length (a
+  compiled engine pads the last chunk to a whole one: a prompt of at most ``B + chunk`` tokens, compressed only
+  at the end, then gets its chunk-padded length, less than ``B + 2 chunk``, so that compiled and eager engines
+  compress at the same points). A compression made before the whole prompt is read (mid-prompt) cannot see a
+  question at the prompt's end: it uses the method's query-agnostic form
+  (:meth:`~keepkv.cache.policy.CompressionMethod.for_query_agnostic`); the compression at the end of prefill and
+  those of decoding use the method itself.
   ``prefill_compression="once"`` instead keeps the whole prompt through prefill (the full cache's memory for it)
   and compresses once at its end, as the official KeepKV / SnapKV code and kvpress do: every kept entry is then
   chosen by the prompt's last queries (a question at the end of a long prompt sees the whole context).
@@ -185,8 +191,11 @@ class CompressedCacheManager(FullCacheManager):
         if prefill_compression not in PREFILL_COMPRESSION:
             raise ValueError(f"prefill_compression must be one of {PREFILL_COMPRESSION}, got {prefill_compression!r}")
         self.method, self.kv_budget, self.decode_slack = method, kv_budget, decode_slack
+        # compressions made before the whole prompt is read cannot see a question at its end
+        self.context_method = method.for_query_agnostic()
         if compiled_ops is not None:  # the method's compression ops compile with the model (None: leave as set)
-            method.use_compiled_ops = compiled_ops
+            for each in self.methods:
+                each.use_compiled_ops = compiled_ops
         self.prefill_compression = prefill_compression
         self.budget = 0
         self.compressions = 0
@@ -199,9 +208,16 @@ class CompressedCacheManager(FullCacheManager):
         self.room = 0
         self.decoding = False  # True after end_prefill: each layer then stays within its slots_l + room
 
+    @property
+    def methods(self) -> list[CompressionMethod]:
+        """The method and, when it differs, its :attr:`context_method` (both get the model, the compiled-ops
+        setting and the per-generation reset)."""
+        return [self.method] if self.context_method is self.method else [self.method, self.context_method]
+
     def bind_network(self, network: nn.Module) -> None:
         """Give the method the model it compresses (CriticalKV reads each layer's ``o_proj`` weight)."""
-        self.method.bind_model(network)
+        for each in self.methods:
+            each.bind_model(network)
         self.head_shard = head_shard_of(network)  # tensor parallelism: this rank's KV heads (keepkv.distributed)
 
     def start_from_prefill(self, source: list[LayerKVCache], prompt_tokens: int, max_new_tokens: int,
@@ -222,7 +238,8 @@ class CompressedCacheManager(FullCacheManager):
         self.budget = self._budget_for(prompt_tokens, max_new_tokens)
         self.row_budgets = [self.budget] * batch
         self.max_new_tokens = max_new_tokens
-        self.method.reset_state()
+        for each in self.methods:
+            each.reset_state()
         self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
         self.budgets_measured = False
         self.compressions = 0
@@ -283,9 +300,13 @@ class CompressedCacheManager(FullCacheManager):
         # of inductor). Such generations compress eagerly (at compressions only; the decode step stays compiled)
         varied = len(set(self.layer_budgets)) > 1
         if varied and self.method.use_compiled_ops:
-            self.method.use_compiled_ops, self.compiled_ops_suspended = False, True
+            self.compiled_ops_suspended = True
+            for each in self.methods:
+                each.use_compiled_ops = False
         elif not varied and self.compiled_ops_suspended:
-            self.method.use_compiled_ops, self.compiled_ops_suspended = True, False
+            self.compiled_ops_suspended = False
+            for each in self.methods:
+                each.use_compiled_ops = True
 
     def layer_capacity(self, room: int) -> int:
         """The capacity of every layer's buffer: ``max_l slots_l + room`` (one shape for all layers: the compiled
@@ -333,17 +354,20 @@ class CompressedCacheManager(FullCacheManager):
         lengths = row_prompt_tokens if row_prompt_tokens is not None else [prompt_tokens] * batch_size
         self.row_budgets = [self._row_budget(length, max_new_tokens) for length in lengths]
         self.max_new_tokens = max_new_tokens
-        self.method.reset_state()
+        for each in self.methods:
+            each.reset_state()
         self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
         self.budgets_measured = False
         self.room = chunk
         self.decoding = False
-        # a prompt that fits in the budgeted slots (or in fewer than slots + chunk) needs no more than its padded
-        # length: no compression during prefill, the capacity of the full cache. prefill_compression="once" keeps
-        # the whole prompt (the full cache's prefill memory) and compresses once, in end_prefill
+        # a prompt of at most slots + chunk tokens is not compressed during prefill: it gets its padded length, the
+        # capacity of the full cache (a compiled engine pads the last chunk to a whole one, so this may pass
+        # slots + chunk by less than a chunk; capping it would make a compiled engine compress where an eager one
+        # does not). prefill_compression="once" keeps the whole prompt (the full cache's prefill memory) and
+        # compresses once, in end_prefill
         slots = max(self.layer_slots)
         capacity = max(slots, padded_prompt_tokens)
-        if self.prefill_compression == "chunked":
+        if self.prefill_compression == "chunked" and prompt_tokens > slots + chunk:
             capacity = min(slots + chunk, capacity)
         self.caches = self._new_caches(batch_size, capacity)
         self.cursors = [0] * self.config.num_layers
@@ -365,11 +389,13 @@ class CompressedCacheManager(FullCacheManager):
         if measured is not None:
             self._set_layer_budgets(measured)
 
-    def compress_all(self) -> None:
+    def compress_all(self, method: CompressionMethod | None = None) -> None:
+        """Compress every layer to its budget with ``method`` (default: :attr:`method`)."""
+        method = self.method if method is None else method
         self._measure_budgets()
         with torch.inference_mode():
             for layer, cache in enumerate(self.caches):
-                self.method.compress(cache, layer, self.layer_budgets[layer])
+                method.compress(cache, layer, self.layer_budgets[layer])
         self.cursors = [min(slots, cache.capacity) for slots, cache in zip(self.layer_slots, self.caches)]
         self.filled = max(self.cursors)
         self.compressions += 1
@@ -384,10 +410,11 @@ class CompressedCacheManager(FullCacheManager):
 
     def make_room(self, new_tokens: int) -> list[LayerKVCache]:
         """Compress every layer to its budget when ``new_tokens`` would not fit in some layer. Returns the caches
-        (new ones only when measured layer budgets re-size them at the first compression)."""
+        (new ones only when measured layer budgets re-size them at the first compression). A compression inside
+        prefill runs before the rest of the prompt is read, so it uses :attr:`context_method`."""
         if self._fits(new_tokens):
             return self.caches
-        self.compress_all()
+        self.compress_all(self.method if self.decoding else self.context_method)
         with torch.inference_mode():
             self._resize(self.room)
         if not self._fits(new_tokens):

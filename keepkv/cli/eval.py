@@ -60,7 +60,8 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
         parser.add_argument("--depths", type=_floats, default=None, help="needle depths in [0, 1], e.g. 0.1,0.5,0.9")
         parser.add_argument("--samples", type=int, default=None, help="haystack/needle draws per length and depth")
         parser.add_argument("--protocols", default=None,
-                            help="comma list of agnostic (question after compression), aware (question compressed)")
+                            help="comma list of agnostic (question after compression), aware (question compressed), "
+                            "chunked (generate()'s chunked prefill of the whole prompt)")
     if task == "qa":
         parser.add_argument("--count", type=int, default=None, help="number of questions")
         parser.add_argument("--context-tokens", type=int, default=None)
@@ -77,7 +78,8 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
                             help="haystack text of the needle tasks (default: essays)")
     if task == "tasks":
         parser.add_argument("--protocols", default=None,
-                            help="comma list of aware (question compressed), agnostic (question after compression)")
+                            help="comma list of aware (question compressed), agnostic (question after compression), "
+                            "chunked (generate()'s chunked prefill of the whole prompt: compressions mid-prompt)")
         parser.add_argument("--dataset", default=None, metavar="PATH",
                             help="run the records of a .jsonl / .parquet file with kvpress's columns (context, "
                             "question, answer_prefix, answers, max_new_tokens) instead of generating tasks")

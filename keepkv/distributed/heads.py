@@ -18,7 +18,7 @@ one *is* the plain op, so the single-process code path is unchanged:
 - :func:`first_kv_head`: the global index of the rank's first KV head (CaM's per-head random stream).
 
 Each rank then makes the same decision as the single process makes for those heads, so the kept set is the
-single-process one (``tests/test_tp.py`` compares the caches). The collectives are PyTorch's functional
+single-process one (``tests/distributed/test_tp.py`` compares the caches). The collectives are PyTorch's functional
 collectives (``torch.distributed._functional_collectives``): plain ops in eager mode and traced ops inside
 ``torch.compile`` graphs (the compiled decode step and KeepKV's compiled compression), no host sync.
 

@@ -21,7 +21,7 @@ Compression methods read other ranks' heads only where they reduce over heads; t
 :mod:`keepkv.distributed.heads` (the caches carry the rank's :class:`~keepkv.distributed.heads.HeadShard`).
 
 Results equal the single process's up to float summation order (the all-reduce adds partial sums): greedy tokens
-and kept sets match in float32 (``tests/test_tp.py``). Each rank reads the whole checkpoint and keeps its slice
+and kept sets match in float32 (``tests/distributed/test_tp.py``). Each rank reads the whole checkpoint and keeps its slice
 (peak memory: one full copy of the weights per rank while loading).
 """
 

@@ -1,4 +1,4 @@
-"""The metrics of ``keepkv eval``, each a small function checked on hand-made cases (tests/test_eval_metrics.py).
+"""The metrics of ``keepkv eval``, each a small function checked on hand-made cases (tests/eval/test_eval_metrics.py).
 
 - :func:`kl_divergence`: ``KL(p || q) = sum_v p_v (ln p_v - ln q_v)`` from logits (``p`` the full cache's
   next-token distribution, ``q`` the method's), per position;

@@ -1,13 +1,16 @@
 """The shared runner of NIAH and QA: one full prefill per cell group, then per method and budget compress a copy,
 feed the rest of the prompt, decode greedily, score (see :mod:`keepkv.eval.session`).
 
-Two protocols (spec ``evaluation.md``, always reported side by side):
+Three protocols (spec ``evaluation.md``; the first two always reported side by side):
 
 - ``agnostic`` (kvpress's setting): the context is compressed before the question is read; the question is fed
   after the compression. Metrics keep their names (``niah_exact_match``).
 - ``aware`` (the KeepKV, SnapKV and LongBench setting): the question is part of the compressed prompt; only the
   prompt's last token is fed after the compression (so its logits, and every answer token, come from the
   compressed cache). Metrics get the suffix ``_aware`` (``niah_exact_match_aware``), unit groups ``/aware``.
+- ``chunked`` (what ``generate()`` does by default): the whole prompt, question included, goes through the
+  engine's chunked prefill, which compresses whenever ``budget + chunk`` slots fill (mid-prompt compressions,
+  before the question is read) and once more at its end; no shared prefill. Suffix ``_chunked``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,21 @@ from keepkv.eval.data import PromptCell
 from keepkv.eval.results import MethodConfig, ResultStore, unit_key
 from keepkv.eval.session import EvalModel
 
-PROTOCOLS = ("agnostic", "aware")
+PROTOCOLS = ("agnostic", "aware", "chunked")
+METRIC_SUFFIX = {"agnostic": "", "aware": "_aware", "chunked": "_chunked"}
+
+
+def metric_name(metric: str, protocol: str) -> str:
+    """The row metric of ``metric`` measured under ``protocol`` (``niah_exact_match_aware``)."""
+    return metric + METRIC_SUFFIX[protocol]
+
+
+def protocol_of(row: dict[str, Any]) -> str:
+    """The protocol of a result row (its ``protocol`` field; rows older than the field: from the metric suffix)."""
+    if row.get("protocol"):
+        return str(row["protocol"])
+    metric = str(row.get("metric", ""))
+    return next((p for p, suffix in METRIC_SUFFIX.items() if suffix and metric.endswith(suffix)), "agnostic")
 
 
 def run_prompted(
@@ -34,8 +51,8 @@ def run_prompted(
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; allowed: {', '.join(PROTOCOLS)}")
-    if protocol == "aware":
-        groups = {f"{name}/aware": cells for name, cells in groups.items()}
+    if protocol != "agnostic":
+        groups = {f"{name}/{protocol}": cells for name, cells in groups.items()}
     plan = priority_plan(configs, budgets)
     units = [(b, c, g) for c, b in plan for g in groups]
     todo = [(b, c, g) for b, c, g in units if not store.done(unit_key(task, model.name, c, b, g))]
@@ -44,7 +61,7 @@ def run_prompted(
     # every group is prefilled once, up front (memory: a few full caches), so the loop can go budget-major:
     # an interrupted run still has complete comparisons (every configuration, every cell) at the first budgets
     prefills = {}
-    for group in groups:
+    for group in groups if protocol != "chunked" else ():
         pending = [c for b, c, g in todo if g == group]
         if pending:
             bar.set_postfix_str(f"prefill {group}")
@@ -52,15 +69,21 @@ def run_prompted(
     for budget, config, group in todo:
         cells = groups[group]
         bar.set_postfix_str(f"{group} {config.label} {budget}")
-        answers, kept = model.answer(prefills[group], config, budget, [fed_part(cell, protocol) for cell in cells],
-                                     max(cell.max_new_tokens for cell in cells), decode_slack=decode_slack,
-                                     query_agnostic=protocol == "agnostic")
+        max_new_tokens = max(cell.max_new_tokens for cell in cells)
+        if protocol == "chunked":
+            answers, kept = model.answer_chunked([cell.context_ids + cell.question_ids for cell in cells], config,
+                                                 budget, max_new_tokens, decode_slack=decode_slack)
+        else:
+            answers, kept = model.answer(prefills[group], config, budget, [fed_part(cell, protocol) for cell in cells],
+                                         max_new_tokens, decode_slack=decode_slack,
+                                         query_agnostic=protocol == "agnostic")
         rows: list[dict[str, Any]] = []
         for cell, ids in zip(cells, answers):
             text = model.tokenizer.decode(ids)
             for metric, value in score(text, cell).items():
                 rows.append({
-                    "metric": metric if protocol == "agnostic" else f"{metric}_aware", "protocol": protocol, "value": value, "model": model.name, **config.row_fields(),
+                    "metric": metric_name(metric, protocol), "protocol": protocol, "value": value,
+                    "model": model.name, **config.row_fields(),
                     "budget": budget, "kept_entries_per_head": kept,
                     "cell": cell.cell, "seed": seed, "answer": text, "context_tokens": len(cell.context_ids),
                     "decode_slack": decode_slack, **{k: v for k, v in cell.extra.items()},

@@ -54,10 +54,9 @@ def label(row: dict[str, Any]) -> str:
 def compressed_before_question(row: dict[str, Any]) -> bool:
     """Whether the row's compression ran before its question was read (the query-agnostic protocol of the
     prompted tasks: ``tasks``, ``niah``, ``qa``)."""
-    if row.get("task") not in ("tasks", "niah", "qa"):
-        return False
-    return (row.get("protocol") or ("aware" if str(row.get("metric", "")).endswith("_aware") else "agnostic")) \
-        == "agnostic"
+    from keepkv.eval.prompted import protocol_of
+
+    return row.get("task") in ("tasks", "niah", "qa") and protocol_of(row) == "agnostic"
 
 
 def _behaviour_before_options(row: dict[str, Any]) -> dict[str, Any]:

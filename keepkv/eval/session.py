@@ -7,6 +7,8 @@
   (``GenerationEngine.start_from_prefill``, the kvpress protocol "full prefill, then compress"), the question is
   fed after the compression (``GenerationEngine.extend``), and the answer is decoded greedily with the method's
   decode-time behaviour (compression back to the budget every ``decode_slack`` new tokens).
+- :meth:`EvalModel.answer_chunked`: the path of ``generate()`` (no shared prefill): the whole prompt is prefilled in
+  chunks, compressed whenever ``budget + chunk`` slots fill and at the end, then the answer is decoded.
 - :meth:`EvalModel.engine_for`: a :class:`~keepkv.generate.GenerationEngine` for one configuration over the shared
   weights (eager: ``compile=False``; every budget would be a new compiled graph, 60-90 s each).
 
@@ -122,10 +124,33 @@ class EvalModel:
         engine.start_from_prefill(prefill.caches, prefill.width, suffix_ids.shape[1] + max_new_tokens)
         kept = float(engine.cache_manager.entries_per_head().float().mean())
         positions = prefill.lengths[:, None] + positions_from_valid(suffix_valid)
-        eos = torch.tensor(list(self.tokenizer.eos_token_ids) or [-1], device=self.device)
         with torch.inference_mode():
             logits = engine.extend(suffix_ids, positions, suffix_valid)[:, -1]
-            next_position = positions[:, -1] + 1
+        return self._greedy(engine, logits, positions[:, -1] + 1, max_new_tokens), kept
+
+    def answer_chunked(self, rows: list[list[int]], config: MethodConfig, budget: float | int,
+                       max_new_tokens: int, decode_slack: int = 64) -> tuple[list[list[int]], float]:
+        """The path of ``generate()``: prefill whole prompts (left-padded ``rows``, question included) in chunks of
+        ``prefill_chunk_size``, compressing whenever ``budget + chunk`` slots fill and at the end of prefill, then
+        decode greedily. The first answer token comes from the prefill's logits (before the end-of-prefill
+        compression), as in ``generate()``. Returns (new token ids per row, kept entries per head after the
+        end-of-prefill compression)."""
+        engine = self.engine_for(config, budget, decode_slack=decode_slack)
+        input_ids, valid = left_pad(rows, self.pad_id, self.device)
+        engine.prepare_caches(input_ids.shape[0], input_ids.shape[1], max_new_tokens,
+                              row_prompt_tokens=[len(r) for r in rows])
+        with torch.inference_mode():
+            logits, lengths = engine.prefill(input_ids, valid)
+            engine.end_prefill()
+        kept = float(engine.cache_manager.entries_per_head().float().mean())
+        return self._greedy(engine, logits, lengths, max_new_tokens), kept
+
+    def _greedy(self, engine: GenerationEngine, logits: Tensor, next_position: Tensor,
+                max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers from the first token's ``logits [B, vocab]`` (next positions ``[B]``) until every row
+        emitted an end token or ``max_new_tokens``; each row's tokens before its first end token."""
+        eos = torch.tensor(list(self.tokenizer.eos_token_ids) or [-1], device=self.device)
+        with torch.inference_mode():
             token = logits.argmax(dim=-1)
             finished = torch.isin(token, eos)
             generated = [token]
@@ -147,4 +172,4 @@ class EvalModel:
                     break
                 out.append(t)
             answers.append(out)
-        return answers, kept
+        return answers

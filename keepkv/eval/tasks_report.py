@@ -29,7 +29,10 @@ def task_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The headline-accuracy rows of ``keepkv eval tasks`` (both protocols), one per cell (latest wins)."""
     from keepkv.eval.report import distinct_rows
 
-    picked = [r for r in rows if r.get("task") == "tasks" and r["metric"] in (METRIC, f"{METRIC}_aware")]
+    from keepkv.eval.prompted import PROTOCOLS, metric_name
+
+    metrics = {metric_name(METRIC, protocol) for protocol in PROTOCOLS}
+    picked = [r for r in rows if r.get("task") == "tasks" and r["metric"] in metrics]
     return distinct_rows(picked)
 
 
@@ -38,7 +41,17 @@ def family_of(row: dict[str, Any]) -> str:
 
 
 def protocol_of(row: dict[str, Any]) -> str:
-    return str(row.get("protocol") or ("aware" if row["metric"].endswith("_aware") else "agnostic"))
+    from keepkv.eval.prompted import protocol_of
+
+    return protocol_of(row)
+
+
+PANEL_TITLES = {"aware": "query-aware", "agnostic": "query-agnostic", "chunked": "chunked prefill (generate())"}
+PROTOCOL_TITLES = {
+    "aware": "query-aware: the question is compressed with the context",
+    "agnostic": "query-agnostic: the context is compressed before the question is read",
+    "chunked": "generate()'s chunked prefill: compressed whenever budget + chunk slots fill, question included",
+}
 
 
 def stratified_interval(by_family: dict[str, list[float]], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -82,14 +95,12 @@ def tables(summary: dict[tuple, dict[str, Any]]) -> str:
 
     out = []
     for model in sorted({k[0] for k in summary}):
-        for protocol in ("aware", "agnostic"):
+        for protocol, title in PROTOCOL_TITLES.items():
             keys = [k for k in summary if k[0] == model and k[1] == protocol]
             if not keys:
                 continue
             families = sorted({f for k in keys for f in summary[k]["families"]})
             counts = sorted({summary[k]["families"][f][3] for k in keys for f in summary[k]["families"]})
-            title = "query-aware: the question is compressed with the context" if protocol == "aware" else \
-                "query-agnostic: the context is compressed before the question is read"
             out.append(f"**{model}**, {title} (each cell: mean [95% bootstrap interval]; samples per family cell: "
                        f"{', '.join(map(str, counts))})\n")
             out.append("| method | budget | kept / head | " + " | ".join(families) + " | mean over tasks |")
@@ -114,7 +125,7 @@ def plot_tasks(summary: dict[tuple, dict[str, Any]], model: str, path: Path) -> 
 
     from keepkv.eval.report import _order, is_full, is_peer
 
-    protocols = [p for p in ("aware", "agnostic") if any(k[0] == model and k[1] == p for k in summary)]
+    protocols = [p for p in PROTOCOL_TITLES if any(k[0] == model and k[1] == p for k in summary)]
     if not protocols:
         return False
     fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 4.2), squeeze=False)
@@ -142,7 +153,7 @@ def plot_tasks(summary: dict[tuple, dict[str, Any]], model: str, path: Path) -> 
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("budget (% of context)")
         ax.set_ylabel("mean accuracy over task families")
-        ax.set_title(f"query-{protocol}")
+        ax.set_title(PANEL_TITLES[protocol])
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"{model}: RULER-style tasks (95% stratified bootstrap intervals)")
     fig.tight_layout()

@@ -49,7 +49,7 @@ class LanguageModel:
 
     def __init__(
         self, network: Transformer, tokenizer: Tokenizer, *, name: str, source: str, method: str,
-        kv_budget: float | int | None, compile: bool, prefill_chunk_size: int,
+        kv_budget: float | int | None, compile: bool, prefill_chunk_size: int | None,
         method_object: CompressionMethod | None = None, decode_slack: int = 64, prefill_compression: str = "chunked",
         runtime: RuntimeOptions = DEFAULT_RUNTIME,
     ) -> None:

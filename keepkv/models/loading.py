@@ -101,7 +101,7 @@ def check_load_arguments(
         if not name_or_path.strip():
             raise KeepKVError("name_or_path is empty: give a model name, a folder or a .gguf file")
     require_bool(compile, "compile")
-    require_int(prefill_chunk_size, "prefill_chunk_size", 1)
+    require_int(prefill_chunk_size, "prefill_chunk_size", 1, allow_none=True)
     require_int(decode_slack, "decode_slack", 1, allow_none=True)
     if decode_slack is not None and kv_budget is None:
         raise KeepKVError(
@@ -116,7 +116,7 @@ def check_load_arguments(
 def load(
     name_or_path: str | Path, kv_budget: float | int | None = None, method: str | None = None, *,
     dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None, compile: bool = True,
-    prefill_chunk_size: int = 512, decode_slack: int | None = None, prefill_compression: str | None = None,
+    prefill_chunk_size: int | None = 512, decode_slack: int | None = None, prefill_compression: str | None = None,
     revision: str | None = None, local_files_only: bool | None = None, tp: int = 1,
     runtime: RuntimeOptions | None = None, **method_options: Any,
 ) -> LanguageModel:
@@ -132,7 +132,12 @@ def load(
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``; weights are cast straight into it.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: cuda if available).
         compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
-        prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory).
+        prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory; default 512). ``None``:
+            automatic (opt-in until measured in float32), 512 (:data:`keepkv.generate.DEFAULT_PREFILL_CHUNK`) for a cache compressed during prefill
+            (its chunk decides when it compresses), and for caches whose results do not depend on the chunk (the
+            full cache, ``prefill_compression="once"``) longer chunks of up to ``runtime.prefill_long_chunk``
+            tokens within ``runtime.prefill_activation_bytes`` of activations (faster; the same results up to
+            float rounding). An integer is used as given for every prompt.
         decode_slack: ``W``, new tokens a compressed cache takes before it is compressed back to the budget
             (``1`` = every step, as in the papers; larger amortises the compression cost); ``None`` means
             ``64``. It only means something for a compressed cache, so giving it without a ``kv_budget`` is an

@@ -15,7 +15,7 @@ the vocabulary, the BPE merges, token types and the *name* of llama.cpp's pre-to
 - decoder: ``ByteLevel``. A BOS token is prepended only if the file sets ``add_bos_token``.
 
 Differences from ``transformers``' GGUF tokenizer (``AutoTokenizer.from_pretrained(dir, gguf_file=...)``),
-checked by ``tests/test_tokenizer.py``:
+checked by ``tests/models/test_tokenizer.py``:
 
 - ``qwen2``: identical ids on NFC text. On decomposed (non-NFC) text keepkv, like Qwen's own ``tokenizer.json``,
   normalises to NFC first; transformers' GGUF tokenizer has no normalizer, so its ids differ there.

@@ -136,10 +136,13 @@ class KeepKV(CompressionMethod):
 
     def for_query_agnostic(self) -> CompressionMethod:
         """A copy ranking with ``last_query_weight = agnostic_last_query_weight`` (``self`` when the two weights
-        agree; in ``X+keepkv`` the selector ranks, see :class:`keepkv.cache.compose.Selected`)."""
+        agree; in ``X+keepkv`` the selector ranks, see :class:`keepkv.cache.compose.Selected`). The copy records
+        its merges in this method's ``stats``."""
         if self.agnostic_last_query_weight == self.last_query_weight:
             return self
-        return dataclasses.replace(self, last_query_weight=self.agnostic_last_query_weight)
+        copy = dataclasses.replace(self, last_query_weight=self.agnostic_last_query_weight)
+        copy.stats = self.stats
+        return copy
 
     def plan_layer_budgets(self, budget: int, num_layers: int) -> list[int]:
         """This method's ``layer_budgets`` schedule (:func:`keepkv.cache.budgets.layer_budget_schedule`; ``cosine``

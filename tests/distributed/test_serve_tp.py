@@ -26,7 +26,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from keepkv.models import load  # noqa: E402
-from tests.test_tp import _free_port, prompt_text, write_tiny_qwen  # noqa: E402
+from tests.distributed.test_tp import _free_port, prompt_text, write_tiny_qwen  # noqa: E402
 
 WORLD = 2
 MODEL_ID = "tiny"

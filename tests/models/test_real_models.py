@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.real_model
-TEXT = (Path(__file__).parent / "data" / "jargon_ch4-6.txt").read_text()
+TEXT = (Path(__file__).parents[1] / "data" / "jargon_ch4-6.txt").read_text()
 SMOLLM2_JARGON_PPL = 30.1194
 PPL_TOKENS = 1024
 
@@ -44,15 +44,10 @@ def test_smollm2_perplexity_matches_the_measured_reference(smollm2_logits, jargo
     assert perplexity(smollm2_logits, jargon_ids) == pytest.approx(SMOLLM2_JARGON_PPL, rel=0.01)
 
 
-def test_smollm2_perplexity_matches_transformers(smollm2_gguf, smollm2_logits, jargon_ids):
+def test_smollm2_perplexity_matches_transformers(hf_smollm2, smollm2_logits, jargon_ids):
     """Within 1% of Hugging Face transformers on the same GGUF file (test-only reference)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    ).eval()
     with torch.no_grad():
-        reference_logits = reference(jargon_ids).logits
+        reference_logits = hf_smollm2(jargon_ids).logits
     assert perplexity(smollm2_logits, jargon_ids) == pytest.approx(perplexity(reference_logits, jargon_ids), rel=0.01)
     assert (reference_logits - smollm2_logits).abs().max() < 1e-3
 

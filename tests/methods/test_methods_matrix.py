@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.manager import CompressedCacheManager
-from keepkv.cache.methods import METHODS, make_method
+from keepkv.cache.methods import METHODS, make_method, option_names
 from keepkv.generate import GenerationEngine
 from keepkv.models.loading import resolve_method
 from keepkv.sampling import SamplingConfig
@@ -34,8 +34,12 @@ from tests.conftest import TINY_VOCAB, tiny_config, tiny_network
 
 HIDDEN = 16  # hidden size of the random o_proj weights bound to CriticalKV at the cache level
 
-# one row per registered method (and the variants worth checking): the options used by these tests
-MATRIX: dict[str, dict] = {
+# the options used by these tests. Every registered method gets a row (:data:`keepkv.cache.methods.METHODS`):
+# a method listed in OWN_OPTIONS takes those, any other the small generic options it accepts (a few sinks and
+# recent tokens, so that the tiny caches below still have entries to evict); a new method is picked up with no
+# edit here. VARIANTS are the composed forms worth checking (adakv-X, X+keepkv).
+SMALL_OPTIONS = dict(sinks=2, window=3)
+OWN_OPTIONS: dict[str, dict] = {
     "streamingllm": dict(window=3),
     "h2o": dict(window=1),
     "snapkv": dict(window=3, kernel_size=3),
@@ -46,6 +50,8 @@ MATRIX: dict[str, dict] = {
     "cam": dict(sinks=2, window=2, merge_span=4),
     "d2o": dict(sinks=2, window=1),
     "keepkv": dict(sinks=2, window=3),
+}
+VARIANTS: dict[str, dict] = {
     "adakv-snapkv": dict(window=3, kernel_size=3),
     "adakv-h2o": dict(),
     "adakv-criticalkv": dict(window=3, kernel_size=3),
@@ -55,6 +61,16 @@ MATRIX: dict[str, dict] = {
     "adakv-criticalkv+keepkv": dict(window=3, kernel_size=3),
     "pyramidkv+keepkv": dict(window=3),
 }
+
+
+def small_options(name: str) -> dict:
+    if name in OWN_OPTIONS:
+        return OWN_OPTIONS[name]
+    accepted = option_names(METHODS[name])
+    return {key: value for key, value in SMALL_OPTIONS.items() if key in accepted}
+
+
+MATRIX: dict[str, dict] = {**{name: small_options(name) for name in METHODS}, **VARIANTS}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -177,8 +193,12 @@ def cache_cases(draw):
     )
 
 
-def test_every_registered_method_has_a_matrix_row():
-    assert set(METHODS) <= set(MATRIX)
+def test_every_registered_method_has_a_matrix_row_that_can_compress_a_tiny_cache():
+    """Rows come from the registry; each protects at most 8 entries, so most of the tiny caches drawn below (6-22
+    tokens) have entries to evict."""
+    assert [name for name in MATRIX if name in METHODS] == list(METHODS)
+    for name in MATRIX:
+        assert make_method(name, **MATRIX[name]).protected_entries <= 8, name
 
 
 @pytest.mark.parametrize("name", list(MATRIX))

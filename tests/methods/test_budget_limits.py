@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from keepkv.cache.budgets import entries_for_budget
 from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
-from keepkv.cache.methods import make_method
+from keepkv.cache.methods import METHODS as REGISTERED, make_method
 from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine
 from keepkv.sampling import SamplingConfig
@@ -106,7 +106,8 @@ def test_batch_shares_the_longest_rows_budget_and_records_each_rows(network):
 
 
 # ---- Hypothesis: run with invariants, or refuse before allocation ----------------------------------------------
-METHODS = ("streamingllm", "h2o", "snapkv", "pyramidkv", "keepkv", "d2o", "adakv-snapkv")
+# every registered method (keepkv.cache.methods.METHODS) and Ada-KV head budgets
+METHODS = (*REGISTERED, "adakv-snapkv")
 
 
 @st.composite

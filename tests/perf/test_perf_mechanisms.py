@@ -7,7 +7,7 @@
 - a compression reads nothing back to the host (no ``.item()``, ``bool()``, ``int()``, ``float()``, ``tolist()``
   on a tensor): on a GPU it never stalls the stream;
 - compression work is per layer per compression (every ``W`` decode steps), never per token.
-No-recompilation over many decode steps is tested in ``tests/test_generation.py``
+No-recompilation over many decode steps is tested in ``tests/models/test_generation.py``
 (``test_compiled_decode_matches_eager_and_never_recompiles``).
 """
 
@@ -28,7 +28,7 @@ from keepkv.ops.attention import (
 )
 from keepkv.runtime import RuntimeOptions
 from tests.conftest import tiny_config
-from tests.test_attention import make_case
+from tests.unit.test_attention import make_case
 
 
 def assert_decode_kernel_equals_reference(kernel, dtype, tol, window, capacity, q_len):

@@ -24,7 +24,7 @@ from keepkv.generate import GenerationEngine
 from keepkv.models.transformer import build_transformer
 
 pytestmark = pytest.mark.real_model
-TEXT = (Path(__file__).parent / "data" / "jargon_ch4-6.txt").read_text()
+TEXT = (Path(__file__).parents[1] / "data" / "jargon_ch4-6.txt").read_text()
 
 
 def expand_kv_heads(network):

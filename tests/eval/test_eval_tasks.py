@@ -192,7 +192,7 @@ def _peer_module(name: str):
     import sys
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "tools" / "peers"
+    folder = Path(__file__).resolve().parents[2] / "tools" / "peers"
     for module in ("peer_common", name):
         if module not in sys.modules:
             spec = importlib.util.spec_from_file_location(module, folder / f"{module}.py")

@@ -25,7 +25,7 @@ from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine
 from keepkv.models import load
 from tests.conftest import tiny_config, tiny_network, write_tiny_tokenizer
-from tests.test_checkpoint import random_state, write_hf_folder, write_tiny_gguf
+from tests.models.test_checkpoint import random_state, write_hf_folder, write_tiny_gguf
 
 
 def tiny_checkpoint(folder: Path, arch: str = "llama") -> Path:

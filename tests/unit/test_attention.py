@@ -74,14 +74,18 @@ def test_votes_equal_duplicated_entries():
     torch.testing.assert_close(with_votes, duplicated, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_empty_rows_give_zeros_not_nan(dtype):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_empty_rows_give_zeros_not_nan(dtype, tol):
+    """A batch row without entries gives zeros (not NaN) in both kernels; the other row's flex output, on the
+    default tile size (one partial tile over a random slot order), equals the reference."""
     q, keys, values, log_votes, kv_positions, q_positions = make_case(2, dtype=dtype)
     log_votes[0] = -math.inf
+    outputs = {}
     for kernel in ("reference", "flex"):
-        out = vote_attention(q, keys, values, log_votes, kv_positions, q_positions, kernel=kernel)
+        out = outputs[kernel] = vote_attention(q, keys, values, log_votes, kv_positions, q_positions, kernel=kernel)
         assert torch.isfinite(out).all()
         assert out[0].abs().max() == 0
+    torch.testing.assert_close(outputs["flex"].float(), outputs["reference"].float(), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -162,20 +166,23 @@ def test_block_mask_classifies_tiles_exactly(seed, window, shuffle, blocks):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_flex_equals_reference(dtype, tol):
     """Compiled FlexAttention (vote score_mod + data-dependent block mask) == dense reference (fp32 1e-5;
-    bf16 2e-2; fp16 2e-3): random slot order, an in-order chunk whose small tiles are full, partial and
-    skipped (float32), a shuffled cache, sliding windows, padding rows, empty slots."""
-    cases = [(make_case(3, dtype=dtype), None, (128, 256)), (make_case(4, dtype=dtype), 7, (128, 256))]
-    # the block-mask cases test masking, which does not depend on the dtype: float32 runs all of them, the
-    # half-precision dtypes the shuffled one (each case is one more compiled kernel)
-    chunk_cases = ((5, None, False), (6, 30, False), (7, None, True)) if dtype == torch.float32 else ((7, None, True),)
-    for seed, window, shuffle in chunk_cases:
-        case = tuple(t.to(dtype) if t.is_floating_point() and i < 3 else t
-                     for i, t in enumerate(chunk_case(seed, shuffle=shuffle)))
-        cases.append((case, window, (8, 16)))
-    for case, window, blocks in cases:
-        flex = vote_attention_flex(*case, sliding_window=window, block_size=blocks)
-        reference = vote_attention_reference(*case, sliding_window=window)
-        torch.testing.assert_close(flex.float(), reference.float(), rtol=tol, atol=tol)
+    bf16 2e-2; fp16 2e-3) with small tiles (8 query rows, 16 slots): a random slot order with 20% empty slots
+    (:func:`make_case`), an in-order chunk whose tiles are full, partial and skipped, a shuffled cache, a sliding
+    window, padding rows. Every case has the chunk's shapes, so one window setting is one compiled kernel: float32
+    runs every case with and without the window (2 kernels); the half-precision dtypes, whose prefill chunks carry
+    the votes as key columns, the windowed ones (1 kernel each; the default tile size and no window are
+    :func:`test_empty_rows_give_zeros_not_nan`'s)."""
+    window = 7
+    random_order = [make_case(seed, dtype=dtype, capacity=100, q_len=40) for seed in (3, 4)]
+    chunks = [tuple(t.to(dtype) if t.is_floating_point() and i < 3 else t
+                    for i, t in enumerate(chunk_case(seed, shuffle=shuffle)))
+              for seed, shuffle in ((5, False), (6, False), (7, True))]
+    windows = (None, window) if dtype == torch.float32 else (window,)
+    for case in (*random_order, *chunks):
+        for sliding_window in windows:
+            flex = vote_attention_flex(*case, sliding_window=sliding_window, block_size=(8, 16))
+            reference = vote_attention_reference(*case, sliding_window=sliding_window)
+            torch.testing.assert_close(flex.float(), reference.float(), rtol=tol, atol=tol)
 
 
 def test_score_mod_and_mask_mod_are_named_closures_reading_captured_tensors():

@@ -2,7 +2,7 @@
 
 Claims: decode(encode(text)) == text (NFC text for Qwen2); Qwen2 ids equal transformers' GGUF tokenizer; SmolLM2 ids
 equal it except for the documented digit-isolation difference (see ``keepkv.models.tokenizer``); chat templates
-render as transformers renders them. The real GGUF files are located as in ``tests/test_checkpoint.py``.
+render as transformers renders them. The real GGUF files are located as in ``tests/models/test_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tokenizers import processors
 from keepkv.errors import KeepKVError
 from keepkv.models.checkpoint import GGUFTokenizerData, read_gguf_tokenizer_data
 from keepkv.models.tokenizer import Tokenizer
-from tests.test_checkpoint import qwen_gguf_path, smollm2_gguf_path
+from tests.models.test_checkpoint import qwen_gguf_path, smollm2_gguf_path
 
 ROUND_TRIP_TEXTS = [
     "Hello, world!",

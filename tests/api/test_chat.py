@@ -22,8 +22,8 @@ from keepkv.errors import KeepKVError
 SYSTEM = "You are a concise assistant."
 QUESTION = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is the capital of France?"}]
 TURNS = ("What is the capital of France?", "And the capital of Italy?")
-DOCUMENT = (Path(__file__).parent / "data" / "jargon_ch4-6.txt").read_text(encoding="utf-8")[:1200]
-REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCUMENT = (Path(__file__).parents[1] / "data" / "jargon_ch4-6.txt").read_text(encoding="utf-8")[:1200]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

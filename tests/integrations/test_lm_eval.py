@@ -50,8 +50,8 @@ from keepkv.errors import KeepKVError  # noqa: E402
 from keepkv.integrations.lm_eval import KeepKVLM  # noqa: E402
 from keepkv.sampling import SamplingConfig  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-TEXT = (Path(__file__).parent / "data" / "jargon_ch4-6.txt").read_text()
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = (Path(__file__).parents[1] / "data" / "jargon_ch4-6.txt").read_text()
 PAIRS = [("The capital of France is", " Paris"), ("One, two, three,", " four, five"), ("", "Hello world")]
 PROMPTS = ["The capital of France is", "List three colours:\n1."]
 

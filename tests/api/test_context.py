@@ -22,7 +22,7 @@ from keepkv.models.language_model import LanguageModel
 from keepkv.sampling import SamplingConfig
 from tests.conftest import tiny_config, tiny_network
 
-TEXT = (Path(__file__).parent / "data" / "jargon_ch4-6.txt").read_text()
+TEXT = (Path(__file__).parents[1] / "data" / "jargon_ch4-6.txt").read_text()
 NEW = 12
 
 

@@ -29,7 +29,7 @@ from keepkv.errors import CheckpointError, KeepKVError
 from keepkv.models import registry
 from keepkv.models.config import SUPPORTED_ARCHITECTURES
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 REQUIRED_NAMES = [
     "Qwen2-7B",

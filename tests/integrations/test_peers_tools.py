@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PEERS = ROOT / "tools" / "peers"
 sys.path.insert(0, str(PEERS))
 sys.path.insert(0, str(ROOT / "tools"))

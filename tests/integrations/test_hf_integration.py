@@ -35,14 +35,13 @@ PROMPT_TOKENS = 240
 CHUNK = 96
 SLACK = 8
 BATCH_NEW_TOKENS = 20  # two decode-time compressions at SLACK = 8
-TEXT = Path(__file__).parent / "data" / "jargon_ch4-6.txt"
+TEXT = Path(__file__).parents[1] / "data" / "jargon_ch4-6.txt"
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_gguf):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    return model.eval()
+def hf_model(hf_smollm2):
+    """The session's transformers SmolLM2 (conftest); ``KVCompression`` restores it on exit."""
+    return hf_smollm2
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,115 @@
+"""Automatic prefill chunks (``prefill_chunk_size=None``, issue 15): long chunks only where the chunk cannot change
+the results (the full cache, ``prefill_compression="once"``), ordinary chunks for caches compressed during prefill
+and for explicit sizes; the same logits as ordinary chunks up to float rounding, and no recompile across prompt
+lengths (at most two chunk shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from keepkv.cache.manager import cache_manager_for
+from keepkv.generate import (
+    DEFAULT_PREFILL_CHUNK, GenerationEngine, activation_bytes_per_token, automatic_long_chunk, chunk_widths,
+)
+from keepkv.models.loading import resolve_method
+from keepkv.runtime import RuntimeOptions
+from keepkv.sampling import SamplingConfig
+from tests.conftest import tiny_config, tiny_network
+
+SMALL_CHUNK, LONG_CHUNK = 16, 64  # a short prompt then takes long chunks (the defaults: 512 and 2048)
+RUNTIME = RuntimeOptions(prefill_long_chunk=LONG_CHUNK)
+
+
+def automatic_engine(network, *, compile=True, manager=None) -> GenerationEngine:
+    engine = GenerationEngine(network, compile=compile, prefill_chunk_size=None, cache_manager=manager,
+                              runtime=RUNTIME)
+    assert engine.automatic_chunks and engine.prefill_chunk_size == DEFAULT_PREFILL_CHUNK
+    engine.prefill_chunk_size = SMALL_CHUNK  # the ordinary chunk, scaled down with the long one
+    return engine
+
+
+@pytest.fixture(scope="module")
+def network():
+    return tiny_network()
+
+
+@pytest.mark.parametrize("chunk,long_chunk", [(16, 16), (16, 64), (512, 2048)])
+def test_chunk_widths_cover_the_prompt_long_pieces_first(chunk, long_chunk):
+    for tokens in (1, 15, 16, 17, 63, 64, 65, 200, 2047, 2048, 4097):
+        widths = chunk_widths(tokens, chunk, long_chunk)
+        assert set(widths) <= {chunk, long_chunk}
+        assert sum(widths) == -(-tokens // chunk) * chunk  # the padded prompt of ordinary chunks
+        assert widths == sorted(widths, reverse=True)
+        assert widths.count(long_chunk if long_chunk > chunk else -1) == (tokens // long_chunk
+                                                                           if long_chunk > chunk else 0)
+
+
+def test_automatic_long_chunk_respects_the_activation_bound():
+    config = tiny_config(hidden_size=256, intermediate_size=1024, num_heads=8, num_kv_heads=2)
+    per_token = activation_bytes_per_token(config, torch.float32)
+    assert per_token == 4 * (4 * 1024 + (2 * 8 + 2 * 2) * 32 + 4 * 256)
+    runtime = RuntimeOptions(prefill_long_chunk=2048, prefill_activation_bytes=per_token * 1000)
+    previous = None
+    for batch in (1, 2, 3, 8):
+        long_chunk = automatic_long_chunk(config, torch.float32, batch, 128, runtime)
+        assert long_chunk % 128 == 0 and 128 <= long_chunk <= 2048
+        assert long_chunk == 128 or batch * long_chunk * per_token <= runtime.prefill_activation_bytes
+        assert previous is None or long_chunk <= previous
+        previous = long_chunk
+    assert automatic_long_chunk(config, torch.float32, 1, 128, runtime) == 896  # 1000 rows -> 7 chunks
+    assert automatic_long_chunk(config, torch.bfloat16, 1, 128, runtime) == 1920  # half the bytes per row
+
+
+def test_only_chunk_independent_caches_take_long_chunks(network):
+    config, dtype, device = network.config, torch.float32, torch.device("cpu")
+    valid = torch.ones(1, 150, dtype=torch.bool)
+    _, keepkv = resolve_method("keepkv", 0.25, {})
+    chunked = cache_manager_for(config, dtype, device, keepkv, 0.25, prefill_compression="chunked", runtime=RUNTIME)
+    once = cache_manager_for(config, dtype, device, keepkv, 0.25, prefill_compression="once", runtime=RUNTIME)
+    expected = {None: LONG_CHUNK, "once": LONG_CHUNK, "chunked": SMALL_CHUNK}
+    for key, manager in ((None, None), ("once", once), ("chunked", chunked)):
+        engine = automatic_engine(network, manager=manager)
+        engine.prepare_caches(1, valid.shape[1], 4)
+        assert engine.long_chunk(valid) == expected[key], key
+        assert engine.long_chunk(valid[:, :LONG_CHUNK - 1]) == SMALL_CHUNK  # shorter than one long chunk
+    left_padded = torch.cat((torch.zeros(1, 5, dtype=torch.bool), valid[:, 5:]), dim=1)
+    assert engine.long_chunk(left_padded) == SMALL_CHUNK  # FlexAttention's chunks keep their size
+    explicit = GenerationEngine(network, compile=True, prefill_chunk_size=SMALL_CHUNK, runtime=RUNTIME)
+    explicit.prepare_caches(1, valid.shape[1], 4)
+    assert not explicit.automatic_chunks and explicit.long_chunk(valid) == SMALL_CHUNK
+    eager = automatic_engine(network, compile=False)
+    eager.prepare_caches(1, valid.shape[1], 4)
+    assert eager.long_chunk(valid) == SMALL_CHUNK  # the eager reference attention materialises T x S scores
+
+
+@pytest.mark.compile
+def test_long_chunks_give_the_same_logits_and_tokens_without_recompiling(network):
+    """Teacher-forced logits and greedy tokens of the full cache with long chunks equal those of ordinary chunks
+    (float rounding); prompts of other lengths (other numbers of long and ordinary chunks) then run with
+    recompilation forbidden."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (1, 150), generator=g)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    plain = GenerationEngine(network, compile=True, prefill_chunk_size=SMALL_CHUNK, runtime=RUNTIME)
+    auto = automatic_engine(network)
+    widths = []
+    forward = auto._forward_chunk
+    auto._forward_chunk = lambda i, p, v: widths.append(i.shape[1]) or forward(i, p, v)
+    expected = plain.teacher_forced_logits(ids, valid)
+    got = auto.teacher_forced_logits(ids, valid)
+    assert widths == [LONG_CHUNK, LONG_CHUNK, SMALL_CHUNK, SMALL_CHUNK]
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+    def greedy(engine, prompt):
+        ok = torch.ones_like(prompt, dtype=torch.bool)
+        return torch.stack(list(engine.generate_tokens(prompt, ok, 6, SamplingConfig())), dim=1)
+
+    assert torch.equal(greedy(auto, ids), greedy(plain, ids))
+    widths.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for length in (140, 100, 70):  # same capacity bucket: the decode graph is shared too
+            greedy(auto, ids[:, :length])
+    assert widths == [LONG_CHUNK, LONG_CHUNK, SMALL_CHUNK] + [LONG_CHUNK] + [SMALL_CHUNK] * 3 + [
+        LONG_CHUNK, SMALL_CHUNK]
