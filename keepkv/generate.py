@@ -43,8 +43,8 @@ from keepkv.runtime import RuntimeOptions
 from keepkv.sampling import SamplingConfig, sample_next_token
 
 DEFAULT_PREFILL_CHUNK = 512
-"""Prompt tokens per prefill forward when ``prefill_chunk_size=None``: the chunk of a compressed cache (its prefill
-buffer holds ``budget + chunk`` slots) and the padding unit of every compiled engine."""
+"""The default prompt tokens per prefill forward, and the ordinary chunk when ``prefill_chunk_size=None``: the chunk of
+a compressed cache (its prefill buffer holds ``budget + chunk`` slots) and the padding unit of a compiled engine."""
 
 
 def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
