@@ -135,15 +135,17 @@ class EvalModel:
         decode greedily. The first answer token comes from the prefill's logits (before the end-of-prefill
         compression), as in ``generate()``. Returns (new token ids per row, kept entries per head after the
         end-of-prefill compression)."""
+        from keepkv.sampling import SamplingConfig
+
         engine = self.engine_for(config, budget, decode_slack=decode_slack)
         input_ids, valid = left_pad(rows, self.pad_id, self.device)
-        engine.prepare_caches(input_ids.shape[0], input_ids.shape[1], max_new_tokens,
-                              row_prompt_tokens=[len(r) for r in rows])
-        with torch.inference_mode():
-            logits, lengths = engine.prefill(input_ids, valid)
-            engine.end_prefill()
-        kept = float(engine.cache_manager.entries_per_head().float().mean())
-        return self._greedy(engine, logits, lengths, max_new_tokens), kept
+        eos = tuple(self.tokenizer.eos_token_ids)
+        steps, kept = [], 0.0
+        for token in engine.generate_tokens(input_ids, valid, max_new_tokens, SamplingConfig(), stop_token_ids=eos):
+            if not steps:  # the end-of-prefill compression has run
+                kept = float(engine.cache_manager.entries_per_head().float().mean())
+            steps.append(token)
+        return self._until_end(torch.stack(steps, dim=1).tolist()), kept
 
     def _greedy(self, engine: GenerationEngine, logits: Tensor, next_position: Tensor,
                 max_new_tokens: int) -> list[list[int]]:
@@ -162,7 +164,10 @@ class EvalModel:
                 token = torch.where(finished, token, logits.argmax(dim=-1))
                 finished = finished | torch.isin(token, eos)
                 generated.append(token)
-        steps = torch.stack(generated, dim=1).tolist()
+        return self._until_end(torch.stack(generated, dim=1).tolist())
+
+    def _until_end(self, steps: list[list[int]]) -> list[list[int]]:
+        """Each row's tokens before its first end token."""
         eos_set = set(self.tokenizer.eos_token_ids)
         answers = []
         for row in steps:
