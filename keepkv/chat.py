@@ -364,7 +364,7 @@ def _session_engine(model: LanguageModel, kv_budget: float | int | None, method:
     manager = cache_manager_for(model.config, model.dtype, model.device, method_object, kv_budget, slack, once,
                                 compiled_ops=model.engine.compile, runtime=model.network.runtime)
     engine = GenerationEngine(model.network, compile=model.engine.compile,
-                              prefill_chunk_size=model.engine.prefill_chunk_size, cache_manager=manager)
+                              prefill_chunk_size=model.engine.prefill_chunk_setting, cache_manager=manager)
     return engine, name, kv_budget
 
 

@@ -6,10 +6,10 @@ and two code paths:
 - **prefill**: the prompt runs through the network in chunks of ``prefill_chunk_size`` tokens (the last chunk is
   padded to that size when the compiled FlexAttention kernel is used, so its graph is compiled once per
   (chunk, capacity)); peak activation memory is one chunk's, never a prompt x prompt score matrix. With
-  ``prefill_chunk_size=None`` (automatic) the chunk is :data:`DEFAULT_PREFILL_CHUNK`, and a cache whose results do
-  not depend on the chunk (the full cache, ``prefill_compression="once"``) takes the prompt in *long* chunks of
-  :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks (:func:`chunk_widths`): two chunk
-  shapes per prompt at most, so nothing compiles per prompt length;
+  ``prefill_chunk_size=None`` (automatic, the default) the chunk is :data:`DEFAULT_PREFILL_CHUNK`, and a cache
+  whose results do not depend on the chunk (the full cache, ``prefill_compression="once"``) takes the prompt in
+  *long* chunks of :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks
+  (:func:`chunk_widths`): two chunk shapes per prompt at most, so nothing compiles per prompt length;
 - **decode**: one token per row per step through ``torch.compile(fullgraph=True, dynamic=False)``. Every shape in
   the step is fixed (capacity-sized buffers, a tensor cursor, tensor positions), so the step compiles once per
   (model, dtype, batch, capacity) and never recompiles as the context grows.
@@ -43,8 +43,9 @@ from keepkv.runtime import RuntimeOptions
 from keepkv.sampling import SamplingConfig, sample_next_token
 
 DEFAULT_PREFILL_CHUNK = 512
-"""The default prompt tokens per prefill forward, and the ordinary chunk when ``prefill_chunk_size=None``: the chunk of
-a compressed cache (its prefill buffer holds ``budget + chunk`` slots) and the padding unit of a compiled engine."""
+"""The ordinary prompt tokens per prefill forward of an automatic engine (``prefill_chunk_size=None``, the default):
+the chunk of a compressed cache (its prefill buffer holds ``budget + chunk`` slots) and the padding unit of a
+compiled engine."""
 
 
 def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -109,14 +110,16 @@ class GenerationEngine:
     options the network already runs with (``network.runtime``). A ``cache_manager`` given here should be built
     with the same options.
 
-    ``prefill_chunk_size``: prompt tokens per prefill forward (default :data:`DEFAULT_PREFILL_CHUNK`); ``None``
-    (automatic, opt-in) means
-    :data:`DEFAULT_PREFILL_CHUNK`, plus long chunks (:func:`automatic_long_chunk`) in :meth:`prefill` and
-    :meth:`teacher_forced_logits` for caches whose results do not depend on the chunk (:meth:`long_chunk`).
-    :attr:`prefill_chunk_size` is always the integer chunk (the padding unit and a compressed cache's room)."""
+    ``prefill_chunk_size``: prompt tokens per prefill forward, used as given for every prompt; ``None``
+    (automatic, the default: measured faster in float32 and bfloat16, ``docs/profile.md`` "Automatic prefill
+    chunks") means :data:`DEFAULT_PREFILL_CHUNK`, plus long chunks (:func:`automatic_long_chunk`) in
+    :meth:`prefill` and :meth:`teacher_forced_logits` for caches whose results do not depend on the chunk
+    (:meth:`long_chunk`). :attr:`prefill_chunk_size` is always the integer chunk (the padding unit and a
+    compressed cache's room); :attr:`prefill_chunk_setting` is what was asked for (``None`` or the integer), for
+    building another engine on the same network with the same choice."""
 
     def __init__(
-        self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
+        self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int | None = None,
         cache_manager: FullCacheManager | None = None, runtime: RuntimeOptions | None = None,
     ) -> None:
         if prefill_chunk_size is not None and (isinstance(prefill_chunk_size, bool)
@@ -140,6 +143,11 @@ class GenerationEngine:
         if compile:
             allow_graph_per_shape(runtime.graphs_per_function)  # once per engine, before anything is traced
         self._decode_compiled = torch.compile(self._decode, fullgraph=True, dynamic=False) if compile else None
+
+    @property
+    def prefill_chunk_setting(self) -> int | None:
+        """The ``prefill_chunk_size`` this engine was built with: ``None`` (automatic) or the explicit integer."""
+        return None if self.automatic_chunks else self.prefill_chunk_size
 
     @property
     def device(self) -> torch.device:

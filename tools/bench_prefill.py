@@ -4,6 +4,12 @@ Usage (under the CPU lock)::
 
     flock /tmp/keepkv-cpu.lock python tools/bench_prefill.py attention   # flex vs SDPA (+bias), q_len = chunk
     flock /tmp/keepkv-cpu.lock python tools/bench_prefill.py memory      # 32k-token prompt, 10% budget, RSS
+    flock /tmp/keepkv-cpu.lock python tools/bench_prefill.py profile     # per-chunk split vs transformers
+    flock /tmp/keepkv-cpu.lock python tools/bench_prefill.py chunks      # full cache at chunk 512/2048/4096/auto
+    flock /tmp/keepkv-cpu.lock python tools/bench_prefill.py methods     # KeepKV vs SnapKV compressed prefill
+
+**chunks** and **methods** are described in their functions' docstrings (:func:`cmd_chunks`, :func:`cmd_methods`);
+results ``results/bench/prefill_chunks_<model>_<context>.json`` and ``prefill_methods_<model>_<context>.json``.
 
 **attention**: one prefill chunk (``q_len = 512``) against caches of several capacities, FlexAttention with the
 vote ``score_mod`` vs ``scaled_dot_product_attention`` with the equivalent additive float bias (``ln p`` or
@@ -269,6 +275,188 @@ def cmd_profile(args) -> None:
                         "machine": bc.machine_facts(), "rows": rows})
 
 
+# ---- chunks: the full-cache prefill at several chunk sizes (issue 15) -------------------------------------------
+def _chunk_label(chunk: int | None) -> str:
+    return "auto" if chunk is None else str(chunk)
+
+
+def cmd_chunks(args) -> None:
+    """Full-cache prefill of one prompt at explicit chunk sizes and with ``prefill_chunk_size=None`` (automatic),
+    per dtype, in one process: one model per dtype, one engine per chunk sharing its network (the default
+    compiled engine of ``load()``), one untimed warm-up round (compiles), then ``--runs`` rounds interleaving
+    every (dtype, chunk); medians. Per run also the peak RSS above the RSS before it (the prefill's transient
+    memory: activations plus allocator slack; the caches are allocated before the timer) and the last-token
+    logits' max abs difference from the first chunk size of the same dtype."""
+    import statistics
+
+    from bench_peers import prompt_ids
+    from keepkv.generate import GenerationEngine, activation_bytes_per_token, automatic_long_chunk
+    from keepkv.models import load
+
+    chunks = [None if c == "auto" else int(c) for c in args.chunks]
+    engines: dict[tuple[str, str], GenerationEngine] = {}
+    ids = None
+    for dtype in args.dtypes:
+        lm = load(args.model, dtype=dtype)
+        ids = ids or prompt_ids(lm.tokenizer, args.context)
+        for chunk in chunks:
+            engines[dtype, _chunk_label(chunk)] = GenerationEngine(
+                lm.engine.network, compile=True, prefill_chunk_size=chunk, runtime=lm.engine.runtime)
+    input_ids = torch.tensor([ids])
+    valid = torch.ones_like(input_ids, dtype=torch.bool)
+    runs = {key: [] for key in engines}
+    logits: dict[tuple[str, str], torch.Tensor] = {}
+    widths: dict[tuple[str, str], list[int]] = {}
+    for round_index in range(args.runs + 1):  # round 0: warm-up (compiles), not counted
+        for key, engine in engines.items():
+            engine.prepare_caches(1, len(ids), 1)
+            seen: list[int] = []
+            forward = engine._forward_chunk
+            engine._forward_chunk = lambda i, p, v, f=forward, s=seen: s.append(i.shape[1]) or f(i, p, v)
+            before = bc.rss_bytes()
+            reset = bc.reset_peak_rss()
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out, _ = engine.prefill(input_ids, valid)
+                engine.end_prefill()
+            seconds = time.perf_counter() - started
+            del engine._forward_chunk  # back to the class method
+            peak = bc.peak_rss_since_reset() - before if reset else None
+            logits[key], widths[key] = out[0].float().clone(), seen
+            tag = "warm-up" if round_index == 0 else f"run {round_index}/{args.runs}"
+            print(f"  [{tag}] {key[0]:9s} chunk {key[1]:>5s}: {seconds:7.3f} s  peak +{(peak or 0) / 2**20:6.0f} MiB"
+                  f"  widths {seen}", flush=True)
+            if round_index:
+                runs[key].append({"seconds": seconds, "peak_rss_above_before": peak})
+    rows = []
+    for (dtype, label), rs in runs.items():
+        engine = engines[dtype, label]
+        reference = logits[dtype, _chunk_label(chunks[0])]
+        seconds = [r["seconds"] for r in rs]
+        peaks = [r["peak_rss_above_before"] for r in rs if r["peak_rss_above_before"] is not None]
+        long_chunk = max(widths[dtype, label])
+        per_token = activation_bytes_per_token(engine.config, engine.dtype)
+        rows.append({
+            "dtype": dtype, "chunk": label, "widths": widths[dtype, label],
+            "prefill_seconds": statistics.median(seconds),
+            "prefill_seconds_all": seconds, "tokens_per_second": len(ids) / statistics.median(seconds),
+            "peak_rss_above_before_bytes": max(peaks) if peaks else None,
+            "estimated_activation_bytes": per_token * long_chunk,
+            "automatic_long_chunk": automatic_long_chunk(engine.config, engine.dtype, 1, 512, engine.runtime),
+            "activation_bound_bytes": engine.runtime.prefill_activation_bytes,
+            "last_logits_max_abs_diff_vs_first": (logits[dtype, label] - reference).abs().max().item(),
+            "last_logits_argmax_same": int(logits[dtype, label].argmax()) == int(reference.argmax()),
+        })
+    for dtype in args.dtypes:  # speed-up against the first chunk size, per dtype
+        base = next(r for r in rows if r["dtype"] == dtype and r["chunk"] == _chunk_label(chunks[0]))
+        for r in rows:
+            if r["dtype"] == dtype:
+                r["speedup_vs_first"] = base["prefill_seconds"] / r["prefill_seconds"]
+                bc.print_row({k: v for k, v in r.items() if k != "prefill_seconds_all"})
+    out = args.out or f"prefill_chunks_{args.model}_{args.context}.json"
+    bc.write_json(out, {"benchmark": "full-cache prefill (compiled, load() default path) at several chunk sizes",
+                        "model": args.model, "context": args.context, "runs": args.runs,
+                        "command": " ".join(["tools/bench_prefill.py", *sys.argv[1:]]),
+                        "machine": bc.machine_facts(), "rows": rows})
+    print(chunks_markdown(rows))
+
+
+def chunks_markdown(rows: list[dict]) -> str:
+    lines = ["| dtype | chunk | forward widths | prefill s (median; min-max) | tok/s | vs first | peak RSS above "
+             "before, MiB | activation estimate, MiB | max abs last-logit diff vs first |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        w = r["widths"]
+        shown_widths = " + ".join(f"{w.count(x)}x{x}" for x in sorted(set(w), reverse=True))
+        peak = r["peak_rss_above_before_bytes"]
+        lines.append(f"| {r['dtype']} | {r['chunk']} | {shown_widths} | {r['prefill_seconds']:.2f} "
+                     f"({min(r['prefill_seconds_all']):.2f}-{max(r['prefill_seconds_all']):.2f}) | "
+                     f"{r['tokens_per_second']:.0f} | {r['speedup_vs_first']:.2f}x | "
+                     f"{'–' if peak is None else f'{peak / 2**20:.0f}'} | "
+                     f"{r['estimated_activation_bytes'] / 2**20:.0f} | {r['last_logits_max_abs_diff_vs_first']:.2e} |")
+    return "\n".join(lines)
+
+
+# ---- methods: where a compressed prefill's extra time goes (torch.profiler) -------------------------------------
+def cmd_methods(args) -> None:
+    """One compressed prefill per method (same prompt, budget and chunks; the default compiled ``load()``), after
+    ``--warmup`` untimed prefills: the median wall time of ``--runs`` prefills, the time inside the compressions
+    (``make_room`` + the end-of-prefill compression), dynamo's recompile / graph counters across the timed runs,
+    then one prefill under ``torch.profiler`` whose ops are listed by self CPU time."""
+    import statistics
+
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_peers import prompt_ids
+    from keepkv.models import load
+
+    report = {"model": args.model, "context": args.context, "budget": args.budget, "runs": args.runs,
+              "command": " ".join(["tools/bench_prefill.py", *sys.argv[1:]]), "machine": bc.machine_facts(),
+              "rows": []}
+    for dtype in args.dtypes:
+        for method in args.methods:
+            lm = load(args.model, kv_budget=args.budget, method=method, dtype=dtype)
+            engine = lm.engine
+            ids = prompt_ids(lm.tokenizer, args.context)
+            input_ids = torch.tensor([ids])
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+            manager = engine.cache_manager
+            manager.prefill_buffer_budgets = args.prefill_buffer_budgets
+            spent = {"compress": 0.0}
+            compress_all = manager.compress_all
+
+            def timed_compress(*a, _f=compress_all, **k):
+                started = time.perf_counter()
+                try:
+                    return _f(*a, **k)
+                finally:
+                    spent["compress"] += time.perf_counter() - started
+
+            manager.compress_all = timed_compress
+
+            def prefill():
+                engine.prepare_caches(1, len(ids), 1)
+                with torch.inference_mode():
+                    out, _ = engine.prefill(input_ids, valid)
+                    engine.end_prefill()
+                return out
+
+            for _ in range(args.warmup):
+                prefill()
+            counters.clear()
+            seconds, compress = [], []
+            for _ in range(args.runs):
+                spent["compress"] = 0.0
+                started = time.perf_counter()
+                prefill()
+                seconds.append(time.perf_counter() - started)
+                compress.append(spent["compress"])
+            dynamo = {group: dict(values) for group, values in counters.items() if values}
+            if args.dump:  # the compressed caches of the last timed prefill (to compare code versions)
+                torch.save({"logits": prefill().float(), "caches": [
+                    {name: getattr(c, name).clone() for name in ("keys", "values", "log_votes", "positions")}
+                    for c in engine.caches]}, f"{args.dump}_{dtype}_{method}.pt")
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                prefill()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.rows]
+            row = {"dtype": dtype, "method": method, "compressions": manager.compressions,
+                   "prefill_buffer_budgets": args.prefill_buffer_budgets,
+                   "prefill_seconds": statistics.median(seconds), "prefill_seconds_all": seconds,
+                   "compression_seconds": statistics.median(compress), "compression_seconds_all": compress,
+                   "dynamo_counters_timed_runs": dynamo,
+                   "profile_self_cpu_ms": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in events},
+                   "profile_calls": {e.key: e.count for e in events}}
+            report["rows"].append(row)
+            print(f"== {dtype} {method}: prefill {row['prefill_seconds']:.3f} s, compressions "
+                  f"{row['compression_seconds']:.3f} s ({manager.compressions} per prefill), dynamo {dynamo}",
+                  flush=True)
+            print(table, flush=True)
+            del lm, engine, manager
+    bc.write_json(args.out or f"prefill_methods_{args.model}_{args.context}.json", report)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,8 +483,30 @@ def main(argv=None) -> None:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--prefill-kernel", default="auto", help="RuntimeOptions.prefill_kernel for this run (auto, split, flex)")
     p.add_argument("--out", default=None, help="file name under results/bench/")
+    p = sub.add_parser("chunks", help="full-cache prefill at several chunk sizes, automatic included")
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--chunks", nargs="+", default=["512", "2048", "4096", "auto"],
+                   help="prefill_chunk_size values; 'auto' = None (the first is the reference)")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--out", default=None, help="file name under results/bench/")
+    p = sub.add_parser("methods", help="compressed prefill per method: time, compressions, recompiles, profile")
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--dtypes", nargs="+", default=["float32"])
+    p.add_argument("--methods", nargs="+", default=["keepkv", "snapkv"])
+    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rows", type=int, default=30, help="profiler rows shown")
+    p.add_argument("--prefill-buffer-budgets", type=int, default=1,
+                   help="CompressedCacheManager.prefill_buffer_budgets (k: compress when k budgets + a chunk fill)")
+    p.add_argument("--dump", default=None, help="save the compressed caches to <dump>_<dtype>_<method>.pt")
+    p.add_argument("--out", default=None, help="file name under results/bench/")
     args = parser.parse_args(argv)
-    {"attention": cmd_attention, "memory": cmd_memory, "profile": cmd_profile}[args.command](args)
+    {"attention": cmd_attention, "memory": cmd_memory, "profile": cmd_profile,
+     "chunks": cmd_chunks, "methods": cmd_methods}[args.command](args)
 
 
 if __name__ == "__main__":

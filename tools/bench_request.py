@@ -26,10 +26,10 @@ is replaced when re-run)::
         --dtype float32 --context 4096 --new-tokens 64 256 --runs 5
     .venv/bin/python tools/bench_request.py --report --readme   # table + PNG (+ README) from the JSON, nothing run
 
-``keepkv_full`` is ``load()``'s default (512-token prefill chunks; ``prefill_chunk_size=None`` opts into long chunks
-for the full cache, ``keepkv.generate.automatic_long_chunk``). ``--full-chunk-sizes 2048 4096`` adds keepkv full-cache
-engines with explicit prefill chunk sizes (the full cache's results do not depend on the chunk; the compressed
-caches' do, so their chunk stays keepkv's default, 512).
+``keepkv_full`` is ``load()``'s default (automatic prefill chunks, ``prefill_chunk_size=None``: long chunks for the
+full cache, ``keepkv.generate.automatic_long_chunk``; 512-token chunks for caches compressed during prefill).
+``--full-chunk-sizes 512 4096`` adds keepkv full-cache engines with explicit prefill chunk sizes (the full cache's
+results do not depend on the chunk; the compressed caches' do, so their chunk stays keepkv's default, 512).
 
 Writes ``results/bench/request.json`` and ``results/bench/request.png``; prints a markdown table.
 """
@@ -207,7 +207,8 @@ def write_readme(table: str, readme: Path = ROOT / "README.md") -> None:
     text = readme.read_text()
     body = (f"{README_BEGIN}\n### Whole request (issue 15)\n\n`tools/bench_request.py` (greedy, 2 threads, the "
             f"Jargon File prompt; medians of the timed rounds, engines interleaved per round; *paired* = the ratio "
-            f"within each round). Profile and history: [docs/profile.md](docs/profile.md) sections 9 and 12.\n\n"
+            f"within each round; `keepkv_full` is `load()`'s default, automatic prefill chunks). Profile and history: "
+            f"[docs/profile.md](docs/profile.md) sections 9 and 12.\n\n"
             f"{table}\n{README_END}")
     if README_BEGIN in text:
         head, rest = text.split(README_BEGIN, 1)
@@ -252,7 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--methods", nargs="+", default=["keepkv", "snapkv"], help="keepkv methods at --budget")
     p.add_argument("--full-chunk-sizes", type=int, nargs="*", default=[],
-                   help="extra keepkv full-cache engines with these prefill chunk sizes (default chunk: 512)")
+                   help="extra keepkv full-cache engines with these explicit prefill chunk sizes (default: automatic)")
     p.add_argument("--no-peers", action="store_true", help="keepkv only (no transformers / kvpress workers)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 2))
     p.add_argument("--out", default=OUT, help="results/bench/<out>.json and .png")

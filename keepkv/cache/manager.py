@@ -175,7 +175,11 @@ class CompressedCacheManager(FullCacheManager):
 
     ``compiled_ops``: whether the method's compression ops (KeepKV's merge, a whole compiled compression) run
     compiled, as they should with a compiled model; ``None`` leaves the method's own setting. ``runtime``: the
-    model's :class:`~keepkv.runtime.RuntimeOptions`.
+    model's :class:`~keepkv.runtime.RuntimeOptions`. ``prefill_buffer_budgets`` (``k``, default 1): the chunked
+    prefill buffer holds ``k`` budgets plus a chunk (``k max_l slots_l + chunk`` slots) and compresses to the
+    budgets when the next chunk would not fit, so a long prompt is compressed about ``k`` times less often
+    (each compression then chooses among more entries, so the kept entries differ from ``k = 1``'s); the issue's
+    memory bound allows ``k <= 3`` (weights + 3x budgeted cache + one chunk).
     """
 
     head_shard: HeadShard | None = None  # tensor parallelism: the rank's KV heads, set by bind_network
@@ -183,11 +187,15 @@ class CompressedCacheManager(FullCacheManager):
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod,
         kv_budget: float | int, decode_slack: int = 64, prefill_compression: str = "chunked", *,
-        compiled_ops: bool | None = None, runtime: RuntimeOptions = DEFAULT_RUNTIME,
+        compiled_ops: bool | None = None, runtime: RuntimeOptions = DEFAULT_RUNTIME, prefill_buffer_budgets: int = 1,
     ) -> None:
         super().__init__(config, dtype, device, runtime=runtime)
         if decode_slack < 1:
             raise ValueError(f"decode_slack must be >= 1, got {decode_slack}")
+        if isinstance(prefill_buffer_budgets, bool) or not isinstance(prefill_buffer_budgets, int) \
+                or prefill_buffer_budgets < 1:
+            raise KeepKVError(f"prefill_buffer_budgets must be an integer >= 1, got {prefill_buffer_budgets!r}")
+        self.prefill_buffer_budgets = prefill_buffer_budgets
         if prefill_compression not in PREFILL_COMPRESSION:
             raise ValueError(f"prefill_compression must be one of {PREFILL_COMPRESSION}, got {prefill_compression!r}")
         self.method, self.kv_budget, self.decode_slack = method, kv_budget, decode_slack
@@ -358,17 +366,17 @@ class CompressedCacheManager(FullCacheManager):
             each.reset_state()
         self._set_layer_budgets(self.method.plan_layer_budgets(self.budget, self.config.num_layers))
         self.budgets_measured = False
-        self.room = chunk
+        slots = max(self.layer_slots)
+        self.room = chunk + (self.prefill_buffer_budgets - 1) * slots  # prefill buffer: k slots + chunk
         self.decoding = False
-        # a prompt of at most slots + chunk tokens is not compressed during prefill: it gets its padded length, the
+        # a prompt of at most slots + room tokens is not compressed during prefill: it gets its padded length, the
         # capacity of the full cache (a compiled engine pads the last chunk to a whole one, so this may pass
         # slots + chunk by less than a chunk; capping it would make a compiled engine compress where an eager one
         # does not). prefill_compression="once" keeps the whole prompt (the full cache's prefill memory) and
         # compresses once, in end_prefill
-        slots = max(self.layer_slots)
         capacity = max(slots, padded_prompt_tokens)
-        if self.prefill_compression == "chunked" and prompt_tokens > slots + chunk:
-            capacity = min(slots + chunk, capacity)
+        if self.prefill_compression == "chunked" and prompt_tokens > slots + self.room:
+            capacity = min(slots + self.room, capacity)
         self.caches = self._new_caches(batch_size, capacity)
         self.cursors = [0] * self.config.num_layers
         self.filled = 0

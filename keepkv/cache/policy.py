@@ -171,9 +171,7 @@ class CompressionMethod:
         compaction run as one compiled graph (:meth:`compressed_entries` under ``torch.compile``): one graph per
         (method, cache shapes, budget) whatever the layer, no host sync inside."""
         if self.use_compiled_ops and self.compiles_whole_compression:
-            if self._compiled_entries is None:
-                self._compiled_entries = torch.compile(self._layer_free_entries, fullgraph=True, dynamic=False)
-            entries = self._compiled_entries(cache, budget)
+            entries = self.compiled_compression()(self, cache, budget)
         else:
             entries = self.compressed_entries(cache, layer, budget)
         cache.store_packed(entries)
@@ -185,6 +183,15 @@ class CompressionMethod:
             kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
             self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
         return cache.packed_entries(kept_slots, kept_valid)
+
+    def compiled_compression(self):
+        """``torch.compile(fullgraph=True, dynamic=False)`` of the unbound :meth:`_layer_free_entries`, called as
+        ``f(method, cache, budget)``; made on first use. The method is an argument, not a bound ``self``, so a
+        copy that differs only in tensor-valued options (KeepKV's :meth:`for_query_agnostic`) may share this
+        function and its graphs (dynamo guards on the attributes the trace reads, not on the object)."""
+        if self._compiled_entries is None:
+            self._compiled_entries = torch.compile(type(self)._layer_free_entries, fullgraph=True, dynamic=False)
+        return self._compiled_entries
 
     def _layer_free_entries(self, cache: CompressedLayerCache, budget: int) -> dict[str, Tensor]:
         return self.compressed_entries(cache, 0, budget)  # layer-free: the index is never read

@@ -39,8 +39,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
                         "compress once after it (more prefill memory; needs --kv-budget)")
     parser.add_argument("--no-compile", action="store_true", help="run eagerly (no torch.compile); slower decode "
                         "but no compile time")
-    parser.add_argument("--prefill-chunk-size", type=integer(1), default=512, metavar="N", help="prompt tokens per "
-                        "prefill forward (bounds activation memory; default 512)")
+    parser.add_argument("--prefill-chunk-size", type=integer(1), default=None, metavar="N", help="prompt tokens per "
+                        "prefill forward (bounds activation memory; default: automatic, 512 for a compressed "
+                        "cache and up to 2048 for the full cache)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
 
 

@@ -118,9 +118,12 @@ class EvalModel:
         """Compress a copy of ``prefill`` for one configuration, feed each row's suffix (left-padded), decode
         greedily until every row emitted an end token or ``max_new_tokens``. ``query_agnostic``: the suffixes hold
         the question (it was not prefilled). Returns (new token ids per row, kept entries per head after the
-        compression: mean over layers, rows and KV heads)."""
-        engine = self.engine_for(config, budget, decode_slack=decode_slack, query_agnostic=query_agnostic)
+        compression: mean over layers, rows and KV heads). The cache's decode slack is at least the longest
+        suffix, so a question longer than ``decode_slack`` tokens is fed whole after the compression (it is not
+        compressed mid-question); decoding then compresses every ``max(decode_slack, suffix)`` new entries."""
         suffix_ids, suffix_valid = left_pad(suffixes, self.pad_id, self.device)
+        decode_slack = max(decode_slack, suffix_ids.shape[1])
+        engine = self.engine_for(config, budget, decode_slack=decode_slack, query_agnostic=query_agnostic)
         engine.start_from_prefill(prefill.caches, prefill.width, suffix_ids.shape[1] + max_new_tokens)
         kept = float(engine.cache_manager.entries_per_head().float().mean())
         positions = prefill.lengths[:, None] + positions_from_valid(suffix_valid)

@@ -182,10 +182,12 @@ def _keys(rng: random.Random, count: int) -> list[str]:
 
 
 def _numbers(rng: random.Random, count: int, digits: int = 7) -> list[str]:
+    """``count`` distinct ``digits``-digit numbers drawn from ``rng``, shuffled by ``rng``: the same list in every
+    process (the shuffle starts from the sorted values, never from a ``set``'s hash order)."""
     values: set[str] = set()
     while len(values) < count:
         values.add(str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)))
-    return sorted(values, key=lambda _: rng.random())
+    return sorted(sorted(values), key=lambda _: rng.random())
 
 
 def _needle_parts(family: str, rng: random.Random) -> tuple[list[str], str, str, str, list[str], list[str]]:

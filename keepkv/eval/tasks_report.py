@@ -165,6 +165,7 @@ def plot_tasks(summary: dict[tuple, dict[str, Any]], model: str, path: Path) -> 
 def tasks_section(rows: list[dict[str, Any]], results: Path) -> tuple[list[str], list[str]]:
     """``(Markdown lines, PNG names written into results)``; empty when there are no task rows."""
     from keepkv.eval.report import _slug
+    from keepkv.eval.targets import targets_section
 
     summary = summarise(rows)
     if not summary:
@@ -179,6 +180,6 @@ def tasks_section(rows: list[dict[str, Any]], results: Path) -> tuple[list[str],
              "and the mean over families with a stratified bootstrap interval. `kept / head`: entries per KV head "
              "actually kept after compressing the context. `<press> [kvpress]`: NVIDIA kvpress's press run in its own "
              "environment on the same exported samples and token ids (`tools/peers/README.md`), scored by the same "
-             "code; `full [kvpress]` is its uncompressed cache.", "", tables(summary), ""]
+             "code; `full [kvpress]` is its uncompressed cache.", "", tables(summary), "", *targets_section(rows)]
     return lines, images
 

@@ -134,7 +134,7 @@ def _sibling(base: LanguageModel, cache_args: dict[str, Any], method_options: di
                           "load the model with the setting wanted")
     kv_budget = cache_args.get("kv_budget")
     method, method_object = resolve_method(cache_args.get("method"), kv_budget, dict(method_options))
-    chunk = cache_args.get("prefill_chunk_size") or base.engine.prefill_chunk_size
+    chunk = cache_args.get("prefill_chunk_size") or base.engine.prefill_chunk_setting
     slack = check_load_arguments(base.name, kv_budget, compile=base.engine.compile, prefill_chunk_size=chunk,
                                  decode_slack=cache_args.get("decode_slack"), revision=None, local_files_only=None,
                                  prefill_compression=cache_args.get("prefill_compression"))

@@ -116,7 +116,7 @@ def check_load_arguments(
 def load(
     name_or_path: str | Path, kv_budget: float | int | None = None, method: str | None = None, *,
     dtype: torch.dtype | str = torch.float32, device: torch.device | str | None = None, compile: bool = True,
-    prefill_chunk_size: int | None = 512, decode_slack: int | None = None, prefill_compression: str | None = None,
+    prefill_chunk_size: int | None = None, decode_slack: int | None = None, prefill_compression: str | None = None,
     revision: str | None = None, local_files_only: bool | None = None, tp: int = 1,
     runtime: RuntimeOptions | None = None, **method_options: Any,
 ) -> LanguageModel:
@@ -132,8 +132,8 @@ def load(
         dtype: ``float32`` (default), ``bfloat16`` or ``float16``; weights are cast straight into it.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: cuda if available).
         compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
-        prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory; default 512). ``None``:
-            automatic (opt-in until measured in float32), 512 (:data:`keepkv.generate.DEFAULT_PREFILL_CHUNK`) for a cache compressed during prefill
+        prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory). ``None`` (default):
+            automatic, 512 (:data:`keepkv.generate.DEFAULT_PREFILL_CHUNK`) for a cache compressed during prefill
             (its chunk decides when it compresses), and for caches whose results do not depend on the chunk (the
             full cache, ``prefill_compression="once"``) longer chunks of up to ``runtime.prefill_long_chunk``
             tokens within ``runtime.prefill_activation_bytes`` of activations (faster; the same results up to

@@ -67,7 +67,7 @@ class ModelVariants:
             manager = base.engine.cache_manager
             variant = LanguageModel(
                 base.network, base.tokenizer, name=base.name, source=base.source, method=name, kv_budget=kv_budget,
-                compile=base.engine.compile, prefill_chunk_size=base.engine.prefill_chunk_size,
+                compile=base.engine.compile, prefill_chunk_size=base.engine.prefill_chunk_setting,
                 method_object=method_object, decode_slack=getattr(manager, "decode_slack", DEFAULT_DECODE_SLACK),
                 runtime=base.runtime,
             )

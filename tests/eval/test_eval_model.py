@@ -82,6 +82,22 @@ def test_query_agnostic_answers_compress_with_the_agnostic_copy(eval_model):
     assert not all(torch.equal(a, b) for a, b in zip(agnostic, aware))
 
 
+def test_a_question_longer_than_the_decode_slack_fits_after_the_compression(eval_model):
+    """Query-agnostic: a 40-token question after a 200-token context compressed to 30% by KeepKV (which compresses
+    every ``decode_slack`` new entries while decoding), with a decode slack of 16: the question is fed whole (it
+    overflowed the cache before), and the first answer token (read before any decode compression) is the one
+    with room to spare."""
+    context, question = _prompt(eval_model, 200), _prompt(eval_model, 240)[200:]
+    config = MethodConfig.parse("keepkv")
+    prefill = eval_model.shared_prefill([context], [config])
+    def run(slack, new_tokens):
+        return eval_model.answer(prefill, config, 0.3, [question], new_tokens, decode_slack=slack,
+                                 query_agnostic=True)
+    assert run(16, 1) == run(64, 1)
+    (tokens,), _ = run(16, 24)
+    assert len(tokens) >= 1
+
+
 @pytest.mark.parametrize("name", ["keepkv", "snapkv"])
 def test_prefill_compression_once_equals_compressing_the_whole_prompt(eval_model, name):
     """``prefill_compression="once"``: a prompt of several chunks is kept whole through prefill and compressed

@@ -228,3 +228,18 @@ def test_kvpress_task_rows_are_scored_by_keepkv_and_shown_beside_keepkv(tmp_path
     table = tables(summarise(mine + rows))
     assert "| snapkv [kvpress] | 50% | 990 | 0.50 [0.00, 1.00]" in table
     assert "| snapkv | 50% | 990 | 1.00 [1.00, 1.00]" in table
+
+
+def test_numbers_are_the_same_in_every_process():
+    """Multi-key / multi-value / multi-query needles pair keys with values drawn by ``_numbers``: the list must not
+    depend on the process's string-hash seed (it came from a ``set``'s order once, so a sample differed between
+    the keepkv run and its export)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import random; from keepkv.eval.tasks import _numbers; "
+            "print(_numbers(random.Random(3), 8), _numbers(random.Random(4), 4, digits=5))")
+    outputs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1, outputs

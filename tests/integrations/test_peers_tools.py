@@ -167,3 +167,72 @@ def test_setup_pins_torch_exactly():
     for pins in setup.PINS.values():
         assert all("==" in pin and not pin.startswith("torch") for pin in pins)
     assert any(pin.startswith("kvpress==") for pin in setup.PINS["kvpress"])
+
+
+def test_kvpress_decodes_under_keepkv_limits():
+    from types import SimpleNamespace
+
+    cell = {"cell": "niah_single/len2048/s0", "max_new_tokens": 24}
+    assert kvpress_eval.decode_allowance(cell) == 24
+    assert kvpress_eval.decode_allowance({**cell, "decode_max_new_tokens": 64}) == 64
+    with pytest.raises(SystemExit, match="allowance"):
+        kvpress_eval.decode_allowance({**cell, "max_new_tokens": 0})
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))
+    with kvpress_eval.stop_tokens(model, {**cell, "stop_token_ids": [2, 0]}):
+        assert model.generation_config.eos_token_id == [2, 0]
+    assert model.generation_config.eos_token_id == 2
+    with kvpress_eval.stop_tokens(model, cell):
+        assert model.generation_config.eos_token_id == 2
+
+
+def test_task_prompts_rebuild_keepkv_batches():
+    """keepkv decodes a mixed batch up to its largest max_new_tokens: the allowance follows the batch, not the
+    record (batches of 2, sample-major: [niah s0, multivalue s0], [vt s0, niah s1], [multivalue s1, vt s1])."""
+    import task_prompts
+
+    from keepkv.eval.tasks import FAMILIES, load_tokenizer
+
+    tokenizer, _ = load_tokenizer("SmolLM2-135M-Instruct")
+    records = [{"task": family, "sample": sample, "cell": f"{family}/len2048/s{sample}", "length": 2048,
+                "context": f"Some text {sample}.", "question": "Which number?", "answer_prefix": "It is",
+                "answers": ["1"], "max_new_tokens": FAMILIES[family].max_new_tokens, "seed": 0, "haystack": "essays"}
+               for family in ("niah_single", "multivalue", "vt") for sample in (0, 1)]
+    out = {r["cell"]: r for r in task_prompts.with_ids(tokenizer, records, batch=2)}
+    assert {c: r["decode_max_new_tokens"] for c, r in out.items()} == {
+        "niah_single/len2048/s0": 64, "multivalue/len2048/s0": 64, "vt/len2048/s0": 32,
+        "niah_single/len2048/s1": 32, "multivalue/len2048/s1": 64, "vt/len2048/s1": 64}
+    assert out["vt/len2048/s0"]["keepkv_group"] == out["niah_single/len2048/s1"]["keepkv_group"]
+    assert out["vt/len2048/s0"]["stop_token_ids"] == list(tokenizer.eos_token_ids)
+    own = task_prompts.with_ids(tokenizer, records)
+    assert [r["decode_max_new_tokens"] for r in own] == [r["max_new_tokens"] for r in records]
+    row = {"unit": json.dumps(["tasks", "M", "snapkv", "", 0.2, out["vt/len2048/s0"]["keepkv_group"] + "/aware"]),
+           "protocol": "aware"}
+    assert task_prompts._group_of(row) == out["vt/len2048/s0"]["keepkv_group"]
+
+
+def test_task_rows_append_once_per_decode_allowance(tmp_path):
+    raw = {"task": "niah_single", "cell": "niah_single/len2048/s0", "method": "tova", "variant": "", "budget": 0.5,
+           "seed": 0, "protocol": "aware", "answer": " 1234567.", "answers": ["1234567"], "model": "M",
+           "haystack": "essays", "sample": 0}
+    store = tmp_path / "tasks.jsonl"
+    old = score_kvpress.score_task_rows([raw])
+    assert old[0]["metric"] == "task_accuracy_aware" and old[0]["value"] == 1.0
+    assert score_kvpress.append_new(old, store) == 1
+    assert score_kvpress.append_new(old, store) == 0  # a rerun of the same rows adds nothing
+    longer = score_kvpress.score_task_rows([{**raw, "max_new_tokens": 64, "answer": " 7654321."}])
+    assert score_kvpress.append_new(longer, store) == 1  # keepkv's batch allowance: a new row, the latest wins
+    lines = [json.loads(line) for line in store.read_text().splitlines()]
+    assert [(r["max_new_tokens"], r["value"]) for r in lines] == [(None, 1.0), (64, 0.0)]
+
+
+def test_score_kvpress_families_filter(tmp_path):
+    raw = {"cell": "c", "method": "tova", "variant": "", "budget": 0.5, "seed": 0, "protocol": "agnostic",
+           "answer": " 1234567.", "answers": ["1234567"], "model": "M", "sample": 0}
+    answers = tmp_path / "kvpress-M.answers.jsonl"
+    answers.write_text("".join(json.dumps({**raw, "task": t, "cell": f"{t}/s0"}) + "\n"
+                               for t in ("niah_single", "multikey")))
+    assert score_kvpress.main([str(answers), "--families", "niah_single", "--tasks-store", str(tmp_path)]) == 0
+    assert [json.loads(line)["family"] for line in (tmp_path / "tasks.jsonl").read_text().splitlines()] == [
+        "niah_single"]
+    with pytest.raises(SystemExit, match="no raw answers"):
+        score_kvpress.main([str(answers), "--families", "vt", "--tasks-store", str(tmp_path)])

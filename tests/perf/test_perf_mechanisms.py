@@ -248,6 +248,18 @@ def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(option
         torch.testing.assert_close(getattr(first_compiled, name), getattr(first_eager, name), rtol=1e-5, atol=1e-5)
     assert compiled_method.stats.as_dict() == eager_method.stats.as_dict()
     assert eager_method.stats.as_dict()["merged"] > 0
+    # the query-agnostic copy (another last_query_weight, a tensor input) runs the same graph, with its own result
+    agnostic_eager, agnostic_compiled = eager_method.for_query_agnostic(), compiled_method.for_query_agnostic()
+    assert agnostic_compiled is not compiled_method and agnostic_compiled.last_query_weight == 1.0
+    agnostic_compiled.use_compiled_ops = True  # as the cache manager sets it on both forms
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        eager, compiled, plain = filled_cache(seed=8), filled_cache(seed=8), filled_cache(seed=8)
+        agnostic_eager.compress(eager, 3, 64)
+        agnostic_compiled.compress(compiled, 3, 64)
+        compiled_method.compress(plain, 3, 64)
+    for name in ("keys", "values", "log_votes", "positions", "cursor"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(compiled.positions, plain.positions)  # the weight reached the graph: other entries kept
 
 
 def test_packed_entries_leave_the_cache_alone_and_store_packed_writes_them():

@@ -113,3 +113,66 @@ def test_long_chunks_give_the_same_logits_and_tokens_without_recompiling(network
             greedy(auto, ids[:, :length])
     assert widths == [LONG_CHUNK, LONG_CHUNK, SMALL_CHUNK] + [LONG_CHUNK] + [SMALL_CHUNK] * 3 + [
         LONG_CHUNK, SMALL_CHUNK]
+
+
+def test_automatic_chunks_are_the_default_and_an_explicit_size_passes_through(network):
+    """``load()``, the CLI and a bare engine default to automatic chunks; an explicit integer is used as given, and
+    ``prefill_chunk_setting`` (what serve's variants, chat and the lm-eval integration hand to the engines they
+    build on the same network) reproduces either choice."""
+    import argparse
+    import inspect
+
+    from keepkv.cli.common import add_model_arguments
+    from keepkv.models import load
+
+    assert inspect.signature(load).parameters["prefill_chunk_size"].default is None
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    assert parser.parse_args(["SmolLM2-135M-Instruct"]).prefill_chunk_size is None
+    assert parser.parse_args(["SmolLM2-135M-Instruct", "--prefill-chunk-size", "256"]).prefill_chunk_size == 256
+    auto = GenerationEngine(network, compile=False)
+    assert auto.automatic_chunks and auto.prefill_chunk_setting is None
+    assert auto.prefill_chunk_size == DEFAULT_PREFILL_CHUNK
+    explicit = GenerationEngine(network, compile=False, prefill_chunk_size=256)
+    assert not explicit.automatic_chunks and explicit.prefill_chunk_setting == 256
+    for base in (auto, explicit):
+        again = GenerationEngine(network, compile=False, prefill_chunk_size=base.prefill_chunk_setting)
+        assert (again.automatic_chunks, again.prefill_chunk_size) == (base.automatic_chunks, base.prefill_chunk_size)
+
+
+@pytest.mark.parametrize("budgets", [1, 3])
+def test_a_larger_prefill_buffer_compresses_less_often_at_the_same_points_compiled_or_eager(budgets):
+    """``prefill_buffer_budgets = k`` (the cadence option measured in ``docs/profile.md``): the chunked prefill buffer
+    holds ``k`` budgets plus a chunk, never more, and a compiled engine (last chunk padded) compresses at the same
+    prompt offsets as an eager one; ``k = 3`` compresses less often than ``k = 1``."""
+    from keepkv.cache.manager import CompressedCacheManager, round_up
+    from keepkv.cache.methods import make_method
+    from keepkv.errors import KeepKVError
+
+    config = tiny_config(num_layers=2)
+
+    def points(prompt, budget, chunk, k, compiled):
+        manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"),
+                                         make_method("streamingllm", sinks=1, window=2), budget,
+                                         prefill_buffer_budgets=k)
+        manager.allocate(1, round_up(prompt, chunk) if compiled else prompt, 1, chunk, prompt)
+        assert manager.caches[0].capacity <= max(k * manager.budget + chunk, round_up(prompt, chunk))
+        found = []
+        for start in range(0, prompt, chunk):
+            width = chunk if compiled else min(chunk, prompt - start)
+            before = manager.compressions
+            manager.make_room(width)
+            assert manager.caches[0].capacity <= max(k * manager.budget + chunk, round_up(prompt, chunk))
+            found += [start] if manager.compressions > before else []
+            manager.wrote(width)
+        return found
+
+    for prompt, budget, chunk in ((4096, 410, 512), (1000, 37, 64), (333, 20, 16), (90, 50, 32)):
+        eager = points(prompt, budget, chunk, budgets, compiled=False)
+        assert points(prompt, budget, chunk, budgets, compiled=True) == eager
+        if budgets > 1:
+            assert len(eager) < len(points(prompt, budget, chunk, 1, compiled=False)) or prompt <= budget + chunk
+    assert len(points(4096, 410, 512, budgets, compiled=False)) == (7 if budgets == 1 else 3)
+    with pytest.raises(KeepKVError, match="prefill_buffer_budgets"):
+        CompressedCacheManager(config, torch.float32, torch.device("cpu"), make_method("snapkv"), 10,
+                               prefill_buffer_budgets=0)

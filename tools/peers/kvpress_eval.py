@@ -20,7 +20,10 @@ query-aware protocol (everything but the prompt's last token, question included,
 that last token fed). ``--shared-prefill`` computes one uncompressed prefill per cell and protocol and replays it
 through each press's own hook (:class:`SharedPrefill`: the same caches as the pipeline, bit for bit; about 10x
 faster with 7 presses x 2 budgets); ``--check-shared`` also runs the plain pipeline per row and stops on any
-difference.
+difference. A cell's ``decode_max_new_tokens`` (written by ``task_prompts.py``: what keepkv's batch let the answer
+take) overrides its ``max_new_tokens`` (:func:`decode_allowance`), and its ``stop_token_ids`` (keepkv's end tokens)
+replace the model's ``generation_config.eos_token_id`` for its answer (:func:`stop_tokens`), so both engines decode
+under the same limits.
 
 This script writes RAW answers (``--out``, one JSON line per cell x press x budget, with what the cache actually
 kept); scoring is done on keepkv's side by ``tools/peers/score_kvpress.py`` with keepkv's own metrics, so the two
@@ -61,7 +64,7 @@ PRESS_NAMES = ("snapkv", "streamingllm", "tova", "knorm", "expectedattention", "
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
 CELL_KEYS = ("task", "cell", "context", "question", "answers", "max_new_tokens", "chat")
 PROTOCOLS = ("agnostic", "aware")
-TASK_KEYS = ("length", "sample", "seed", "haystack", "answer_prefix")  # copied from task records into raw rows
+TASK_KEYS = ("length", "sample", "seed", "haystack", "answer_prefix", "keepkv_group")  # copied from task records into raw rows
 
 
 def make_press(name: str, compression_ratio: float):
@@ -128,6 +131,33 @@ def cell_ids(pipe, cell: dict, tokenizer) -> tuple[list[int], list[int], str]:
     return inputs["context_ids"][0].tolist(), inputs["questions_ids"][0][0].tolist(), "kvpress-template"
 
 
+def decode_allowance(cell: dict) -> int:
+    """New tokens the cell's answer may take: ``decode_max_new_tokens`` (keepkv's batch allowance) when present,
+    else the cell's ``max_new_tokens``."""
+    value = cell.get("decode_max_new_tokens") or cell["max_new_tokens"]
+    if int(value) < 1:
+        raise SystemExit(f"{cell['cell']}: the decode allowance must be >= 1 token, got {value}")
+    return int(value)
+
+
+class stop_tokens:
+    """Context manager: ``model.generation_config.eos_token_id`` (where the pipeline's ``generate_answer`` stops)
+    set to the cell's ``stop_token_ids`` (keepkv's end tokens) while it answers; unchanged without them."""
+
+    def __init__(self, model, cell: dict):
+        self.config, self.ids = model.generation_config, cell.get("stop_token_ids")
+
+    def __enter__(self):
+        self.saved = self.config.eos_token_id
+        if self.ids:
+            self.config.eos_token_id = [int(t) for t in self.ids]
+        return self
+
+    def __exit__(self, *exc):
+        self.config.eos_token_id = self.saved
+        return False
+
+
 def protocol_split(context_ids: list[int], question_ids: list[int], protocol: str) -> tuple[list[int], list[int]]:
     """``(ids prefilled under the press, ids fed after it)``. ``agnostic`` (kvpress's own setting): the context,
     then the question (with the assistant turn and answer prefix). ``aware`` (keepkv's query-aware protocol,
@@ -153,7 +183,8 @@ def answer_cell(pipe, cell: dict, press, tokenizer, protocol: str = "agnostic") 
     cache = DynamicCache()
     inputs = {"context_ids": torch.tensor([prefilled]), "questions_ids": [torch.tensor([fed])]}
     with torch.inference_mode():
-        answer = pipe._forward(inputs, max_new_tokens=int(cell["max_new_tokens"]), press=press, cache=cache)[0]
+        with stop_tokens(pipe.model, cell):
+            answer = pipe._forward(inputs, max_new_tokens=decode_allowance(cell), press=press, cache=cache)[0]
     return answer, kept_entries(cache), len(prefilled), source
 
 
@@ -250,16 +281,23 @@ def run_eval(args: argparse.Namespace) -> int:
     meta = {"model": args.model, "engine": "kvpress", "dtype": args.dtype, **versions()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
+    done: dict[tuple, set] = {}  # row key -> decode allowances it ran with (None: before they were recorded)
     if out.exists() and not args.overwrite:
         for line in out.read_text().splitlines():
             row = json.loads(line)
-            done.add((row["task"], row["cell"], row["method"], row["budget"], row.get("protocol", "agnostic")))
+            key = (row["task"], row["cell"], row["method"], row["budget"], row.get("protocol", "agnostic"))
+            done.setdefault(key, set()).add(row.get("max_new_tokens"))
+
+    def finished(cell: dict, key: tuple) -> bool:
+        # rows written before the allowance was recorded ran with the cell's own max_new_tokens
+        ran = {int(cell["max_new_tokens"]) if a is None else int(a) for a in done.get(key, ())}
+        return decode_allowance(cell) in ran
+
     # budget 1.0 is the uncompressed reference: one "full" row per cell, not one per press
     wanted = [(c, "full" if b >= 1.0 else p, b, protocol) for protocol in args.protocol for c in cells
               for b in args.budget for p in args.press]
     jobs = list({(c["task"], c["cell"], p, b, protocol): (c, p, b, protocol) for c, p, b, protocol in wanted
-                 if (c["task"], c["cell"], p, b, protocol) not in done}.values())
+                 if not finished(c, (c["task"], c["cell"], p, b, protocol))}.values())
     print(f"[kvpress_eval] {len(cells)} cells x {len(args.press)} presses x {len(args.budget)} budgets x "
           f"{len(args.protocol)} protocols: {len(jobs)} to run ({len(done)} already in {out}); "
           f"{'one shared prefill per cell and protocol' if args.shared_prefill else 'one pipeline call per row'}",
@@ -275,7 +313,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 if shared_key != (cell["task"], cell["cell"], protocol):
                     shared_key, shared = (cell["task"], cell["cell"], protocol), None
                     shared = SharedPrefill(model, prefilled)
-                answer, kept = answer_shared(pipe, shared, fed, press, int(cell["max_new_tokens"]))
+                with stop_tokens(model, cell):
+                    answer, kept = answer_shared(pipe, shared, fed, press, decode_allowance(cell))
                 compressed_tokens = len(prefilled)
                 if args.check_shared:
                     reference = answer_cell(pipe, cell, make_press(name, round(1.0 - budget, 6)) if press else None,
@@ -296,7 +335,9 @@ def run_eval(args: argparse.Namespace) -> int:
                 "depth": cell.get("depth"), "target_tokens": cell.get("target_tokens"),
                 "kept_entries_mean": sum(kept) / len(kept) if kept else None,
                 "ids_source": source, "kvpress_template_ids_equal": equal[cell["cell"]],
-                "shared_prefill": bool(args.shared_prefill), "seconds": time.perf_counter() - started, **meta,
+                "shared_prefill": bool(args.shared_prefill), "max_new_tokens": decode_allowance(cell),
+                "stop_token_ids": cell.get("stop_token_ids") or model.generation_config.eos_token_id,
+                "seconds": time.perf_counter() - started, **meta,
             }
             for key in TASK_KEYS:  # keepkv's task records (keepkv eval export-tasks) carry these
                 if key in cell:

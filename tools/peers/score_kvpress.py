@@ -59,7 +59,8 @@ def score_rows(raw: list[dict]) -> list[dict]:
 
 TASK_COPIED = ("model", "method", "variant", "budget", "cell", "seed", "protocol", "kvpress_version",
                "transformers_version", "torch_version", "dtype", "target_tokens", "context_tokens", "answer",
-               "ids_source", "kvpress_template_ids_equal", "shared_prefill", "compression_ratio")
+               "ids_source", "kvpress_template_ids_equal", "shared_prefill", "compression_ratio", "max_new_tokens",
+               "stop_token_ids", "keepkv_group")
 
 
 def is_task_row(item: dict) -> bool:
@@ -90,9 +91,14 @@ def score_task_rows(raw: list[dict]) -> list[dict]:
 
 
 def append_new(rows: list[dict], store: Path) -> int:
-    """Append the rows not yet in ``store`` (key: engine, model, method, budget, cell, metric) in ONE write (other
-    writers append to the same file); returns how many were written."""
-    key = lambda r: (r.get("engine", "keepkv"), r["model"], r["method"], float(r["budget"]), r["cell"], r["metric"])
+    """Append the rows not yet in ``store`` (key: engine, model, method, budget, cell, metric and the decode
+    allowance ``max_new_tokens``: a rerun with keepkv's larger batch allowance is a new row, and the report takes
+    the latest) in ONE ``write`` call on a file opened with ``O_APPEND`` (keepkv's ``ResultStore`` appends its
+    units the same way, so the two writers' lines cannot interleave within a line); returns how many were written."""
+    import os
+
+    key = lambda r: (r.get("engine", "keepkv"), r["model"], r["method"], float(r["budget"]), r["cell"], r["metric"],
+                     r.get("max_new_tokens"))
     seen = set()
     if store.exists():
         for line in store.read_text().splitlines():
@@ -102,8 +108,14 @@ def append_new(rows: list[dict], store: Path) -> int:
                 continue
     new = [r for r in rows if key(r) not in seen]
     if new:
-        with store.open("a") as handle:
-            handle.write("".join(json.dumps(r) + "\n" for r in new))
+        data = "".join(json.dumps(r) + "\n" for r in new).encode()
+        fd = os.open(store, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):
+            raise SystemExit(f"{store}: short append ({written} of {len(data)} bytes); check the file's last line")
     return len(new)
 
 
@@ -122,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("answers", nargs="+", help="raw answers JSONL from kvpress_eval.py eval (*.answers.jsonl)")
     p.add_argument("--out", help="scored rows JSONL (default: the first answers path without .answers)")
     p.add_argument("--tasks-store", help="task answers: append the scored rows to DIR/tasks.jsonl (new rows only)")
+    p.add_argument("--families", help="comma list: score only the raw answers of these task families")
     args = p.parse_args(argv)
     raw = [json.loads(line) for path in args.answers for line in Path(path).read_text().splitlines() if line.strip()]
+    if args.families:
+        wanted = {f.strip() for f in args.families.split(",") if f.strip()}
+        raw = [item for item in raw if item["task"] in wanted]
+        if not raw:
+            raise SystemExit(f"no raw answers of families {sorted(wanted)} in {args.answers}")
     if args.tasks_store:
         others = sorted({item["task"] for item in raw if not is_task_row(item)})
         if others:

@@ -46,6 +46,7 @@ from torch import Tensor
 from keepkv.cache.budgets import check_layer_budget_options, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.policy import CompressionMethod
+from keepkv.checks import is_real
 from keepkv.distributed.heads import head_mean
 from keepkv.errors import KeepKVError
 from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept, merge_into_kept_compiled
@@ -106,6 +107,16 @@ class KeepKV(CompressionMethod):
     cosine_decay: float = 0.8
     pyramid_beta: int = 20
 
+    def __setattr__(self, name: str, value) -> None:
+        """Fields are set as usual; setting ``last_query_weight`` (``lambda``; in ``__init__`` too) also refreshes
+        :attr:`last_query_mix`, the float32 tensor ``[1 - lambda, lambda]`` (each rounded from the Python float,
+        as a Python scalar would be) that :meth:`scores` reads."""
+        super().__setattr__(name, value)
+        if name == "last_query_weight":
+            weight = float(value) if is_real(value) else float("nan")  # __post_init__ refuses a non-number
+            with torch.inference_mode():  # one kind of tensor, like the merge counters (no recompile for it)
+                super().__setattr__("last_query_mix", torch.tensor([1.0 - weight, weight], dtype=torch.float32))
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.variant not in MERGE_VARIANTS:
@@ -142,6 +153,8 @@ class KeepKV(CompressionMethod):
             return self
         copy = dataclasses.replace(self, last_query_weight=self.agnostic_last_query_weight)
         copy.stats = self.stats
+        # the two differ only in last_query_mix (a graph input): one compiled compression serves both
+        copy._compiled_entries = self.compiled_compression()
         return copy
 
     def plan_layer_budgets(self, budget: int, num_layers: int) -> list[int]:
@@ -158,9 +171,11 @@ class KeepKV(CompressionMethod):
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
         present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
         scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
-        weight = float(self.last_query_weight)
-        if weight > 0.0:  # the newest query is the window's last row
-            scores = (1.0 - weight) * scores + weight * attention[:, :, :, -1].mean(dim=2)
+        # the newest query is the window's last row; the weights are a tensor (a graph input, not constants: the
+        # method and its for_query_agnostic copy share one compiled graph). With lambda = 0 (or 1) the mix is
+        # exactly the window mean (or the newest query's attention): the attentions are finite
+        mix = self.last_query_mix.to(scores.device)
+        scores = mix[0] * scores + mix[1] * attention[:, :, :, -1].mean(dim=2)
         if self.score_normalization == "per-token":
             live = torch.isfinite(cache.log_votes)
             scores = torch.where(live, scores * torch.exp(-cache.log_votes.masked_fill(~live, 0.0)), 0.0)

@@ -1,0 +1,91 @@
+"""Issue 13's verdict tables (keepkv/eval/targets.py) on synthetic task rows: paired on shared cells only,
+stratified intervals, and verdicts that can fail."""
+
+from __future__ import annotations
+
+from keepkv.eval.targets import cells_by_config, difference, full_share_rows, merging_rows, paired, ranking_rows, ratio
+
+MODEL = "Qwen2.5-Coder-1.5B-Instruct"
+
+
+def rows_for(method: str, values: dict[str, list[float]], *, variant: str = "", options=None, budget=0.5,
+             protocol="aware", engine="keepkv", start: int = 0) -> list[dict]:
+    out = []
+    for family, family_values in values.items():
+        for i, value in enumerate(family_values, start=start):
+            out.append({"task": "tasks", "metric": f"task_accuracy_{protocol}", "protocol": protocol,
+                        "model": MODEL, "method": method, "variant": variant, "options": options or {},
+                        "budget": budget, "cell": f"{family}/len2048/s{i}", "family": family, "value": value,
+                        "kept_entries_per_head": 10, "engine": engine})
+    return out
+
+
+def keepkv(values, **kw):
+    return rows_for("keepkv", values, variant="minnorm", **kw)
+
+
+def unmerged(values, **kw):
+    return rows_for("keepkv", values, variant="minnorm", options={"similarity_threshold": 1.0}, **kw)
+
+
+def test_pairs_only_shared_cells_and_families():
+    data = cells_by_config(keepkv({"a": [1, 0, 1, 1], "b": [1, 1]}) + rows_for("tova", {"a": [0, 0]}))
+    pairs = paired(data[(MODEL, "aware", "keepkv:minnorm", 0.5)], data[(MODEL, "aware", "tova", 0.5)])
+    assert pairs == {"a": [(1.0, 0.0), (0.0, 0.0)]}
+
+
+def test_difference_is_mean_over_families_with_an_interval_around_it():
+    pairs = {"a": [(1.0, 0.0)] * 10, "b": [(0.0, 0.0)] * 10 + [(0.0, 1.0)] * 10}
+    value, low, high = difference(pairs)
+    assert abs(value - (1.0 + -0.5) / 2) < 1e-12
+    assert low < value < high and low > -0.5 and high < 0.75  # family a never varies; b's mean is resampled
+
+
+def test_merging_that_hurts_a_family_fails_the_target():
+    rows = keepkv({"a": [1] * 10, "b": [0] * 10}) + unmerged({"a": [1] * 10, "b": [1] * 10})
+    (line,) = merging_rows(cells_by_config(rows))[2:]
+    assert line.endswith("| **no** |") and "b -1.00" in line
+    rows = keepkv({"a": [1] * 10, "b": [1] * 10}) + unmerged({"a": [1] * 5 + [0] * 5, "b": [1] * 10})
+    (line,) = merging_rows(cells_by_config(rows))[2:]
+    assert line.endswith("| yes |")
+
+
+def test_x_plus_keepkv_is_compared_with_x():
+    rows = rows_for("tova+keepkv", {"a": [0] * 6}, variant="minnorm") + rows_for("tova", {"a": [1] * 6})
+    (line,) = merging_rows(cells_by_config(rows))[2:]
+    assert "`tova+keepkv:minnorm` vs `tova`" in line and line.endswith("| **no** |")
+
+
+def test_ranking_names_the_best_competitor_and_says_behind():
+    rows = (keepkv({"a": [1] * 8 + [0] * 8}) + rows_for("snapkv", {"a": [1] * 16})
+            + rows_for("tova", {"a": [1] * 8 + [0] * 8}) + rows_for("full", {"a": [1] * 16}, budget=1.0)
+            + unmerged({"a": [1] * 16}))  # KeepKV configurations and the full cache are not competitors
+    (line,) = ranking_rows(cells_by_config(rows))[2:]
+    assert "`snapkv`" in line and line.endswith("| **behind** |")
+    rows = keepkv({"a": [1] * 16}) + rows_for("tova", {"a": [1] * 16}) + rows_for("snapkv", {"a": [0] * 16})
+    (line,) = ranking_rows(cells_by_config(rows))[2:]
+    assert "`tova`" in line and line.endswith("| tied first |")
+
+
+def test_ranking_within_the_interval_is_not_called_first():
+    rows = keepkv({"a": [1] * 15 + [0]}) + rows_for("tova", {"a": [1] * 16})
+    (line,) = ranking_rows(cells_by_config(rows))[2:]
+    assert line.endswith("| behind within the interval |")
+
+
+def test_ranking_includes_peer_engines_on_their_shared_samples():
+    rows = keepkv({"a": [0] * 16, "b": [1] * 16}) + rows_for("tova", {"a": [1] * 16}, engine="kvpress")
+    (line,) = ranking_rows(cells_by_config(rows))[2:]
+    assert "`tova [kvpress]`" in line and "| a 16 |" in line and "-1.00" in line
+
+
+def test_full_share_is_a_ratio_of_paired_means():
+    rows = keepkv({"a": [1] * 9 + [0], "b": [1] * 10}) + rows_for("full", {"a": [1] * 10, "b": [1] * 10}, budget=1.0)
+    value, low, high = ratio(paired(*(cells_by_config(rows)[(MODEL, "aware", lab, b)]
+                                      for lab, b in (("keepkv:minnorm", 0.5), ("full", 1.0)))))
+    assert abs(value - 0.95) < 1e-12 and low < value <= high <= 1.0
+    (line,) = full_share_rows(cells_by_config(rows))[2:]
+    assert "| yes (the target) |" in line
+    rows = keepkv({"a": [0] * 10}) + rows_for("full", {"a": [1] * 10}, budget=1.0)
+    (line,) = full_share_rows(cells_by_config(rows))[2:]
+    assert "**no** (the target)" in line
