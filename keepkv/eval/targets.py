@@ -24,13 +24,14 @@ from collections import defaultdict
 from statistics import mean
 from typing import Any
 
+from keepkv.eval.report import BOOTSTRAP_RESAMPLES as RESAMPLES  # one resample count for every interval
+
 KEEPKV = "keepkv:minnorm"
 NO_MERGE = "@similarity_threshold=1.0"
 MERGER_SUFFIX = "+keepkv:minnorm"
 RANKED_BUDGETS = (0.2, 0.5)
 FULL_SHARE_MODEL = "Qwen2.5-Coder-1.5B-Instruct"
 FULL_SHARE = 0.9
-RESAMPLES = 2000
 
 Cells = dict[str, dict[str, float]]
 """``family -> {cell: value}`` of one (model, protocol, label, budget)."""
