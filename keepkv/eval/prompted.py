@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keepkv.eval.data import PromptCell
-from keepkv.eval.results import MethodConfig, ResultStore, unit_key
+from keepkv.eval.results import MethodConfig, ResultStore, prompt_digest, unit_key
 from keepkv.eval.session import EvalModel
 
 PROTOCOLS = ("agnostic", "aware", "chunked")
@@ -45,7 +45,8 @@ def run_prompted(
     decode_slack: int = 64, progress: bool = True, protocol: str = "agnostic",
 ) -> None:
     """For every group of cells (rows of one batch), every configuration and budget: answer and write rows
-    ``{metric: value}`` from ``score(answer_text, cell)``. Finished units are skipped; a group whose units are
+    ``{metric: value}`` from ``score(answer_text, cell)``. Finished units are skipped (finished: a row of every
+    cell of the group, written from the same prompt tokens, see :meth:`ResultStore.done`); a group whose units are
     all finished is not even prefilled. Order: :func:`priority_plan`. ``protocol``: one of :data:`PROTOCOLS`."""
     from tqdm import tqdm
 
@@ -54,8 +55,11 @@ def run_prompted(
     if protocol != "agnostic":
         groups = {f"{name}/{protocol}": cells for name, cells in groups.items()}
     plan = priority_plan(configs, budgets)
+    digests = {cell.cell: prompt_digest(cell.context_ids, cell.question_ids) for cells in groups.values()
+               for cell in cells}
+    expected = {g: {cell.cell: digests[cell.cell] for cell in cells} for g, cells in groups.items()}
     units = [(b, c, g) for c, b in plan for g in groups]
-    todo = [(b, c, g) for b, c, g in units if not store.done(unit_key(task, model.name, c, b, g))]
+    todo = [(b, c, g) for b, c, g in units if not store.done(unit_key(task, model.name, c, b, g), expected[g])]
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=f"{task} {model.name}",
                disable=not progress, unit="run")
     # every group is prefilled once, up front (memory: a few full caches), so the loop can go budget-major:
@@ -85,7 +89,7 @@ def run_prompted(
                     "metric": metric_name(metric, protocol), "protocol": protocol, "value": value,
                     "model": model.name, **config.row_fields(),
                     "budget": budget, "kept_entries_per_head": kept,
-                    "cell": cell.cell, "seed": seed, "answer": text, "context_tokens": len(cell.context_ids),
+                    "cell": cell.cell, "prompt_digest": digests[cell.cell], "seed": seed, "answer": text, "context_tokens": len(cell.context_ids),
                     "decode_slack": decode_slack, **{k: v for k, v in cell.extra.items()},
                 })
         store.write(task, unit_key(task, model.name, config, budget, group), rows)

@@ -100,21 +100,11 @@ def _budget(row: dict[str, Any]) -> float:
     return float(row["budget"])
 
 
-BOOTSTRAP_RESAMPLES = 2000
-
-
 def bootstrap_interval(values: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (``BOOTSTRAP_RESAMPLES`` resamples, seeded, so a
-    report is reproducible); ``(v, v)`` for a single value."""
-    import random
+    """Percentile bootstrap interval of the mean of ``values`` (:func:`keepkv.eval.bootstrap.mean_interval`)."""
+    from keepkv.eval.bootstrap import mean_interval
 
-    if len(values) < 2:
-        return (values[0], values[0]) if values else (math.nan, math.nan)
-    rng = random.Random(seed)
-    count = len(values)
-    means = sorted(sum(rng.choices(values, k=count)) / count for _ in range(BOOTSTRAP_RESAMPLES))
-    tail = (1 - level) / 2
-    return means[int(tail * (BOOTSTRAP_RESAMPLES - 1))], means[int((1 - tail) * (BOOTSTRAP_RESAMPLES - 1))]
+    return mean_interval(values, level, seed)
 
 
 def distinct_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

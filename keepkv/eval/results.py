@@ -37,7 +37,7 @@ interrupted run restarts where it stopped.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +159,14 @@ def versions() -> dict[str, str]:
     return {"keepkv_version": __version__, "torch_version": torch.__version__}
 
 
+def prompt_digest(*token_lists: Sequence[int]) -> str:
+    """A short digest of a prompt's token ids (every part, in order): rows carry it so a resumable run can tell
+    that the prompt behind a stored row is the one it would run (:meth:`ResultStore.done`)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps([list(map(int, ids)) for ids in token_lists]).encode()).hexdigest()[:16]
+
+
 def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, group: str) -> str:
     """The identity of one unit of work (a resumable step): every hyper-parameter of the configuration, defaults
     included (:meth:`MethodConfig.resolved_options`), is part of it, so a run after a default changed redoes the
@@ -202,7 +210,7 @@ class ResultStore:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._done: set[str] = set()
+        self._cells: dict[str, dict[str, str | None]] = {}  # unit -> cell -> prompt digest of its row (or None)
         for path in self.directory.glob("*.jsonl"):
             with path.open(encoding="utf-8") as handle:
                 for line in handle:
@@ -211,11 +219,26 @@ class ResultStore:
                     except json.JSONDecodeError:
                         continue
                     if isinstance(row, dict) and "unit" in row:
-                        self._done.add(row["unit"])
+                        self._remember(row)
         self._versions = versions()
 
-    def done(self, unit: str) -> bool:
-        return unit in self._done
+    def _remember(self, row: dict[str, Any]) -> None:
+        cells = self._cells.setdefault(row["unit"], {})
+        if "cell" in row:
+            cells[str(row["cell"])] = row.get("prompt_digest")
+
+    def done(self, unit: str, cells: Mapping[str, str] | None = None) -> bool:
+        """Whether ``unit`` is finished. With ``cells`` (cell name -> :func:`prompt_digest` of the prompt it would
+        run), only if every one of them has a row in the unit written from that same prompt: a unit with rows
+        removed, or whose prompts changed since (a new task generator, another tokenizer), is redone and its new
+        rows supersede the old (readers keep the latest row per cell). Rows older than the digest are taken as
+        matching."""
+        stored = self._cells.get(unit)
+        if stored is None:
+            return False
+        if cells is None:
+            return True
+        return all(name in stored and stored[name] in (None, digest) for name, digest in cells.items())
 
     def write(self, task: str, unit: str, rows: Iterable[dict[str, Any]]) -> None:
         """Append the rows of one unit at once (each gets ``unit``, ``engine``, versions) and mark it done."""
@@ -226,4 +249,5 @@ class ResultStore:
         with (self.directory / f"{task}.jsonl").open("a", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
             handle.flush()
-        self._done.add(unit)
+        for line in lines:
+            self._remember(json.loads(line))

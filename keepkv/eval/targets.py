@@ -19,12 +19,11 @@ compared on fewer families than it has (a peer engine that ran only the single n
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from statistics import mean
 from typing import Any
 
-from keepkv.eval.report import BOOTSTRAP_RESAMPLES as RESAMPLES  # one resample count for every interval
+from keepkv.eval.bootstrap import stratified_interval
 
 KEEPKV = "keepkv:minnorm"
 NO_MERGE = "@similarity_threshold=1.0"
@@ -59,18 +58,6 @@ def paired(a: Cells, b: Cells) -> dict[str, list[tuple[float, float]]]:
     return pairs
 
 
-def _resample(pairs: dict[str, list[tuple[float, float]]], seed: int):
-    rng = random.Random(seed)
-    for _ in range(RESAMPLES):
-        yield {f: rng.choices(v, k=len(v)) for f, v in pairs.items()}
-
-
-def _percentiles(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    values = sorted(values)
-    tail = (1 - level) / 2
-    return values[int(tail * (len(values) - 1))], values[int((1 - tail) * (len(values) - 1))]
-
-
 def difference(pairs: dict[str, list[tuple[float, float]]], seed: int = 0) -> tuple[float, float, float]:
     """Mean over families of ``mean(a - b)`` within each family, with its 95% stratified bootstrap interval."""
     def stat(p):
@@ -79,7 +66,7 @@ def difference(pairs: dict[str, list[tuple[float, float]]], seed: int = 0) -> tu
     value = stat(pairs)
     if all(len(v) < 2 for v in pairs.values()):
         return value, value, value
-    return (value, *_percentiles([stat(p) for p in _resample(pairs, seed)]))
+    return (value, *stratified_interval(pairs, stat, seed=seed))
 
 
 def ratio(pairs: dict[str, list[tuple[float, float]]], seed: int = 0) -> tuple[float, float, float]:
@@ -94,8 +81,7 @@ def ratio(pairs: dict[str, list[tuple[float, float]]], seed: int = 0) -> tuple[f
         return float("nan"), float("nan"), float("nan")
     if all(len(v) < 2 for v in pairs.values()):
         return value, value, value
-    resampled = [s for s in (stat(p) for p in _resample(pairs, seed)) if s is not None]
-    return (value, *_percentiles(resampled))
+    return (value, *stratified_interval(pairs, stat, seed=seed))
 
 
 def _fmt(value: float, low: float, high: float, sign: bool = True) -> str:

@@ -15,14 +15,12 @@ same tables and plots (dash-dot lines).
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
 METRIC = "task_accuracy"
-RESAMPLES = 2000
 
 
 def task_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,15 +53,14 @@ PROTOCOL_TITLES = {
 
 
 def stratified_interval(by_family: dict[str, list[float]], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over families of each family's mean (resampled within families)."""
+    """Percentile bootstrap interval of the mean over families of each family's mean (resampled within families,
+    :func:`keepkv.eval.bootstrap.stratified_interval`)."""
+    from keepkv.eval.bootstrap import stratified_interval as interval
+
     if all(len(v) < 2 for v in by_family.values()):
         value = mean(mean(v) for v in by_family.values())
         return value, value
-    rng = random.Random(seed)
-    families = list(by_family.values())
-    means = sorted(mean(mean(rng.choices(v, k=len(v))) for v in families) for _ in range(RESAMPLES))
-    tail = (1 - level) / 2
-    return means[int(tail * (RESAMPLES - 1))], means[int((1 - tail) * (RESAMPLES - 1))]
+    return interval(by_family, lambda s: mean(mean(v) for v in s.values()), level, seed)
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:

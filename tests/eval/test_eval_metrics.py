@@ -158,6 +158,25 @@ def _row(method="snapkv", variant="", budget=0.1, metric="niah_exact_match", val
             "kept_entries_per_head": 51.0, "cell": cell, "seed": 0, **extra}
 
 
+def test_store_redoes_a_unit_with_a_missing_cell_or_a_changed_prompt(tmp_path):
+    """A unit is done only when every cell it would run has a row written from the same prompt tokens; rows
+    written before the digest existed count as matching."""
+    from keepkv.eval.results import prompt_digest
+
+    store = ResultStore(tmp_path)
+    unit = unit_key("tasks", "M", MethodConfig("snapkv"), 0.1, "g")
+    a, b = prompt_digest([1, 2], [3]), prompt_digest([1, 2], [4])
+    assert a != b and a == prompt_digest([1, 2], [3]) and a != prompt_digest([1], [2, 3])
+    store.write("tasks", unit, [_row(cell="x", prompt_digest=a), _row(cell="y", prompt_digest=b)])
+    reopened = ResultStore(tmp_path)
+    assert reopened.done(unit) and reopened.done(unit, {"x": a, "y": b})
+    assert not reopened.done(unit, {"x": a, "y": b, "z": a})  # a cell without a row (rows removed, a new sample)
+    assert not reopened.done(unit, {"x": b, "y": b})  # the prompt behind x changed since its row was written
+    legacy = unit_key("tasks", "M", MethodConfig("tova"), 0.1, "g")
+    store.write("tasks", legacy, [_row(cell="x")])
+    assert ResultStore(tmp_path).done(legacy, {"x": a}) and not ResultStore(tmp_path).done(legacy, {"x": a, "y": b})
+
+
 def test_store_is_resumable_and_reads_peer_rows(tmp_path):
     store = ResultStore(tmp_path)
     unit = unit_key("niah", "M", MethodConfig("snapkv"), 0.1, "ctx512")

@@ -158,6 +158,25 @@ def test_stratified_interval_weighs_families_equally():
     assert 0.5 < low < 0.75 < high < 1.0
 
 
+def test_bootstrap_resamples_within_strata_and_drops_undefined_statistics():
+    """The shared bootstrap: strata are resampled separately (a stratum of one repeated value never moves), the
+    interval brackets the statistic, is reproducible by seed, and resamples whose statistic is undefined are
+    dropped (none defined: NaN)."""
+    import math
+
+    from keepkv.eval.bootstrap import mean_interval, stratified_interval
+
+    strata = {"fixed": [2.0] * 3, "noisy": [0.0, 1.0, 0.0, 1.0, 1.0]}
+    low, high = stratified_interval(strata, lambda s: sum(s["fixed"]) / 3)
+    assert low == high == 2.0
+    low, high = stratified_interval(strata, lambda s: sum(s["noisy"]) / 5)
+    assert 0.0 <= low < 0.6 < high <= 1.0 and (low, high) == mean_interval(strata["noisy"])
+    assert mean_interval([0.3]) == (0.3, 0.3) and all(math.isnan(v) for v in mean_interval([]))
+    only_ones = stratified_interval(strata, lambda s: None if sum(s["noisy"]) < 3 else sum(s["noisy"]) / 5)
+    assert 0.6 <= only_ones[0] <= only_ones[1] <= 1.0  # resamples with fewer than three ones were dropped
+    assert all(math.isnan(v) for v in stratified_interval(strata, lambda s: None))
+
+
 def test_eval_tasks_end_to_end_is_resumable_and_reported(tmp_path, smollm2_gguf):
     """``keepkv eval tasks`` on SmolLM2: one ~512-token single-needle sample, the full cache and SnapKV at 50%, both
     protocols; schema-valid rows with resolved options; the report has the tasks section (resuming is the shared

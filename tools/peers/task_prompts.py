@@ -22,9 +22,9 @@ it, the record's own ``max_new_tokens``.
 and builds both protocols from them exactly as ``keepkv.eval.prompted`` does (agnostic: ``context_ids`` compressed,
 ``question_ids`` fed; aware: ``context_ids + question_ids[:-1]`` compressed, ``question_ids[-1:]`` fed).
 
-``--check RESULTS_DIR``: every record must match keepkv's stored task rows of the same cell (same
-``context_tokens`` and ``prompt_tokens``, and keepkv's stored answers re-scored against the export's ``answers``
-give the stored values), so the peer answers the samples keepkv's rows answered; with ``--batch``, keepkv's rows of
+``--check RESULTS_DIR``: every record must match keepkv's stored task rows of the same cell (the same prompt
+tokens, by the rows' ``prompt_digest`` where they have one, else the same ``context_tokens`` and ``prompt_tokens``;
+and keepkv's stored answers re-scored against the export's ``answers`` give the stored values), so the peer answers the samples keepkv's rows answered; with ``--batch``, keepkv's rows of
 every record must include rows of the rebuilt batch (the group in their ``unit``), so the decode allowance is the
 one keepkv's rows had; a mismatch stops the script. The output is named ``prompts-*.jsonl`` so that ``keepkv eval report`` does not read it.
 
@@ -126,6 +126,11 @@ def _mismatch(record: dict, row: dict) -> str | None:
 
     from keepkv.eval.tasks import score_task, scoring_of
 
+    from keepkv.eval.results import prompt_digest
+
+    digest = row.get("prompt_digest")
+    if digest is not None and digest != prompt_digest(record["context_ids"], record["question_ids"]):
+        return f"keepkv's row was written from other prompt tokens (digest {digest}): not the sample keepkv ran"
     prompt = len(record["context_ids"]) + len(record["question_ids"])
     if (row["context_tokens"], row["prompt_tokens"]) != (record["context_tokens"], prompt):
         return (f"export gives context/prompt tokens {(record['context_tokens'], prompt)}, keepkv's row "
