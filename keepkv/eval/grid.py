@@ -1,16 +1,12 @@
-"""The two grids of ``keepkv eval all``: ``quick`` (CI / smoke, about a minute) and ``full`` (the README results:
-measured ~23 min for SmolLM2 and ~67 min for Qwen2.5-Coder-0.5B on 2 CPU cores, ``results/eval/walltime.log``).
+"""The grids of ``keepkv eval all``: ``quick`` (CI / smoke), ``full`` (the README results; wall times in
+``results/eval/walltime.log``), ``quality`` and ``headline``.
 
 ``headline`` (issue 13): the RULER-style tasks (:mod:`keepkv.eval.tasks`, all 7 families at 2048 tokens, both
-protocols) for SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B, ``HEADLINE_CONFIGS`` at 10/20/50%. Sized for ~2 h on 2
-cores from the SmolLM2 first look (``results/tasks/RUN.md``): a 2048-token sample costs ~15 s of shared prefill
-per protocol, a configuration-budget run of an 8-row batch ~9 s with 24 new tokens (extrapolated: ~20 s for the
-64 of a mixed batch). Batches mix one sample of every family (7 rows), so each configuration runs once per batch; per model that is
-2 protocols x (7 S prefills + S x 22 runs) for S samples per family. SmolLM2 with S = 2: ~7 min prefill + ~26 min
-runs. The Qwen models were not timed here; scaled by parameters (prefill, compute-bound) and weight bytes (decode,
-memory-bound): Qwen-0.5B S = 1 ~20 min, Qwen-1.5B S = 1 ~65 min. Total ~2 h, with 14 / 7 / 7 samples per
-configuration and protocol: enough to rank methods coarsely, far from the +-0.10 intervals of issue 13 (about
-100 samples per cell; ~15x this grid on 2 cores).
+protocols) for SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B, ``HEADLINE_CONFIGS`` at 10/20/50%. Batches mix one
+sample of every family (7 rows), so each configuration runs once per batch: per model, 2 protocols x (7 S
+prefills + S x 22 configuration-budget runs) for S samples per family (2 / 1 / 1). The runs are greedy decodes
+whose time is reading the weights (one read per step serves the whole batch), the prefills are compute-bound.
+Measured wall times and what would make more samples affordable: ``results/tasks/RUN.md``.
 
 Sizing of the full grid (measured costs in ``results/eval/RUN.md``): every configuration at every budget shares
 one full prefill per cell group, so the cost is ~(prefills) + (configurations x budgets x short decodes) for NIAH /

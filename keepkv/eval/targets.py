@@ -13,6 +13,9 @@ compared on fewer families than it has (a peer engine that ran only the single n
   configuration and not a full cache (keepkv's methods and peer engines' presses). ``first`` when KeepKV's paired
   mean is above every competitor's (``tied first`` when the best one equals it), ``behind within the interval``
   when one is above it but every interval reaches zero, ``behind`` otherwise.
+- **Too few samples**: a family with fewer than :data:`MIN_SAMPLES` paired samples has no usable interval, so a
+  verdict that rests on one is printed as ``undecided`` with its point estimate (the issue asks for intervals of
+  at most +-0.10, about 100 samples per family).
 - **>= 90% of the full cache** at 50% query-aware on Qwen2.5-Coder-1.5B: KeepKV's mean over tasks divided by the
   full cache's on the same samples, with the stratified bootstrap interval of that ratio.
 """
@@ -31,6 +34,11 @@ MERGER_SUFFIX = "+keepkv:minnorm"
 RANKED_BUDGETS = (0.2, 0.5)
 FULL_SHARE_MODEL = "Qwen2.5-Coder-1.5B-Instruct"
 FULL_SHARE = 0.9
+MIN_SAMPLES = 5
+"""Fewest samples of a family for its interval to decide a verdict: a family's bootstrap has at most
+``C(2n - 1, n)`` distinct resample means (3 for ``n = 2``, 1 for ``n = 1``), so below this the interval reflects the
+resampling grid, not the sampling noise. Verdicts resting on thinner families are printed as undecided, with the
+point estimate."""
 
 Cells = dict[str, dict[str, float]]
 """``family -> {cell: value}`` of one (model, protocol, label, budget)."""
@@ -93,6 +101,15 @@ def _counts(pairs: dict[str, list]) -> str:
     return ", ".join(f"{f} {len(v)}" for f, v in pairs.items())
 
 
+def thin_families(pairs: dict[str, list]) -> list[str]:
+    """The families of ``pairs`` with fewer than :data:`MIN_SAMPLES` samples."""
+    return [f for f, v in pairs.items() if len(v) < MIN_SAMPLES]
+
+
+def _undecided(point: str, thin: list[str], total: int) -> str:
+    return f"undecided (point: {point}; under {MIN_SAMPLES} samples in {len(thin)} of {total} families)"
+
+
 def _budget_text(budget: float) -> str:
     return f"{budget * 100:g}%"
 
@@ -113,10 +130,17 @@ def merging_rows(data: dict[tuple, Cells]) -> list[str]:
         if not pairs:
             continue
         per_family = {f: difference({f: v}) for f, v in pairs.items()}
-        holds = all(high >= 0 for _, _, high in per_family.values())
+        thin = thin_families(pairs)
+        hurt = [f for f, (_, _, high) in per_family.items() if high < 0]
+        if any(f not in thin for f in hurt):
+            holds = "**no**"
+        elif thin:
+            holds = _undecided("no" if hurt else "holds", thin, len(pairs))
+        else:
+            holds = "yes"
         worst = ", ".join(f"{f} {_fmt(*d)} (n={len(pairs[f])})" for f, d in per_family.items())
         lines.append(f"| {model} | {protocol} | {_budget_text(budget)} | `{lab}` vs `{base}` | {worst} | "
-                     f"{_fmt(*difference(pairs))} | {'yes' if holds else '**no**'} |")
+                     f"{_fmt(*difference(pairs))} | {holds} |")
     return lines if len(lines) > 2 else []
 
 
@@ -149,8 +173,14 @@ def ranking_rows(data: dict[tuple, Cells]) -> list[str]:
                 compared.append((difference(pairs), other, pairs))
         if not compared:
             continue
-        (diff, low, high), best, pairs = min(compared, key=lambda c: c[0][0])
+        # a competitor whose advantage excludes zero on enough samples decides "behind" by itself; otherwise a
+        # competitor resting on thin families leaves the verdict undecided (it could be ahead or behind)
+        clearly_ahead = [c for c in compared if c[0][2] < 0 and not thin_families(c[2])]
+        (diff, low, high), best, pairs = min(clearly_ahead or compared, key=lambda c: c[0][0])
         verdict = verdict_of(diff, [c[0][2] for c in compared])
+        thin = sorted({f for c in compared for f in thin_families(c[2])})
+        if thin and not clearly_ahead:
+            verdict = _undecided(verdict.strip("*"), thin, len(ours))
         own = mean(mean(v.values()) for v in ours.values())
         lines.append(f"| {model} | {protocol} | {_budget_text(budget)} | {own:.2f} | `{best}` | "
                      f"{_fmt(diff, low, high)} | {_counts(pairs)} | {verdict} |")
@@ -170,6 +200,9 @@ def full_share_rows(data: dict[tuple, Cells]) -> list[str]:
         value, low, high = ratio(pairs)
         target = "(the target)" if model == FULL_SHARE_MODEL else "(not a target)"
         met = "yes" if value >= FULL_SHARE else "**no**"
+        thin = thin_families(pairs)
+        if thin:
+            met = _undecided(met.strip("*"), thin, len(pairs))
         lines.append(f"| {model} | {_fmt(value, low, high, sign=False)} | {_counts(pairs)} | {met} {target} |")
     return lines if len(lines) > 2 else []
 
@@ -184,7 +217,8 @@ def targets_section(rows: list[dict[str, Any]]) -> list[str]:
     return ["### Issue 13's targets, read from these rows", "",
             "Paired comparisons on the samples both configurations answered (`keepkv/eval/targets.py`); intervals "
             "are 95% stratified bootstrap. Few samples make wide intervals: a verdict inside an interval that "
-            "crosses zero is a lead, not a result.", "",
+            f"crosses zero is a lead, not a result, and one resting on a family of fewer than {MIN_SAMPLES} samples "
+            "is printed as undecided, with its point estimate.", "",
             "**Merging never hurts** (KeepKV vs the same selector without merging; `X+keepkv` vs `X`): holds when "
             "no family's difference is below zero beyond its interval.", "", *(merging or none), "",
             "**Best mean accuracy over tasks** (KeepKV vs every non-KeepKV configuration, keepkv's and peers', at "

@@ -335,13 +335,19 @@ def _qa_record(tokenizer, family: str, length: int, rng: random.Random, target: 
     overhead = prompt_tokens(tokenizer, build([]))
     if overhead > target:
         raise KeepKVError(f"{family}: the gold passages alone take {overhead} tokens, more than {target}")
+    sizes: dict[int, int] = {}
+
+    def size_of(i: int) -> int:  # a paragraph's tokens as a document (an estimate: the joined prompt may differ)
+        if i not in sizes:
+            sizes[i] = len(tokenizer.encode(QA_DOCUMENT.format(index=99, text=pool[i]) + "\n\n", add_bos=False))
+        return sizes[i]
+
     # first fit over the seeded pool: a paragraph too long for what is left is skipped, a shorter one may fit
     chosen, used = [], overhead
-    for i, paragraph in enumerate(pool):
-        size = len(tokenizer.encode(QA_DOCUMENT.format(index=99, text=paragraph) + "\n\n", add_bos=False))
-        if used + size <= target:
+    for i in range(len(pool)):
+        if used + size_of(i) <= target:
             chosen.append(i)
-            used += size
+            used += size_of(i)
         if used > target - 8:
             break
     while True:
@@ -350,6 +356,18 @@ def _qa_record(tokenizer, family: str, length: int, rng: random.Random, target: 
         if total <= target or not chosen:
             break
         chosen.pop()
+    if total < target * (1 - LENGTH_TOLERANCE):
+        # the estimates undershot the joined prompt and dropping the last paragraph left too little: top up with
+        # later paragraphs that still fit, each measured on the whole prompt (samples that fitted are unchanged)
+        for i in range(len(pool)):
+            if total >= target * (1 - LENGTH_TOLERANCE):
+                break
+            if i in chosen or total + size_of(i) > target:
+                continue
+            trial = build(chosen + [i])
+            trial_total = prompt_tokens(tokenizer, trial)
+            if trial_total <= target:
+                chosen, record, total = chosen + [i], trial, trial_total
     if not target * (1 - LENGTH_TOLERANCE) <= total <= target:
         raise KeepKVError(f"{family}: could not fill {target} tokens (got {total})")
     return record

@@ -45,6 +45,17 @@ def test_generation_is_deterministic_in_seed_and_fits_the_length(tokenizer, eval
         assert length * (1 - tasks.LENGTH_TOLERANCE) <= total <= length, (family, length, total)
 
 
+def test_qa_samples_whose_first_fit_overshoots_are_topped_up_to_the_length(tokenizer, eval_data):
+    """HotpotQA samples 3 and 4 at 2048 tokens: the per-paragraph token estimates undershoot the joined prompt, the
+    last paragraph is dropped, and the first fit alone left 1902 / 1923 of 2016 tokens (an error); later
+    paragraphs that still fit top it up."""
+    for sample in (3, 4):
+        record = tasks.generate_sample(tokenizer, "qa_hotpot", 2048, sample)
+        total = tasks.prompt_tokens(tokenizer, record) + record["max_new_tokens"]
+        assert 2048 * (1 - tasks.LENGTH_TOLERANCE) <= total <= 2048, (sample, total)
+        assert record["answers"][0] and record["question"].startswith("Question:")
+
+
 @pytest.mark.parametrize("family", NEEDLE_FAMILIES)
 def test_needles_occur_once_and_distractors_differ_from_answers(tokenizer, eval_data, family):
     for sample in range(3):

@@ -89,3 +89,27 @@ def test_full_share_is_a_ratio_of_paired_means():
     rows = keepkv({"a": [0] * 10}) + rows_for("full", {"a": [1] * 10}, budget=1.0)
     (line,) = full_share_rows(cells_by_config(rows))[2:]
     assert "**no** (the target)" in line
+
+
+def test_verdicts_resting_on_a_family_of_few_samples_are_undecided():
+    """A family under MIN_SAMPLES paired samples has no usable interval (n = 1: a zero-width one): the verdict is
+    'undecided' with its point estimate, in all three tables; a hurt family with enough samples still fails."""
+    from keepkv.eval.targets import MIN_SAMPLES
+
+    thin = MIN_SAMPLES - 1
+    rows = keepkv({"a": [0] * thin, "b": [1] * 10}) + unmerged({"a": [1] * thin, "b": [1] * 10})
+    (line,) = merging_rows(cells_by_config(rows))[2:]
+    assert "undecided (point: no; under 5 samples in 1 of 2 families)" in line and "**no**" not in line
+    rows = keepkv({"a": [0] * thin, "b": [0] * 10}) + unmerged({"a": [1] * thin, "b": [1] * 10})
+    (line,) = merging_rows(cells_by_config(rows))[2:]
+    assert line.endswith("| **no** |")  # b is hurt beyond its interval with 10 samples
+    rows = keepkv({"a": [0]}) + rows_for("tova", {"a": [1]})
+    (line,) = ranking_rows(cells_by_config(rows))[2:]
+    assert line.endswith("| undecided (point: behind; under 5 samples in 1 of 1 families) |")
+    rows = (keepkv({"a": [0] * 10}) + rows_for("tova", {"a": [1] * 10})
+            + rows_for("snapkv", {"a": [0] * thin}, engine="kvpress"))
+    (line,) = ranking_rows(cells_by_config(rows))[2:]
+    assert "`tova`" in line and line.endswith("| **behind** |")  # a well-sampled competitor decides "behind"
+    rows = keepkv({"a": [0] * thin}) + rows_for("full", {"a": [1] * thin}, budget=1.0)
+    (line,) = full_share_rows(cells_by_config(rows))[2:]
+    assert "undecided (point: no; under 5 samples" in line and "(the target)" in line
