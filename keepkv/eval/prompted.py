@@ -89,7 +89,8 @@ def run_prompted(
                     "metric": metric_name(metric, protocol), "protocol": protocol, "value": value,
                     "model": model.name, **config.row_fields(),
                     "budget": budget, "kept_entries_per_head": kept,
-                    "cell": cell.cell, "prompt_digest": digests[cell.cell], "seed": seed, "answer": text, "context_tokens": len(cell.context_ids),
+                    "cell": cell.cell, "prompt_digest": digests[cell.cell], "seed": seed, "answer": text,
+                    "context_tokens": len(cell.context_ids),
                     "decode_slack": decode_slack, **{k: v for k, v in cell.extra.items()},
                 })
         store.write(task, unit_key(task, model.name, config, budget, group), rows)

@@ -242,12 +242,10 @@ class ResultStore:
 
     def write(self, task: str, unit: str, rows: Iterable[dict[str, Any]]) -> None:
         """Append the rows of one unit at once (each gets ``unit``, ``engine``, versions) and mark it done."""
-        lines = []
-        for row in rows:
-            full = {**row, "task": task, "engine": "keepkv", **self._versions, "unit": unit}
-            lines.append(json.dumps(validate_row(full), sort_keys=False))
+        full = [validate_row({**row, "task": task, "engine": "keepkv", **self._versions, "unit": unit})
+                for row in rows]
         with (self.directory / f"{task}.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
+            handle.write("\n".join(json.dumps(row, sort_keys=False) for row in full) + "\n")
             handle.flush()
-        for line in lines:
-            self._remember(json.loads(line))
+        for row in full:
+            self._remember(row)

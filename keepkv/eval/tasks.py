@@ -359,15 +359,17 @@ def _qa_record(tokenizer, family: str, length: int, rng: random.Random, target: 
     if total < target * (1 - LENGTH_TOLERANCE):
         # the estimates undershot the joined prompt and dropping the last paragraph left too little: top up with
         # later paragraphs that still fit, each measured on the whole prompt (samples that fitted are unchanged)
+        taken = set(chosen)
         for i in range(len(pool)):
             if total >= target * (1 - LENGTH_TOLERANCE):
                 break
-            if i in chosen or total + size_of(i) > target:
+            if i in taken or total + size_of(i) > target:
                 continue
             trial = build(chosen + [i])
             trial_total = prompt_tokens(tokenizer, trial)
             if trial_total <= target:
                 chosen, record, total = chosen + [i], trial, trial_total
+                taken.add(i)
     if not target * (1 - LENGTH_TOLERANCE) <= total <= target:
         raise KeepKVError(f"{family}: could not fill {target} tokens (got {total})")
     return record
