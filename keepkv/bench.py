@@ -43,16 +43,15 @@ def make_engine(network, budget: float | None):
     """A compiled :class:`GenerationEngine` over ``network``: full cache (``budget=None``) or KeepKV (default
     variant; its whole compression compiled, see ``CompressionMethod.compress``) at ``kv_budget=budget`` with
     ``decode_slack = DECODE_SLACK``."""
-    from keepkv.cache.manager import CompressedCacheManager
+    from keepkv.cache.manager import CacheManager
     from keepkv.cache.methods import make_method
     from keepkv.generate import GenerationEngine
 
     if budget is None:
         return GenerationEngine(network, compile=True)
-    method = make_method("keepkv")
-    method.use_compiled_ops = True
     dtype = network.model.embed_tokens.weight.dtype
-    manager = CompressedCacheManager(network.config, dtype, network.inv_freq.device, method, budget, DECODE_SLACK)
+    manager = CacheManager(network.config, dtype, network.inv_freq.device, make_method("keepkv"), budget, DECODE_SLACK,
+                           compiled_ops=True)
     return GenerationEngine(network, compile=True, cache_manager=manager)
 
 
@@ -72,12 +71,10 @@ def fill_synthetic(engine, context: int, new_tokens: int, seed: int = 0, batch: 
     ``batch`` rows every row holds the same synthetic state."""
     import torch
 
-    from keepkv.cache.manager import CompressedCacheManager
-
     generator = torch.Generator().manual_seed(seed)
     engine.prepare_caches(batch, context, new_tokens)
     manager = engine.cache_manager
-    compressed = isinstance(manager, CompressedCacheManager)
+    compressed = not manager.keeps_everything
     with torch.inference_mode():
         for layer, cache in enumerate(engine.caches):
             keep = manager.layer_budgets[layer] if compressed else context
@@ -94,11 +91,8 @@ def fill_synthetic(engine, context: int, new_tokens: int, seed: int = 0, batch: 
                 cache.window_queries.copy_(torch.randn(cache.window_queries.shape[1:], generator=generator)
                                            .expand_as(cache.window_queries))
                 cache.window_positions.copy_(torch.arange(context - window, context).expand(batch, window))
-    if compressed:
-        manager.cursors = [cache.cursor.item() for cache in engine.caches]
-        manager.filled = max(manager.cursors)
-    else:
-        manager.filled = context
+    manager.cursors = [int(cache.cursor.item()) for cache in engine.caches]
+    manager.filled = max(manager.cursors)
     engine.end_prefill()
 
 
@@ -143,9 +137,9 @@ def time_decode(engine, context: int, runs: int, compressed: bool, on_run=None) 
     if compressed:
         original = manager.compress_all
 
-        def timed_compress_all():
+        def timed_compress_all(*args, **kwargs):
             started = time.perf_counter()
-            original()
+            original(*args, **kwargs)
             compress_times.append(time.perf_counter() - started)
 
         manager.compress_all = timed_compress_all

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from keepkv.cache.manager import CompressedCacheManager, cache_manager_for, round_up
+from keepkv.cache.manager import CacheManager, round_up
 from keepkv.checks import require_int, require_text, shown
 from keepkv.context import decode_tokens
 from keepkv.errors import KeepKVError
@@ -273,7 +273,7 @@ class ChatSession:
         self._text = rendered
         self._messages = messages
         self.position += len(new_ids)
-        stats.budget = getattr(manager, "budget", None)
+        stats.budget = manager.budget
         log.debug("turn %d: fed %d new tokens at positions %d..%d (token prefix reused: %s)", stats.turn,
                   len(new_ids), stats.start_position, self.position - 1, reused)
         eos = set(model.tokenizer.eos_token_ids)
@@ -295,7 +295,7 @@ class ChatSession:
             self._caches = list(engine.caches)
             stats.reply_tokens, stats.total_tokens = len(reply), self.position
             stats.decode_seconds = time.perf_counter() - started
-            stats.compressions = getattr(manager, "compressions", 0)  # counted from this turn's start
+            stats.compressions = manager.compressions  # counted from this turn's start
             stats.entries_per_head_max = int(self.entries_per_head().max())
             log.info("turn %d: %d new tokens fed at position %d, %d reply tokens; cache holds at most %d entries "
                      "per head%s", stats.turn, stats.fed_tokens, stats.start_position, stats.reply_tokens,
@@ -306,7 +306,7 @@ class ChatSession:
         class docstring says; return the logits ``[1, vocab]`` of the last one."""
         engine, device = self.engine, self.model.device
         manager = engine.cache_manager
-        compressed = isinstance(manager, CompressedCacheManager)
+        compressed = not manager.keeps_everything
         total = self.position + len(new_ids)
         if compressed:
             manager.kv_budget = self._budget_entries(manager, total)
@@ -336,7 +336,7 @@ class ChatSession:
             engine.end_prefill()
         return logits
 
-    def _budget_entries(self, manager: CompressedCacheManager, total_tokens: int) -> int:
+    def _budget_entries(self, manager: CacheManager, total_tokens: int) -> int:
         """``B_turn`` (class docstring): entries per head for a conversation of ``total_tokens`` tokens."""
         if not isinstance(self.kv_budget, float):
             return int(self.kv_budget)
@@ -350,19 +350,19 @@ def _session_engine(model: LanguageModel, kv_budget: float | int | None, method:
     """The session's own engine over ``model``'s network: ``model``'s method and budget when neither is given."""
     from keepkv.checks import require_choice
     from keepkv.generate import GenerationEngine
-    from keepkv.models.loading import DEFAULT_DECODE_SLACK, resolve_method
+    from keepkv.models.loading import resolve_method
     from keepkv.cache.manager import PREFILL_COMPRESSION
 
     own = model.engine.cache_manager
-    slack = decode_slack or getattr(own, "decode_slack", DEFAULT_DECODE_SLACK)
-    once = prefill_compression or getattr(own, "prefill_compression", "chunked")
+    slack = decode_slack or own.decode_slack
+    once = prefill_compression or own.prefill_compression
     require_choice(once, "prefill_compression", PREFILL_COMPRESSION)
     if kv_budget is None and method is None and not options:
         name, method_object, kv_budget = model.method, model.method_object, model.kv_budget
     else:
         name, method_object = resolve_method(method, kv_budget, dict(options))
-    manager = cache_manager_for(model.config, model.dtype, model.device, method_object, kv_budget, slack, once,
-                                compiled_ops=model.engine.compile, runtime=model.network.runtime)
+    manager = CacheManager(model.config, model.dtype, model.device, method_object, kv_budget, slack, once,
+                           compiled_ops=model.engine.compile, runtime=model.network.runtime)
     engine = GenerationEngine(model.network, compile=model.engine.compile,
                               prefill_chunk_size=model.engine.prefill_chunk_setting, cache_manager=manager)
     return engine, name, kv_budget

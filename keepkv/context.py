@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from keepkv.cache.kv_cache import LayerKVCache
-from keepkv.cache.manager import CompressedCacheManager, cache_manager_for, round_up
+from keepkv.cache.manager import CacheManager, round_up
 from keepkv.checks import require_int, require_text
 from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine
@@ -83,9 +83,9 @@ def _make_engine(model: LanguageModel, method: str, kv_budget: float | int | Non
     from keepkv.models.loading import resolve_method
 
     name, method_object = resolve_method(method, kv_budget, dict(options))
-    slack = getattr(model.engine.cache_manager, "decode_slack", 64)
-    manager = cache_manager_for(model.config, model.dtype, model.device, method_object, kv_budget, slack,
-                                compiled_ops=model.engine.compile, query_agnostic=query_agnostic)
+    manager = CacheManager(model.config, model.dtype, model.device, method_object, kv_budget,
+                           model.engine.cache_manager.decode_slack, compiled_ops=model.engine.compile,
+                           query_agnostic=query_agnostic)
     engine = GenerationEngine(model.network, compile=model.engine.compile,
                               prefill_chunk_size=model.engine.prefill_chunk_size, cache_manager=manager)
     return engine, name
@@ -126,7 +126,7 @@ class CompressedContext:
         self.method, self.kv_budget, self.options = method, kv_budget, dict(options)
         self.caches, self.prompt_tokens, self.question = caches, prompt_tokens, question
         self.last_logits = last_logits
-        self.budget: int | None = getattr(engine.cache_manager, "budget", None)
+        self.budget: int | None = engine.cache_manager.budget
 
     def __repr__(self) -> str:
         return (f"CompressedContext(method={self.method!r}, kv_budget={self.kv_budget}, prompt_tokens="
@@ -189,7 +189,7 @@ class CompressedContext:
             "format": FORMAT, "model": model_identity(self.model), "method": self.method,
             "kv_budget": self.kv_budget, "options": self.options, "prompt_tokens": self.prompt_tokens,
             "question": self.question, "budget": self.budget,
-            "layer_budgets": list(getattr(manager, "layer_budgets", [])),
+            "layer_budgets": list(manager.layer_budgets),
             "capacity": self.caches[0].capacity,
         }
         temporary = path.with_name(path.name + ".partial")
@@ -256,15 +256,7 @@ def load_context(path: str | os.PathLike, model: LanguageModel) -> CompressedCon
     engine, name = _make_engine(model, metadata["method"], metadata["kv_budget"], metadata["options"])
     manager = engine.cache_manager
     capacity = int(metadata["capacity"])
-    if isinstance(manager, CompressedCacheManager):
-        manager.method.reset_state()
-        manager.budget = metadata["budget"]
-        manager._set_layer_budgets(metadata["layer_budgets"])
-        caches = manager._new_caches(1, capacity)
-    else:
-        c = model.config
-        caches = [LayerKVCache(1, c.num_kv_heads, capacity, c.head_dim, model.dtype, model.device)
-                  for _ in range(c.num_layers)]
+    caches = manager.restore(capacity, metadata["budget"], metadata["layer_budgets"])
     for layer, cache in enumerate(caches):
         for buffer_name in CACHE_BUFFERS:
             target = getattr(cache, buffer_name, None)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from keepkv.cache import LayerKVCache
-from keepkv.cache.manager import FullCacheManager, round_up
+from keepkv.cache.manager import CacheManager, round_up
 from keepkv.compile_limits import allow_graph_per_shape
 from keepkv.errors import KeepKVError
 from keepkv.logs import PREFILL_PROGRESS_MIN_CHUNKS, progress
@@ -120,7 +120,7 @@ class GenerationEngine:
 
     def __init__(
         self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int | None = None,
-        cache_manager: FullCacheManager | None = None, runtime: RuntimeOptions | None = None,
+        cache_manager: CacheManager | None = None, runtime: RuntimeOptions | None = None,
     ) -> None:
         if prefill_chunk_size is not None and (isinstance(prefill_chunk_size, bool)
                                                or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1):
@@ -136,7 +136,7 @@ class GenerationEngine:
         self.kernel = "flex" if compile else "reference"
         network.set_attention_kernel(self.kernel)
         network.set_runtime_options(runtime)
-        self.cache_manager = cache_manager or FullCacheManager(self.config, self.dtype, self.device, runtime=runtime)
+        self.cache_manager = cache_manager or CacheManager(self.config, self.dtype, self.device, runtime=runtime)
         self.cache_manager.bind_network(network)  # methods that read weights (CriticalKV's W_O) get the model
         self._attached: list[LayerKVCache] | None = None  # the caches this engine last attached (_use)
         self._first_attention = network.attention_layers[0]
@@ -198,8 +198,7 @@ class GenerationEngine:
             return None
         if not bool((valid[:, 1:] <= valid[:, :-1]).all()):
             return None
-        cursors = getattr(self.cache_manager, "cursors", None)
-        return list(cursors) if cursors else [self.cache_manager.filled] * self.config.num_layers
+        return list(self.cache_manager.cursors)
 
     def long_chunk(self, valid: Tensor) -> int:
         """The widest prefill forward for the prompt whose validity mask is ``valid [B, T]``: the long chunk of an
@@ -210,7 +209,7 @@ class GenerationEngine:
         (:meth:`_split_prefill_past`'s conditions over the whole prompt: FlexAttention and the eager reference
         keep ordinary chunks, so their compiled graphs and memory stay as they were)."""
         chunk = self.prefill_chunk_size
-        if not self.automatic_chunks or getattr(self.cache_manager, "prefill_compression", "once") == "chunked":
+        if not self.automatic_chunks or self.cache_manager.compresses_during_prefill:
             return chunk
         long_chunk = automatic_long_chunk(self.config, self.dtype, valid.shape[0], chunk, self.runtime)
         if long_chunk <= chunk or valid.shape[1] < long_chunk or self._split_prefill_past(valid) is None:
@@ -294,7 +293,7 @@ class GenerationEngine:
         """Continue from a prefill made elsewhere (evaluation: one full prefill shared by several methods): the
         cache manager copies ``source`` (not modified), compresses it to the budget unless ``compress=False`` and
         makes room for ``max_new_tokens`` more tokens; the copies are attached. Follow with :meth:`extend` (a
-        suffix such as a question) and :meth:`decode_step`. See ``FullCacheManager.start_from_prefill``."""
+        suffix such as a question) and :meth:`decode_step`. See ``CacheManager.start_from_prefill``."""
         self._use(self.cache_manager.start_from_prefill(source, prompt_tokens, max_new_tokens, compress=compress))
 
     def extend(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:

@@ -501,7 +501,7 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rows", type=int, default=30, help="profiler rows shown")
     p.add_argument("--prefill-buffer-budgets", type=int, default=1,
-                   help="CompressedCacheManager.prefill_buffer_budgets (k: compress when k budgets + a chunk fill)")
+                   help="CacheManager.prefill_buffer_budgets (k: compress when k budgets + a chunk fill)")
     p.add_argument("--dump", default=None, help="save the compressed caches to <dump>_<dtype>_<method>.pt")
     p.add_argument("--out", default=None, help="file name under results/bench/")
     args = parser.parse_args(argv)

@@ -112,7 +112,7 @@ def time_batch(network, context: int, budget: float | None, batch: int, runs: in
             "first_step_seconds": first_step, "step_seconds": median / run_steps,
             "tokens_per_second_per_row": run_steps / median, "total_tokens_per_second": batch * run_steps / median,
             "measured_resident_bytes": engine.cache_bytes(), "kv_read_bytes_per_step": kv_read_bytes(engine),
-            "compressions": getattr(engine.cache_manager, "compressions", 0),
+            "compressions": engine.cache_manager.compressions,
             "new_graphs_during_timed_runs": counters["stats"]["unique_graphs"] - graphs_before}
 
 

@@ -61,21 +61,13 @@ class Selected(CompressionMethod):
     compresses_during_decode = _merger_attribute("compresses_during_decode")  # type: ignore[assignment]
 
     @property
-    def use_compiled_ops(self) -> bool:  # type: ignore[override]
-        return self.merger.use_compiled_ops
-
-    @use_compiled_ops.setter
-    def use_compiled_ops(self, value: bool) -> None:
-        self.merger.use_compiled_ops = value
-
-    @property
     def stats(self) -> Any:
         """The merger's merge statistics (KeepKV's :class:`~keepkv.ops.merge.MergeStats`)."""
         return self.merger.stats
 
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
-              evicted_slots: Tensor, evicted_valid: Tensor) -> None:
-        self.merger.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
+              evicted_slots: Tensor, evicted_valid: Tensor, compiled: bool = False) -> None:
+        self.merger.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid, compiled=compiled)
 
     # ---- the selector's ----------------------------------------------------------------------------------------
     @property

@@ -96,11 +96,11 @@ class CompressionMethod:
     compresses_during_decode: ClassVar[bool] = True
     accumulates_attention: ClassVar[bool] = False  # the cache must keep per-slot accumulated attention
     is_eviction_selector: ClassVar[bool] = True  # may pick the evicted set for a merging method (X+keepkv)
+    keeps_everything: ClassVar[bool] = False  # the full cache (keepkv.cache.methods.full): never compressed
     layer_free: ClassVar[bool] = False
     """True when the method's selection and merge depend on the layer only through the cache and the budget (no
     per-layer state or weights, no layer-indexed budgets inside ``select``): its whole compression may then be
     compiled once for every layer (see :attr:`compiles_whole_compression`)."""
-    use_compiled_ops = False  # not an option: set by the cache manager (compiled_ops=) when the model runs compiled
     sinks: int = 4
     window: int = 32
 
@@ -130,7 +130,7 @@ class CompressionMethod:
 
     @property
     def compiles_whole_compression(self) -> bool:
-        """Whether :meth:`compress` runs as one compiled graph when ``use_compiled_ops`` is set (:attr:`layer_free`
+        """Whether :meth:`compress` runs as one compiled graph when asked to run compiled (:attr:`layer_free`
         methods)."""
         return self.layer_free
 
@@ -164,24 +164,26 @@ class CompressionMethod:
         """Every hyper-parameter (the dataclass fields), defaults included."""
         return dataclasses.asdict(self)
 
-    def compress(self, cache: CompressedLayerCache, layer: int, budget: int) -> None:
+    def compress(self, cache: CompressedLayerCache, layer: int, budget: int, compiled: bool = False) -> None:
         """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head).
 
-        With ``use_compiled_ops`` and :attr:`compiles_whole_compression` the selection, the merge and the
-        compaction run as one compiled graph (:meth:`compressed_entries` under ``torch.compile``): one graph per
-        (method, cache shapes, budget) whatever the layer, no host sync inside."""
-        if self.use_compiled_ops and self.compiles_whole_compression:
+        ``compiled`` (the cache manager passes ``compiled_ops``: true when the model runs compiled): with
+        :attr:`compiles_whole_compression` the selection, the merge and the compaction run as one compiled graph
+        (:meth:`compressed_entries` under ``torch.compile``: one graph per (method, cache shapes, budget) whatever
+        the layer, no host sync inside); otherwise the merge alone runs its compiled op."""
+        if compiled and self.compiles_whole_compression:
             entries = self.compiled_compression()(self, cache, budget)
         else:
-            entries = self.compressed_entries(cache, layer, budget)
+            entries = self.compressed_entries(cache, layer, budget, compiled=compiled)
         cache.store_packed(entries)
 
-    def compressed_entries(self, cache: CompressedLayerCache, layer: int, budget: int) -> dict[str, Tensor]:
-        """Select, merge (in place, into kept slots) and return the compacted buffers
-        (:meth:`CompressedLayerCache.packed_entries`); :meth:`compress` stores them."""
+    def compressed_entries(self, cache: CompressedLayerCache, layer: int, budget: int,
+                           compiled: bool = False) -> dict[str, Tensor]:
+        """Select, merge (in place, into kept slots; ``compiled``: with the merge's compiled op) and return the
+        compacted buffers (:meth:`CompressedLayerCache.packed_entries`); :meth:`compress` stores them."""
         with cache.reuse_window_scores():  # selection and merge reference share one window-score product
             kept_slots, kept_valid, evicted_slots, evicted_valid = self.select(cache, layer, budget)
-            self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid)
+            self.merge(cache, layer, kept_slots, kept_valid, evicted_slots, evicted_valid, compiled=compiled)
         return cache.packed_entries(kept_slots, kept_valid)
 
     def compiled_compression(self):
@@ -194,7 +196,7 @@ class CompressionMethod:
         return self._compiled_entries
 
     def _layer_free_entries(self, cache: CompressedLayerCache, budget: int) -> dict[str, Tensor]:
-        return self.compressed_entries(cache, 0, budget)  # layer-free: the index is never read
+        return self.compressed_entries(cache, 0, budget, compiled=True)  # layer-free: the index is never read
 
     # ---- what a method defines --------------------------------------------------------------------------------
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
@@ -202,8 +204,9 @@ class CompressionMethod:
         raise KeepKVError(f"method {self.name!r} defines no scores")
 
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
-              evicted_slots: Tensor, evicted_valid: Tensor) -> None:
-        """Fold evicted entries into kept ones, in place (default: nothing, i.e. plain eviction)."""
+              evicted_slots: Tensor, evicted_valid: Tensor, compiled: bool = False) -> None:
+        """Fold evicted entries into kept ones, in place (default: nothing, i.e. plain eviction); ``compiled``: use
+        the merge's compiled op where the method has one."""
 
     # ---- the shared selection ---------------------------------------------------------------------------------
     def recent_window(self, budget: int | None) -> int:

@@ -67,6 +67,10 @@ def jargon_text() -> str:
         with gzip.open(JARGON_SYSTEM, "rt", encoding="utf-8", errors="replace") as handle:
             text = handle.read()
         return "\n".join(line.strip() for line in text.splitlines())
+    if not JARGON_SLICE.is_file():
+        raise KeepKVError(f"the Jargon File is in neither {JARGON_SYSTEM} (Debian's jargon-text package) nor "
+                          f"{JARGON_SLICE} (the slice committed in a keepkv checkout): install jargon-text, or run "
+                          "the evaluation from a checkout")
     return JARGON_SLICE.read_text(encoding="utf-8")
 
 

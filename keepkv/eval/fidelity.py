@@ -7,7 +7,7 @@ Protocol, per context (a real Paul Graham passage of ``context_tokens`` tokens, 
 2. the full cache decodes the ``steps`` continuation tokens teacher-forced; forward hooks record each layer's
    attention block output (after ``W_O``) and the logits at every step;
 3. for each method and budget, a copy of the prefill is compressed **inside step 0**
-   (``CompressedCacheManager.compress_inside_next_forward``: after step 0's query joined the observation window,
+   (``CacheManager.compress_inside_next_forward``: after step 0's query joined the observation window,
    before it attends — so step 0 is "the step that compressed" and, for KeepKV with ``reference="last"``, its
    newest query is the merge's reference), then the same tokens are decoded; no further compression happens
    during the ``steps`` steps (the decode buffer has room for them).

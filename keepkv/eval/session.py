@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.manager import FullCacheManager, cache_manager_for
-from keepkv.cache.methods import make_method
+from keepkv.cache.manager import CacheManager
+from keepkv.cache.methods import FullCache, make_method
 from keepkv.eval.results import MethodConfig
 from keepkv.generate import GenerationEngine, positions_from_valid
 from keepkv.runtime import DEFAULT_RUNTIME
@@ -35,12 +35,12 @@ from keepkv.runtime import DEFAULT_RUNTIME
 EXACT_CAPACITY = dataclasses.replace(DEFAULT_RUNTIME, capacity_quantum=1)  # eager evaluation: no graph to share
 
 
-def shared_prefill_manager(config, dtype, device, window: int, accumulate: bool) -> FullCacheManager:
+def shared_prefill_manager(config, dtype, device, window: int, accumulate: bool) -> CacheManager:
     """The full cache of a shared prefill (capacity = the prompt, not rounded) that also records a
     ``window``-query observation window and, with ``accumulate``, per-slot accumulated attention: the score state
     of every method of a comparison."""
-    return FullCacheManager(config, dtype, device, runtime=EXACT_CAPACITY, observe_window=window,
-                            accumulate_attention=accumulate)
+    return CacheManager(config, dtype, device, FullCache(observe_window=window, accumulate_attention=accumulate),
+                        runtime=EXACT_CAPACITY)
 
 
 @dataclass
@@ -94,9 +94,9 @@ class EvalModel:
         """An eager engine for ``config`` at ``budget``; ``query_agnostic``: its compressions run before the
         question is known (the method's :meth:`~keepkv.cache.policy.CompressionMethod.for_query_agnostic`)."""
         chunk = prefill_chunk_size or self.prefill_chunk_size
-        method = None if config.is_full else make_method(config.method, **config.method_options())
-        manager = cache_manager_for(self.config, self.dtype, self.device, method, budget, decode_slack,
-                                    query_agnostic=query_agnostic)
+        method = make_method(config.method, **config.method_options())
+        manager = CacheManager(self.config, self.dtype, self.device, method, budget, decode_slack,
+                               query_agnostic=query_agnostic)
         return GenerationEngine(self.network, compile=False, prefill_chunk_size=chunk, cache_manager=manager)
 
     def shared_prefill(self, rows: list[list[int]], configs: list[MethodConfig]) -> Prefill:

@@ -11,7 +11,7 @@ Only transformers' public extension points are used:
 - a :class:`KeepKVCache` (a ``transformers.Cache``) holding, per layer, keepkv's own fixed-capacity buffers
   (:class:`~keepkv.cache.compressed.CompressedLayerCache`: keys, values, float32 ``log_votes`` = ``ln p``,
   positions, the observation window) driven by keepkv's own cache manager
-  (:class:`~keepkv.cache.manager.CompressedCacheManager`, or the full-cache manager at ``kv_budget=1.0``);
+  (:class:`~keepkv.cache.manager.CacheManager`; the full cache at ``kv_budget=1.0``);
 - an attention function registered with ``AttentionInterface`` under the name ``"keepkv"``: it writes the layer's
   new (rotated) keys and values into those buffers, shows the queries to the cache (observation window,
   accumulated attention), and attends with :func:`keepkv.ops.attention.vote_attention` — logits
@@ -53,7 +53,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from keepkv.cache.manager import FullCacheManager, cache_manager_for
+from keepkv.cache.manager import CacheManager
 from keepkv.checks import require_int
 from keepkv.errors import KeepKVError
 from keepkv.models.config import ModelConfig
@@ -208,8 +208,8 @@ class KeepKVCache(Cache):
         self.method_name, self.kv_budget, self.kernel = name, kv_budget, kernel
         weight = model.get_input_embeddings().weight
         dtype, device = weight.dtype, weight.device
-        self.manager: FullCacheManager = cache_manager_for(self.config, dtype, device, method_object, kv_budget,
-                                                           decode_slack, compiled_ops=kernel == "flex")
+        self.manager = CacheManager(self.config, dtype, device, method_object, kv_budget, decode_slack,
+                                    compiled_ops=kernel == "flex")
         self.manager.bind_network(_AttentionLayers(model))
         self.max_new_tokens = max_new_tokens
         self.prompt_tokens, self.row_prompt_tokens = prompt_tokens, row_prompt_tokens
@@ -279,7 +279,7 @@ class KeepKVCache(Cache):
 
     @property
     def compressions(self) -> int:
-        return getattr(self.manager, "compressions", 0)
+        return self.manager.compressions
 
     def _begin_forward(self, valid: Tensor) -> None:
         """Layer 0 of a forward: allocate (first forward), end the prefill (first forward after the prompt), then

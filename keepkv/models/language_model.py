@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from keepkv.cache.manager import cache_manager_for
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.policy import CompressionMethod
 from keepkv.checks import require_bool, require_int, require_text, shown
 from keepkv.errors import KeepKVError
@@ -58,12 +58,12 @@ class LanguageModel:
         self.config: ModelConfig = network.config
         self.name, self.source = name, source
         self.method, self.kv_budget = method, kv_budget
-        self.method_object = method_object
         self.runtime = runtime
-        cache_manager = cache_manager_for(
+        cache_manager = CacheManager(
             self.config, network.model.embed_tokens.weight.dtype, network.inv_freq.device, method_object,
             kv_budget, decode_slack, prefill_compression, compiled_ops=compile, runtime=runtime,
         )
+        self.method_object: CompressionMethod = cache_manager.method  # FullCache for the full cache
         self.engine = GenerationEngine(
             network, compile=compile, prefill_chunk_size=prefill_chunk_size, cache_manager=cache_manager,
             runtime=runtime,
@@ -233,8 +233,8 @@ class LanguageModel:
         report.update(
             entries_per_layer_and_head=entries.tolist(), entries_per_head_mean=float(entries.float().mean()),
             entries_per_head_max=int(entries.max()), resident_bytes=manager.resident_bytes(),
-            capacity_per_layer=[cache.capacity for cache in manager.caches], budget=getattr(manager, "budget", None),
-            compressions=getattr(manager, "compressions", 0), row_budgets=getattr(manager, "row_budgets", None),
+            capacity_per_layer=[cache.capacity for cache in manager.caches], budget=manager.budget,
+            compressions=manager.compressions, row_budgets=manager.row_budgets,
         )
         stats = getattr(self.method_object, "stats", None)
         if stats is not None:

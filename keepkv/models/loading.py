@@ -9,7 +9,8 @@ import torch
 
 from keepkv.cache.budgets import is_full_budget, validate_budget
 from keepkv.cache.manager import PREFILL_COMPRESSION
-from keepkv.cache.methods import FULL, make_method
+from keepkv.cache.methods import FULL, FullCache, make_method
+from keepkv.cache.policy import CompressionMethod
 from keepkv.checks import (
     require_bool, require_choice, require_int, require_str, require_text, shown,
 )
@@ -61,8 +62,8 @@ def parse_device(device: torch.device | str | None) -> torch.device:
     return parsed
 
 
-def resolve_method(method: str | None, kv_budget: float | int | None, options: dict) -> tuple[str, object | None]:
-    """``(method name, method object or None for the full cache)``.
+def resolve_method(method: str | None, kv_budget: float | int | None, options: dict) -> tuple[str, CompressionMethod]:
+    """``(method name, method object)`` (a :class:`~keepkv.cache.methods.full.FullCache` for the full cache).
 
     ``kv_budget`` with no method means KeepKV; no budget (or ``1.0``) means the full cache. ``method="full"`` with a
     budget below the whole prompt is refused: the full cache would ignore the budget.
@@ -77,10 +78,10 @@ def resolve_method(method: str | None, kv_budget: float | int | None, options: d
             "the full cache, or name a compressing method (e.g. method='keepkv')"
         )
     method_object = make_method(method, **options)
-    if method_object is not None and kv_budget is None:
+    if not method_object.keeps_everything and kv_budget is None:
         raise KeepKVError(f"method {method!r} needs a kv_budget: a fraction in (0, 1] or an integer >= 1")
     if is_full_budget(kv_budget):
-        method_object = None  # keeping the whole prompt is the full cache, whatever the method
+        method_object = FullCache()  # keeping the whole prompt is the full cache, whatever the method
     return method.lower(), method_object
 
 

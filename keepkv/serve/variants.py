@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 from keepkv.cache.budgets import is_full_budget
 from keepkv.models.language_model import LanguageModel
-from keepkv.models.loading import DEFAULT_DECODE_SLACK, resolve_method
+from keepkv.models.loading import resolve_method
 
 VariantKey = tuple[str, "float | int | None"]
 
@@ -68,7 +68,7 @@ class ModelVariants:
             variant = LanguageModel(
                 base.network, base.tokenizer, name=base.name, source=base.source, method=name, kv_budget=kv_budget,
                 compile=base.engine.compile, prefill_chunk_size=base.engine.prefill_chunk_setting,
-                method_object=method_object, decode_slack=getattr(manager, "decode_slack", DEFAULT_DECODE_SLACK),
+                method_object=method_object, decode_slack=manager.decode_slack,
                 runtime=base.runtime,
             )
             self._variants[key] = variant

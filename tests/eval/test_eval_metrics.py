@@ -250,3 +250,14 @@ def test_a_configuration_written_twice_runs_once_and_counts_once():
             _row(method="keepkv", variant="minnorm", cell="c1", value=0.0, task="niah", engine="keepkv")]
     entry = aggregate(rows)[("M", "keepkv:minnorm", 0.1, "niah_exact_match")]
     assert (entry["n"], entry["value"]) == (2, 0.5)
+
+
+def test_a_missing_jargon_file_is_a_clear_error(monkeypatch, tmp_path):
+    """Outside a checkout and without Debian's jargon-text the haystack is missing: say where it was looked for."""
+    from keepkv.errors import KeepKVError
+    from keepkv.eval import data
+
+    monkeypatch.setattr(data, "JARGON_SYSTEM", tmp_path / "jargon.txt.gz")
+    monkeypatch.setattr(data, "JARGON_SLICE", tmp_path / "jargon_ch4-6.txt")
+    with pytest.raises(KeepKVError, match="jargon-text"):
+        data.jargon_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from keepkv.cache.budgets import entries_for_budget, is_full_budget, validate_budget
-from keepkv.cache.methods import available_methods, make_method
+from keepkv.cache.methods import FullCache, available_methods, make_method
 from keepkv.errors import KeepKVError
 from keepkv.models.loading import resolve_method
 
@@ -30,9 +30,11 @@ def test_budget_below_protected_entries_names_the_minimum():
 
 def test_full_budget_means_no_compression():
     assert is_full_budget(None) and is_full_budget(1.0) and not is_full_budget(0.99) and not is_full_budget(1)
-    assert resolve_method(None, None, {}) == ("full", None)
+    name, method = resolve_method(None, None, {})
+    assert name == "full" and isinstance(method, FullCache) and method.keeps_everything
     name, method = resolve_method("keepkv", 1.0, {})
-    assert name == "keepkv" and method is None
+    assert name == "keepkv" and isinstance(method, FullCache)
+    assert make_method("full") == FullCache() and not make_method("keepkv").keeps_everything
 
 
 def test_a_budget_without_a_method_means_keepkv():
@@ -104,7 +106,34 @@ def test_composition_is_an_object_the_name_parses_into():
     assert built.protected_entries == 8 and built.query_window == 8  # SnapKV protects no sinks
     assert built.slots_for_budget(64) == 128 and built.compresses_during_decode  # Ada-KV slots; KeepKV's schedule
     assert not built.needs_accumulated_attention and make_method("h2o+keepkv").needs_accumulated_attention
-    built.use_compiled_ops = True
-    assert built.merger.use_compiled_ops and built.name == "keepkv"
+    assert built.name == "keepkv"
     with pytest.raises(KeepKVError, match="not a plain eviction method"):
         Selected(selector=KeepKV(), merger=KeepKV())
+
+
+def test_the_full_cache_is_a_method_the_one_manager_never_compresses():
+    """``FullCache`` through the one :class:`CacheManager`: full-size buffers without observation state, no budget,
+    ``make_room`` never compresses (an overflow is an error), and ``compress`` refuses; a compressing method
+    without a budget is refused before anything is allocated."""
+    import torch
+
+    from keepkv.cache.kv_cache import LayerKVCache
+    from keepkv.cache.manager import CacheManager
+    from tests.conftest import tiny_config
+
+    config, cpu = tiny_config(), torch.device("cpu")
+    manager = CacheManager(config, torch.float32, cpu, make_method("full"))
+    caches = manager.allocate(1, 100, 10, 16)
+    assert manager.keeps_everything and manager.budget is None and not manager.compresses_during_prefill
+    assert all(type(cache) is LayerKVCache and cache.capacity == 256 for cache in caches)
+    manager.wrote(100)
+    assert manager.make_room(156) is caches and manager.end_prefill() is caches and manager.compressions == 0
+    with pytest.raises(RuntimeError, match="cache overflow"):
+        manager.make_room(157)
+    with pytest.raises(KeepKVError, match="never compressed"):
+        FullCache().compress(caches[0], 0, 10)
+    observing = CacheManager(config, torch.float32, cpu, FullCache(observe_window=8, accumulate_attention=True))
+    shared = observing.allocate(1, 100, 10, 16)[0]
+    assert shared.window_queries.shape[2] == 8 and shared.accumulated_attention.shape[-1] == shared.capacity
+    with pytest.raises(KeepKVError, match="needs a kv_budget"):
+        CacheManager(config, torch.float32, cpu, make_method("snapkv"))

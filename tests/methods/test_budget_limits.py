@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from keepkv.cache.budgets import entries_for_budget
-from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.methods import METHODS as REGISTERED, make_method
 from keepkv.errors import KeepKVError
 from keepkv.generate import GenerationEngine
@@ -33,8 +33,8 @@ def _one_thread(one_thread):
 
 def engine_for(network, method: str, kv_budget, decode_slack: int = 4, chunk: int = 16, **options):
     config = network.config
-    manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"), make_method(method, **options),
-                                     kv_budget, decode_slack)
+    manager = CacheManager(config, torch.float32, torch.device("cpu"), make_method(method, **options),
+                           kv_budget, decode_slack)
     return GenerationEngine(network, compile=False, prefill_chunk_size=chunk, cache_manager=manager)
 
 
@@ -72,8 +72,8 @@ def test_large_integer_budget_gets_full_cache_buffers():
     config = tiny_config(max_position_embeddings=8192)
     chunk, prompt, new = 512, 2000, 64
     padded = -(-prompt // chunk) * chunk
-    full = FullCacheManager(config, torch.float32, torch.device("cpu")).capacity_for(padded, new)
-    manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"), make_method("keepkv"), 5000, 64)
+    full = CacheManager(config, torch.float32, torch.device("cpu")).capacity_for(padded, new)
+    manager = CacheManager(config, torch.float32, torch.device("cpu"), make_method("keepkv"), 5000, 64)
     caches = manager.allocate(1, padded, new, chunk, prompt)
     assert manager.budget == prompt + new
     assert all(cache.capacity <= full for cache in caches)  # prefill: the padded prompt (2048), no compression

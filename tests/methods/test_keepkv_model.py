@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.methods import make_method
 from keepkv.generate import GenerationEngine
 from keepkv.models.transformer import build_transformer
@@ -74,7 +74,7 @@ def test_oracle_compression_leaves_that_steps_logits_unchanged(mha_network, prom
     full = next_logits(GenerationEngine(mha_network, compile=False), prompt_ids)
 
     method = make_method("keepkv", variant=variant, reference="last", similarity_threshold=-1.0)
-    manager = CompressedCacheManager(mha_network.config, torch.float32, torch.device("cpu"), method, kv_budget=1000)
+    manager = CacheManager(mha_network.config, torch.float32, torch.device("cpu"), method, kv_budget=1000)
     engine = GenerationEngine(mha_network, compile=False, cache_manager=manager)
     budget = 60
     valid = torch.ones_like(prompt_ids, dtype=torch.bool)
@@ -100,7 +100,7 @@ def test_oracle_is_not_trivial_eviction_differs(mha_network, prompt_ids):
     """The same compression by plain eviction (StreamingLLM) changes the logits: the oracle test can fail."""
     full = next_logits(GenerationEngine(mha_network, compile=False), prompt_ids)
     method = make_method("streamingllm")
-    manager = CompressedCacheManager(mha_network.config, torch.float32, torch.device("cpu"), method, kv_budget=60)
+    manager = CacheManager(mha_network.config, torch.float32, torch.device("cpu"), method, kv_budget=60)
     evicted = next_logits(GenerationEngine(mha_network, compile=False, cache_manager=manager), prompt_ids)
     assert (evicted - full).abs().max() > 1e-2
 
@@ -109,7 +109,7 @@ def test_budget_one_is_exactly_the_full_cache(smollm2_gguf, smollm2_eager, promp
     from keepkv.models import load
 
     compressed = load(smollm2_gguf, kv_budget=1.0, method="keepkv", compile=False)
-    assert compressed.method_object is None
+    assert compressed.method_object.keeps_everything
     assert torch.equal(compressed.logits(prompt_ids[:, :128]), smollm2_eager.logits(prompt_ids[:, :128]))
 
 

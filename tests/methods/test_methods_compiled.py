@@ -29,7 +29,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.methods import available_methods
 from keepkv.generate import GenerationEngine
 from keepkv.models.loading import resolve_method
@@ -72,10 +72,10 @@ def make_manager(network, spec: str, compile: bool):
     prefill_compression = options.pop("prefill_compression", "chunked")
     dtype, device = network.model.embed_tokens.weight.dtype, network.inv_freq.device
     _, method = resolve_method(name, None if name == "full" else BUDGET, options)
-    if method is None:
-        return FullCacheManager(network.config, dtype, device)
-    return CompressedCacheManager(network.config, dtype, device, method, spec_budget(method, network.config.num_layers),
-                                  SLACK, prefill_compression, compiled_ops=compile)
+    if method.keeps_everything:
+        return CacheManager(network.config, dtype, device, method, compiled_ops=compile)
+    return CacheManager(network.config, dtype, device, method, spec_budget(method, network.config.num_layers),
+                        SLACK, prefill_compression, compiled_ops=compile)
 
 
 def use_manager(engine: GenerationEngine, manager) -> None:
@@ -86,7 +86,7 @@ def use_manager(engine: GenerationEngine, manager) -> None:
 def run(engine: GenerationEngine, prompt: torch.Tensor) -> dict:
     """Prefill, end of prefill, ``NEW - 1`` greedy decode steps; what the checks need."""
     manager = engine.cache_manager
-    compressed = isinstance(manager, CompressedCacheManager)
+    compressed = not manager.keeps_everything
     valid = torch.ones_like(prompt, dtype=torch.bool)
     engine.prepare_caches(1, prompt.shape[1], NEW)
     finite, tokens = [], []

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.methods import METHODS, make_method, option_names
 from keepkv.generate import GenerationEngine
 from keepkv.models.loading import resolve_method
@@ -248,13 +248,13 @@ def test_cache_level_properties(name, case):
 @pytest.mark.parametrize("name", sorted(set(MATRIX) - {"keepkv"}))
 def test_full_budget_is_the_full_cache(name):
     resolved, method = resolve_method(name, 1.0, {})
-    assert method is None and resolved == name
+    assert method.keeps_everything and resolved == name
 
 
 def run_generation(name: str, network, seed: int = 0, decode_slack: int = 3, max_new: int = 8):
     method = make_method(name, **{**MATRIX[name], "window": 4})
-    manager = CompressedCacheManager(network.config, torch.float32, torch.device("cpu"), method, kv_budget=12,
-                                     decode_slack=decode_slack)
+    manager = CacheManager(network.config, torch.float32, torch.device("cpu"), method, kv_budget=12,
+                           decode_slack=decode_slack)
     manager.bind_network(network)  # what GenerationEngine will do (CriticalKV reads o_proj)
     engine = GenerationEngine(network, compile=False, prefill_chunk_size=8, cache_manager=manager)
     generator = torch.Generator().manual_seed(seed)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.methods import METHODS as REGISTERED, make_method
 from keepkv.eval.session import shared_prefill_manager
 from keepkv.generate import GenerationEngine
@@ -50,9 +50,9 @@ class SharedPrefill:
         with torch.inference_mode():
             self.full_logits = full.decode_step(prompt[:, -1], self.positions)
 
-    def engine_for(self, method_name: str, kv_budget: float) -> tuple[GenerationEngine, CompressedCacheManager]:
+    def engine_for(self, method_name: str, kv_budget: float) -> tuple[GenerationEngine, CacheManager]:
         """An engine whose manager compressed a copy of the shared prefill to ``kv_budget``."""
-        manager = CompressedCacheManager(
+        manager = CacheManager(
             self.model.config, torch.float32, torch.device("cpu"), make_method(method_name), kv_budget=kv_budget,
             decode_slack=2,
         )
@@ -156,8 +156,8 @@ def test_shared_prefill_equals_the_engine(smollm2_eager, smollm2_prefill):
     engine, _ = smollm2_prefill.engine_for("snapkv", 0.1)
     with torch.inference_mode():
         shortcut = engine.decode_step(prompt[:, -1], smollm2_prefill.positions)
-    manager = CompressedCacheManager(smollm2_eager.config, torch.float32, torch.device("cpu"), make_method("snapkv"),
-                                     kv_budget=0.1, decode_slack=2)
+    manager = CacheManager(smollm2_eager.config, torch.float32, torch.device("cpu"), make_method("snapkv"),
+                           kv_budget=0.1, decode_slack=2)
     real = GenerationEngine(smollm2_eager.network, compile=False, cache_manager=manager,
                             prefill_chunk_size=prompt.shape[1] - 1)
     real.prepare_caches(1, prompt.shape[1] - 1, DECODE_STEPS)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from keepkv.cache.budgets import adakv_head_budgets, cosine_layer_budgets, pyramid_layer_budgets
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.manager import CompressedCacheManager
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.methods import make_method
 from keepkv.cache.methods.cam import counter_uniform
 from keepkv.cache.methods.criticalkv import value_output_norms
@@ -204,8 +204,8 @@ def test_tova_evicts_exactly_one_entry_per_step_the_same_for_all_heads():
 def test_tova_with_decode_slack_one_compresses_once_per_step():
     network = tiny_network()
     method = make_method("tova")
-    manager = CompressedCacheManager(network.config, torch.float32, torch.device("cpu"), method, kv_budget=12,
-                                     decode_slack=1)
+    manager = CacheManager(network.config, torch.float32, torch.device("cpu"), method, kv_budget=12,
+                           decode_slack=1)
     engine = GenerationEngine(network, compile=False, prefill_chunk_size=8, cache_manager=manager)
     ids = torch.randint(3, TINY_VOCAB, (2, 30), generator=torch.Generator().manual_seed(0))
     valid = torch.ones_like(ids, dtype=torch.bool)
@@ -263,8 +263,8 @@ def test_keepkv_cosine_layer_budgets_size_each_layer():
     config = tiny_config(num_layers=4)
     network = tiny_network(config)
     method = make_method("keepkv", sinks=2, window=4, layer_budgets="cosine", cosine_decay=0.5)
-    manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, kv_budget=30,
-                                     decode_slack=2)
+    manager = CacheManager(config, torch.float32, torch.device("cpu"), method, kv_budget=30,
+                           decode_slack=2)
     engine = GenerationEngine(network, compile=False, prefill_chunk_size=8, cache_manager=manager)
     ids = torch.randint(3, TINY_VOCAB, (1, 60), generator=torch.Generator().manual_seed(1))
     list(engine.generate_tokens(ids, torch.ones_like(ids, dtype=torch.bool), 5, SamplingConfig()))
@@ -282,7 +282,7 @@ def test_pyramidkv_manager_sizes_each_layer():
     config = tiny_config(num_layers=4)
     network = tiny_network(config)
     method = make_method("pyramidkv", window=4, kernel_size=3)
-    manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, kv_budget=20)
+    manager = CacheManager(config, torch.float32, torch.device("cpu"), method, kv_budget=20)
     engine = GenerationEngine(network, compile=False, prefill_chunk_size=8, cache_manager=manager)
     ids = torch.randint(3, TINY_VOCAB, (2, 60), generator=torch.Generator().manual_seed(1))
     list(engine.generate_tokens(ids, torch.ones_like(ids, dtype=torch.bool), 4, SamplingConfig()))

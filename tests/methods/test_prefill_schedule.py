@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keepkv.cache.manager import CompressedCacheManager, round_up
+from keepkv.cache.manager import CacheManager, round_up
 from keepkv.cache.methods import make_method
 from keepkv.generate import GenerationEngine
 from tests.conftest import tiny_config, tiny_network
@@ -25,7 +25,7 @@ def prefill_compression_points(prompt: int, budget: int, chunk: int, compiled: b
     chunk, the prompt allocated at its padded length) feeds it."""
     config = tiny_config(num_layers=1)
     method = make_method("streamingllm", sinks=1, window=2)
-    manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, budget, decode_slack=4)
+    manager = CacheManager(config, torch.float32, torch.device("cpu"), method, budget, decode_slack=4)
     padded = round_up(prompt, chunk) if compiled else prompt
     manager.allocate(1, padded, 1, chunk, prompt)
     points = []
@@ -55,14 +55,14 @@ def test_compiled_and_eager_engines_compress_at_the_same_prompt_offsets(prompt, 
 class Recorder:
     """Wraps a method's ``compress`` to record (which form, cursor of the cache) per call."""
 
-    def __init__(self, manager: CompressedCacheManager) -> None:
+    def __init__(self, manager: CacheManager) -> None:
         self.calls: list[tuple[str, bool]] = []
         for tag, method in (("method", manager.method), ("context", manager.context_method)):
             original = method.compress
 
-            def compress(cache, layer, budget, original=original, tag=tag):
+            def compress(cache, layer, budget, compiled=False, original=original, tag=tag):
                 self.calls.append((tag, manager.decoding))
-                return original(cache, layer, budget)
+                return original(cache, layer, budget, compiled=compiled)
 
             method.compress = compress
 
@@ -70,7 +70,7 @@ class Recorder:
 def test_mid_prompt_compressions_use_the_query_agnostic_form():
     network = tiny_network()
     keepkv = make_method("keepkv", window=4, sinks=1)
-    manager = CompressedCacheManager(network.config, torch.float32, torch.device("cpu"), keepkv, 24, decode_slack=8)
+    manager = CacheManager(network.config, torch.float32, torch.device("cpu"), keepkv, 24, decode_slack=8)
     assert manager.context_method is not keepkv
     assert manager.context_method.last_query_weight == keepkv.agnostic_last_query_weight == 1.0
     assert keepkv.last_query_weight == 0.0
@@ -97,5 +97,5 @@ def test_mid_prompt_compressions_use_the_query_agnostic_form():
     assert decoding and set(decoding) == {("method", True)}
     # a method with one form for both settings compresses with itself
     snapkv = make_method("snapkv", window=4, sinks=1)
-    assert CompressedCacheManager(network.config, torch.float32, torch.device("cpu"), snapkv, 24).context_method \
+    assert CacheManager(network.config, torch.float32, torch.device("cpu"), snapkv, 24).context_method \
         is snapkv

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.manager import CompressedCacheManager, FullCacheManager
+from keepkv.cache.manager import CacheManager
 from keepkv.cache.methods import make_method
 from keepkv.errors import KeepKVError
 from keepkv.ops import attention
@@ -115,10 +115,10 @@ def smollm2_like(layers: int = 2):
 def test_cache_bytes_at_ten_percent_budget(context):
     """Decode-time resident bytes (B + W slots, votes, positions, window queries) <= 12% of the full cache's."""
     config = smollm2_like()
-    full = FullCacheManager(config, torch.float32, torch.device("cpu"))
+    full = CacheManager(config, torch.float32, torch.device("cpu"))
     full.allocate(1, context, 64, 512, context)
     method = make_method("keepkv")
-    compressed = CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, 0.1, decode_slack=64)
+    compressed = CacheManager(config, torch.float32, torch.device("cpu"), method, 0.1, decode_slack=64)
     compressed.allocate(1, context, 64, 512, context)
     compressed.end_prefill()  # the decode buffers: budget + W slots per head
     assert compressed.caches[0].capacity == compressed.budget + 64
@@ -175,11 +175,11 @@ def test_compression_is_per_layer_every_w_steps_not_per_token(smollm2_eager):
     network = smollm2_eager.engine.network
     method = make_method("keepkv")
     slack, new_tokens, layers = 8, 21, network.config.num_layers
-    manager = CompressedCacheManager(network.config, torch.float32, torch.device("cpu"), method, 48, slack)
+    manager = CacheManager(network.config, torch.float32, torch.device("cpu"), method, 48, slack)
     engine = GenerationEngine(network, compile=False, prefill_chunk_size=64, cache_manager=manager)
     calls = []
     real = method.compress
-    method.compress = lambda cache, layer, budget: calls.append(layer) or real(cache, layer, budget)
+    method.compress = lambda cache, layer, budget, compiled: calls.append(layer) or real(cache, layer, budget, compiled)
     ids = torch.arange(100, 200)[None]
     tokens = list(engine.generate_tokens(ids, torch.ones_like(ids, dtype=torch.bool), new_tokens, SamplingConfig()))
     assert len(tokens) == new_tokens
@@ -209,6 +209,19 @@ def test_window_scores_are_computed_once_per_compression_with_identical_results(
     assert shared._window_scores_memo is None  # nothing kept once the compression is over
 
 
+@pytest.mark.compile
+def test_bench_point_times_a_compressed_decode_with_one_compression_per_run():
+    """``keepkv bench`` / ``tools/bench_decode.py``'s measuring core on a tiny model: a compressed point's timed
+    runs each contain exactly one decode-time compression (the manager's own call, wrapped for timing)."""
+    from keepkv.bench import run_point
+    from tests.conftest import tiny_network
+
+    point = run_point(tiny_network(), context=256, budget=0.25, runs=2)
+    assert point["budget"] == "0.25" and point["compressions_timed"] == 2, point
+    assert point["tokens_per_second"] > 0 and point["budget_entries"] == 64
+    assert point["capacity"] == 64 + 64  # budget + decode slack
+
+
 def test_bench_command_is_registered_and_checks_its_input():
     from keepkv.cli.bench import run as run_bench
     from keepkv.cli import build_parser
@@ -230,18 +243,17 @@ def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(option
     """KeepKV's compiled compression (select + merge + compact in one graph) gives the eager result on every
     cache, and caches of the same shape (the layers) share one graph: no recompilation from layer to layer."""
     eager_method, compiled_method = make_method("keepkv", **options), make_method("keepkv", **options)
-    compiled_method.use_compiled_ops = True
     assert compiled_method.compiles_whole_compression
     assert not make_method("criticalkv+keepkv").compiles_whole_compression  # per-layer W_O: stays eager
     with torch.inference_mode():
         first_eager, first_compiled = filled_cache(seed=4), filled_cache(seed=4)
         eager_method.compress(first_eager, 0, 64)
-        compiled_method.compress(first_compiled, 0, 64)
+        compiled_method.compress(first_compiled, 0, 64, compiled=True)
         with torch._dynamo.config.patch(error_on_recompile=True):
             for layer, seed in ((1, 5), (7, 6)):
                 eager, compiled = filled_cache(seed=seed), filled_cache(seed=seed)
                 eager_method.compress(eager, layer, 64)
-                compiled_method.compress(compiled, layer, 64)
+                compiled_method.compress(compiled, layer, 64, compiled=True)
                 for name in ("keys", "values", "log_votes", "positions", "cursor"):
                     torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-5)
     for name in ("keys", "values", "log_votes", "positions", "cursor"):
@@ -251,12 +263,11 @@ def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(option
     # the query-agnostic copy (another last_query_weight, a tensor input) runs the same graph, with its own result
     agnostic_eager, agnostic_compiled = eager_method.for_query_agnostic(), compiled_method.for_query_agnostic()
     assert agnostic_compiled is not compiled_method and agnostic_compiled.last_query_weight == 1.0
-    agnostic_compiled.use_compiled_ops = True  # as the cache manager sets it on both forms
     with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
         eager, compiled, plain = filled_cache(seed=8), filled_cache(seed=8), filled_cache(seed=8)
         agnostic_eager.compress(eager, 3, 64)
-        agnostic_compiled.compress(compiled, 3, 64)
-        compiled_method.compress(plain, 3, 64)
+        agnostic_compiled.compress(compiled, 3, 64, compiled=True)
+        compiled_method.compress(plain, 3, 64, compiled=True)
     for name in ("keys", "values", "log_votes", "positions", "cursor"):
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-5)
     assert not torch.equal(compiled.positions, plain.positions)  # the weight reached the graph: other entries kept
@@ -410,7 +421,7 @@ def test_engine_routes_only_eligible_chunks_to_the_split_kernel(monkeypatch):
 
     engine = GenerationEngine(tiny_network(), compile=True, prefill_chunk_size=8)  # nothing compiles here
     engine.prepare_caches(2, 16, 4)
-    engine.cache_manager.filled = 8
+    engine.cache_manager.wrote(8)
     right_padded = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
     assert engine._split_prefill_past(right_padded) == [8, 8]  # every layer: the 8 slots written before
     left_padded = torch.tensor([[True] * 8, [False] * 3 + [True] * 5])
@@ -419,7 +430,7 @@ def test_engine_routes_only_eligible_chunks_to_the_split_kernel(monkeypatch):
     flex_engine = GenerationEngine(tiny_network(), compile=True, prefill_chunk_size=8,
                                    runtime=RuntimeOptions(prefill_kernel="flex"))
     flex_engine.prepare_caches(2, 16, 4)
-    flex_engine.cache_manager.filled = 8
+    flex_engine.cache_manager.wrote(8)
     assert flex_engine._split_prefill_past(right_padded) is None
     assert all(layer.runtime.prefill_kernel == "flex" for layer in flex_engine.network.attention_layers)
     again = GenerationEngine(flex_engine.network, compile=False)  # no options given: the network keeps its own
@@ -438,15 +449,18 @@ def test_runtime_options_size_the_caches_and_split_the_packed_kernel():
     from keepkv.ops.attention import decode_pieces
 
     config = tiny_config()
-    full = FullCacheManager(config, torch.float32, torch.device("cpu"), runtime=RuntimeOptions(capacity_quantum=64))
+    full = CacheManager(config, torch.float32, torch.device("cpu"), runtime=RuntimeOptions(capacity_quantum=64))
     assert full.capacity_for(100, 10) == 128
-    assert FullCacheManager(config, torch.float32, torch.device("cpu")).capacity_for(100, 10) == 256
+    assert CacheManager(config, torch.float32, torch.device("cpu")).capacity_for(100, 10) == 256
     assert decode_pieces(8 * 128) == 8 and decode_pieces(8 * 128, most=4) == 4 and decode_pieces(8 * 128, 1) == 1
-    method = make_method("keepkv")
-    CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, 0.5, compiled_ops=True)
-    assert method.use_compiled_ops
-    CompressedCacheManager(config, torch.float32, torch.device("cpu"), method, 0.5)  # None: left as it was
-    assert method.use_compiled_ops
+    compiled = CacheManager(config, torch.float32, torch.device("cpu"), make_method("keepkv"), 0.5, compiled_ops=True)
+    compiled.allocate(1, 200, 8, 64)
+    assert compiled.compresses_compiled
+    assert not CacheManager(config, torch.float32, torch.device("cpu"), make_method("keepkv"), 0.5).compiled_ops
+    pyramid = CacheManager(config, torch.float32, torch.device("cpu"), make_method("pyramidkv+keepkv"), 0.5,
+                           compiled_ops=True)
+    pyramid.allocate(1, 200, 8, 64)
+    assert len(set(pyramid.layer_budgets)) > 1 and not pyramid.compresses_compiled  # one graph per budget: eager
 
 
 def test_load_refuses_runtime_options_of_the_wrong_type():

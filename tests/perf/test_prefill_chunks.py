@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keepkv.cache.manager import cache_manager_for
+from keepkv.cache.manager import CacheManager
 from keepkv.generate import (
     DEFAULT_PREFILL_CHUNK, GenerationEngine, activation_bytes_per_token, automatic_long_chunk, chunk_widths,
 )
@@ -65,8 +65,8 @@ def test_only_chunk_independent_caches_take_long_chunks(network):
     config, dtype, device = network.config, torch.float32, torch.device("cpu")
     valid = torch.ones(1, 150, dtype=torch.bool)
     _, keepkv = resolve_method("keepkv", 0.25, {})
-    chunked = cache_manager_for(config, dtype, device, keepkv, 0.25, prefill_compression="chunked", runtime=RUNTIME)
-    once = cache_manager_for(config, dtype, device, keepkv, 0.25, prefill_compression="once", runtime=RUNTIME)
+    chunked = CacheManager(config, dtype, device, keepkv, 0.25, prefill_compression="chunked", runtime=RUNTIME)
+    once = CacheManager(config, dtype, device, keepkv, 0.25, prefill_compression="once", runtime=RUNTIME)
     expected = {None: LONG_CHUNK, "once": LONG_CHUNK, "chunked": SMALL_CHUNK}
     for key, manager in ((None, None), ("once", once), ("chunked", chunked)):
         engine = automatic_engine(network, manager=manager)
@@ -145,16 +145,16 @@ def test_a_larger_prefill_buffer_compresses_less_often_at_the_same_points_compil
     """``prefill_buffer_budgets = k`` (the cadence option measured in ``docs/profile.md``): the chunked prefill buffer
     holds ``k`` budgets plus a chunk, never more, and a compiled engine (last chunk padded) compresses at the same
     prompt offsets as an eager one; ``k = 3`` compresses less often than ``k = 1``."""
-    from keepkv.cache.manager import CompressedCacheManager, round_up
+    from keepkv.cache.manager import CacheManager, round_up
     from keepkv.cache.methods import make_method
     from keepkv.errors import KeepKVError
 
     config = tiny_config(num_layers=2)
 
     def points(prompt, budget, chunk, k, compiled):
-        manager = CompressedCacheManager(config, torch.float32, torch.device("cpu"),
-                                         make_method("streamingllm", sinks=1, window=2), budget,
-                                         prefill_buffer_budgets=k)
+        manager = CacheManager(config, torch.float32, torch.device("cpu"),
+                               make_method("streamingllm", sinks=1, window=2), budget,
+                               prefill_buffer_budgets=k)
         manager.allocate(1, round_up(prompt, chunk) if compiled else prompt, 1, chunk, prompt)
         assert manager.caches[0].capacity <= max(k * manager.budget + chunk, round_up(prompt, chunk))
         found = []
@@ -174,5 +174,5 @@ def test_a_larger_prefill_buffer_compresses_less_often_at_the_same_points_compil
             assert len(eager) < len(points(prompt, budget, chunk, 1, compiled=False)) or prompt <= budget + chunk
     assert len(points(4096, 410, 512, budgets, compiled=False)) == (7 if budgets == 1 else 3)
     with pytest.raises(KeepKVError, match="prefill_buffer_budgets"):
-        CompressedCacheManager(config, torch.float32, torch.device("cpu"), make_method("snapkv"), 10,
-                               prefill_buffer_budgets=0)
+        CacheManager(config, torch.float32, torch.device("cpu"), make_method("snapkv"), 10,
+                     prefill_buffer_budgets=0)

@@ -1,7 +1,8 @@
 """The registry of KV-compression methods: one file per method, one line here.
 
 ``make_method(name, **options)`` builds a method from its name and hyper-parameters; ``"full"`` is the
-uncompressed cache and has no method object. It is a thin parser for the command line, ``load()`` and the eval;
+uncompressed cache (:class:`~keepkv.cache.methods.full.FullCache`, no options; not in :data:`METHODS`, the
+compressing methods). It is a thin parser for the command line, ``load()`` and the eval;
 in code, build the objects directly. Two name forms build variants:
 
 - ``"adakv-X"``: ``X(head_budgets="adakv")``, method ``X`` with Ada-KV head-adaptive budgets (scorers only);
@@ -20,6 +21,7 @@ from keepkv.cache.compose import Selected
 from keepkv.cache.methods.cam import CaM
 from keepkv.cache.methods.criticalkv import CriticalKV
 from keepkv.cache.methods.d2o import D2O
+from keepkv.cache.methods.full import FullCache
 from keepkv.cache.methods.h2o import H2O
 from keepkv.cache.methods.keepkv import KeepKV
 from keepkv.cache.methods.pyramidkv import PyramidKV
@@ -95,14 +97,14 @@ def _build(key: str, name: str, options: dict[str, Any]) -> CompressionMethod:
     return method_class(**options)
 
 
-def make_method(name: str, **options: Any) -> CompressionMethod | None:
-    """The method called ``name`` with ``options`` (its dataclass fields); ``None`` for ``"full"`` (module
-    docstring)."""
+def make_method(name: str, **options: Any) -> CompressionMethod:
+    """The method called ``name`` with ``options`` (its dataclass fields); :class:`FullCache` for ``"full"``
+    (module docstring)."""
     key = name.lower()
     if key == FULL:
         if options:
             raise KeepKVError(f"method 'full' takes no options, got {', '.join(sorted(options))}")
-        return None
+        return FullCache()
     if "+" not in key:
         return _build(key, name, options)
     selector_key, _, merger_key = key.partition("+")

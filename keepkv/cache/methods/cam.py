@@ -83,7 +83,7 @@ class CaM(CompressionMethod):
         return cache.positions.float()  # StreamingLLM: the newest entries after the sinks
 
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
-              evicted_slots: Tensor, evicted_valid: Tensor) -> None:
+              evicted_slots: Tensor, evicted_valid: Tensor, compiled: bool = False) -> None:
         if evicted_slots.shape[-1] == 0 or self.merge_span == 0:
             return
         capacity, dim = cache.capacity, cache.values.shape[-1]

@@ -86,7 +86,7 @@ class CriticalKV(SnapKV):
         """``[batch, kv_heads, capacity]``: ``mean_g (A_g[i] + epsilon) * ||v_i W_O^g||_1`` (stage 2)."""
         if self.output_projections is None:
             raise KeepKVError(
-                "criticalkv needs the model's o_proj weights: call CompressedCacheManager.bind_network(network) "
+                "criticalkv needs the model's o_proj weights: call CacheManager.bind_network(network) "
                 "(or CriticalKV.bind_output_projections) before compressing"
             )
         if not 0 <= layer < len(self.output_projections):

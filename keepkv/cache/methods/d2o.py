@@ -135,7 +135,7 @@ class D2O(CompressionMethod):
         return updated
 
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
-              evicted_slots: Tensor, evicted_valid: Tensor) -> None:
+              evicted_slots: Tensor, evicted_valid: Tensor, compiled: bool = False) -> None:
         if evicted_slots.shape[-1] == 0:
             return
         dim = cache.keys.shape[-1]

@@ -206,13 +206,13 @@ class KeepKV(CompressionMethod):
         return kept_slots.gather(2, best), merge_mask
 
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
-              evicted_slots: Tensor, evicted_valid: Tensor) -> None:
+              evicted_slots: Tensor, evicted_valid: Tensor, compiled: bool = False) -> None:
         if evicted_slots.shape[-1] == 0:
             return
         target_slots, merge_mask = self.match(cache, kept_slots, kept_valid, evicted_slots, evicted_valid)
         batch, kv_heads, _, dim = cache.keys.shape
         newest_queries = cache.window_queries[:, :, -1].reshape(batch, kv_heads, cache.group_size, dim)
-        merge = merge_into_kept_compiled if self.use_compiled_ops else merge_into_kept
+        merge = merge_into_kept_compiled if compiled else merge_into_kept
         merge(
             cache.keys, cache.values, cache.log_votes, evicted_slots, target_slots, merge_mask,
             self.reference_log_scores(cache), newest_queries, self.variant, stats=self.stats,

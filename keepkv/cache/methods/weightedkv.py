@@ -71,7 +71,7 @@ class WeightedKV(CompressionMethod):
         return average_attention(cache, self.name)
 
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
-              evicted_slots: Tensor, evicted_valid: Tensor) -> None:
+              evicted_slots: Tensor, evicted_valid: Tensor, compiled: bool = False) -> None:
         if evicted_slots.shape[-1] == 0:
             return
         batch, kv_heads, capacity, dim = cache.values.shape
