@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from keepkv.models.config import ModelConfig
 
 PREFILL_COMPRESSION = ("chunked", "once")
+DEFAULT_DECODE_SLACK = 64
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -108,7 +109,8 @@ class CacheManager:
 
     def __init__(
         self, config: ModelConfig, dtype: torch.dtype, device: torch.device, method: CompressionMethod | None = None,
-        kv_budget: float | int | None = None, decode_slack: int = 64, prefill_compression: str = "chunked", *,
+        kv_budget: float | int | None = None, decode_slack: int = DEFAULT_DECODE_SLACK,
+        prefill_compression: str = "chunked", *,
         compiled_ops: bool = False, runtime: RuntimeOptions = DEFAULT_RUNTIME, prefill_buffer_budgets: int = 1,
         query_agnostic: bool = False,
     ) -> None:
@@ -127,6 +129,8 @@ class CacheManager:
         self.method = method.for_query_agnostic() if query_agnostic else method
         # compressions made before the whole prompt is read cannot see a question at its end
         self.context_method = self.method.for_query_agnostic()
+        if self.method.keeps_everything:  # the full cache ignores both (load()'s contract), so engines built from it
+            decode_slack, prefill_compression = DEFAULT_DECODE_SLACK, "chunked"  # (chat, prefill) get the defaults
         self.kv_budget, self.decode_slack = kv_budget, decode_slack
         self.prefill_compression, self.prefill_buffer_budgets = prefill_compression, prefill_buffer_budgets
         self.compiled_ops = compiled_ops
@@ -400,6 +404,9 @@ class CacheManager:
         and before they attend (``CompressedLayerCache.inline_compression``). The newest query of that forward is
         then the reference query of a merge (KeepKV's ``reference="last"``), so the step that compresses shows the
         merge's own perturbation. Call it before a one-token :meth:`GenerationEngine.decode_step`."""
+        if self.keeps_everything:
+            raise KeepKVError("the full cache is never compressed: compress_inside_next_forward needs a method "
+                              "with a budget")
         self._measure_budgets()
 
         def compress_once(layer: int):

@@ -167,7 +167,8 @@ class CompressionMethod:
     def compress(self, cache: CompressedLayerCache, layer: int, budget: int, compiled: bool = False) -> None:
         """Shrink ``cache`` to at most ``budget`` live entries per (batch row, KV head).
 
-        ``compiled`` (the cache manager passes ``compiled_ops``: true when the model runs compiled): with
+        ``compiled`` (the cache manager passes :attr:`~keepkv.cache.manager.CacheManager.compresses_compiled`:
+        true when the model runs compiled and the layers share one budget): with
         :attr:`compiles_whole_compression` the selection, the merge and the compaction run as one compiled graph
         (:meth:`compressed_entries` under ``torch.compile``: one graph per (method, cache shapes, budget) whatever
         the layer, no host sync inside); otherwise the merge alone runs its compiled op."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from keepkv.cache.budgets import is_full_budget, validate_budget
-from keepkv.cache.manager import PREFILL_COMPRESSION
+from keepkv.cache.manager import DEFAULT_DECODE_SLACK, PREFILL_COMPRESSION
 from keepkv.cache.methods import FULL, FullCache, make_method
 from keepkv.cache.policy import CompressionMethod
 from keepkv.checks import (
@@ -31,7 +31,6 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_DECODE_SLACK = 64
 log = get_logger(__name__)
 
 

@@ -113,3 +113,29 @@ def test_verdicts_resting_on_a_family_of_few_samples_are_undecided():
     rows = keepkv({"a": [0] * thin}) + rows_for("full", {"a": [1] * thin}, budget=1.0)
     (line,) = full_share_rows(cells_by_config(rows))[2:]
     assert "undecided (point: no; under 5 samples" in line and "(the target)" in line
+
+
+def test_compare_configs_pairs_cells_and_averages_over_families(tmp_path):
+    """``tools/compare_configs.py``: the paired difference is the mean over families of each family's mean
+    difference on the cells both configurations answered, and only ``task_accuracy`` rows of the protocol count."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import compare_configs
+
+    def row(method, budget, family, sample, value, metric="task_accuracy_aware"):
+        return {"task": "tasks", "metric": metric, "protocol": "aware", "model": "m", "method": method,
+                "variant": "", "budget": budget, "family": family, "sample": sample, "value": value}
+
+    rows = [row("snapkv", 0.2, "a", 0, 1.0), row("snapkv", 0.2, "a", 1, 0.0), row("snapkv", 0.2, "b", 0, 0.5),
+            row("tova", 0.2, "a", 0, 0.0), row("tova", 0.2, "a", 1, 0.0), row("tova", 0.2, "b", 0, 1.0),
+            row("tova", 0.2, "b", 1, 1.0),  # no snapkv answer for b/1: not paired
+            row("tova", 0.2, "b", 0, 0.0, metric="task_exact_match_aware")]  # another metric: ignored
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lines = compare_configs.table(compare_configs.load_cells(tmp_path / "tasks.jsonl", "aware"), "snapkv")
+    tova = next(line for line in lines if "| tova |" in line)
+    # family a: (0-1 + 0-0)/2 = -0.5; family b: 1-0.5 = +0.5; mean over families 0; 3 paired cells
+    assert "| +0.000 [" in tova and "| 3 |" in tova and "a -0.50, b +0.50" in tova
+    assert "| 0.500 |" in tova  # tova's own mean over families: a 0.0, b 1.0

@@ -137,3 +137,17 @@ def test_the_full_cache_is_a_method_the_one_manager_never_compresses():
     assert shared.window_queries.shape[2] == 8 and shared.accumulated_attention.shape[-1] == shared.capacity
     with pytest.raises(KeepKVError, match="needs a kv_budget"):
         CacheManager(config, torch.float32, cpu, make_method("snapkv"))
+
+
+def test_the_full_cache_ignores_compression_settings_and_refuses_the_oracle_schedule():
+    """``load(kv_budget=1.0, decode_slack=8, prefill_compression="once")`` ignores both (load's contract): engines
+    built from that model (chat, ``model.prefill``, serve variants) start from the defaults."""
+    import torch
+
+    from keepkv.cache.manager import DEFAULT_DECODE_SLACK, CacheManager
+    from tests.conftest import tiny_config
+
+    manager = CacheManager(tiny_config(), torch.float32, torch.device("cpu"), FullCache(), 1.0, 8, "once")
+    assert (manager.decode_slack, manager.prefill_compression) == (DEFAULT_DECODE_SLACK, "chunked")
+    with pytest.raises(KeepKVError, match="never compressed"):
+        manager.compress_inside_next_forward()

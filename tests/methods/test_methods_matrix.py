@@ -8,7 +8,7 @@ Properties:
 - deterministic: the same inputs give bit-identical caches (ties broken by position);
 - no NaN/inf in keys, values or votes, in float32 / bfloat16 / float16, for any scores (all-equal included);
 - a budget holding every live entry changes nothing (``kv_budget=1.0`` is the full cache: ``load`` maps it to
-  ``method=None``, checked too);
+  the ``FullCache`` method, checked too);
 - votes: vote-carrying methods (KeepKV and ``X+keepkv``) keep ``sum p = tokens seen - entries dropped without a
   merge``; every other method leaves every live entry at one vote.
 
