@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from keepkv.eval.bootstrap import stratified_interval
+from keepkv.eval.prompted import metric_name
 from keepkv.eval.report import label
 
 
@@ -30,7 +31,7 @@ def load_cells(path: Path, protocol: str) -> dict[tuple[str, str, float], dict[t
     with path.open(encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
-            if row.get("task") == "tasks" and row["metric"] == f"task_accuracy_{protocol}":
+            if row.get("task") == "tasks" and row["metric"] == metric_name("task_accuracy", protocol):
                 cells[(row["model"], label(row), row["budget"])][(row["family"], row["sample"])] = row["value"]
     return cells
 
