@@ -634,11 +634,13 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
 
 
 def test_keepkv_newest_query_scores_are_tovas():
-    """With ``last_query_weight=1`` and layer selection KeepKV ranks by TOVA's score (the newest query's attention
-    averaged over every query head of the layer), and a weight changes the kept set (the option is not idle)."""
+    """With ``last_query_weight=1``, layer selection and no pooling (``kernel_size=1``) KeepKV ranks by TOVA's score
+    (the newest query's attention averaged over every query head of the layer), and a weight changes the kept set
+    (the option is not idle)."""
     kept = {}
     for weight in (0.0, 1.0):
-        method = make_method("keepkv", last_query_weight=weight, similarity_threshold=1.0, sinks=2, window=6)
+        method = make_method("keepkv", last_query_weight=weight, similarity_threshold=1.0, sinks=2, window=6,
+                             kernel_size=1)
         cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
         if weight == 1.0:
             torch.testing.assert_close(method.scores(cache, 0), make_method("tova").scores(cache, 0))

@@ -16,9 +16,11 @@ At each compression of a layer, per batch row and KV head (KeepKV spec §3):
    (:func:`keepkv.ops.merge.merge_into_kept`) with the chosen ``variant`` (``zip`` = the paper's rule, ``convex``
    = the official code, ``keep-key``, ``minnorm``); votes add: ``p_r = p_c + sum_e p_e``.
 
-**Defaults** are the best configuration of the quality study (``docs/keepkv-quality.md``: command, numbers and
-intervals): the ``minnorm`` key (the smallest key change that keeps every query head's softmax denominator),
-layer-shared selection and the paper's EMA reference. ``variant="zip", selection="head"`` reproduces the paper.
+**Defaults** are chosen by measurement (``docs/keepkv-quality.md``: commands, numbers and intervals; pooling by
+task accuracy, at a small cost in next-token KL): the ``minnorm`` key (the smallest key change that keeps every query head's softmax denominator),
+layer-shared selection, SnapKV's max-pooling of the scores along the cache (``kernel_size=7``: a token's
+neighbours are kept with it, so a number or a name survives whole) and the paper's EMA reference.
+``variant="zip", selection="head", kernel_size=1`` reproduces the paper.
 
 Reference scores for the merge (spec §4; maths in :mod:`keepkv.ops.scores`): ``reference="ema"`` predicts each
 entry's future unnormalised score with the paper's exponential moving average over the observation window (the
@@ -84,7 +86,7 @@ class KeepKV(CompressionMethod):
     - ``layer_budgets`` (uniform | pyramid | cosine): per-layer budgets averaging the requested one; ``cosine``
       (``cosine_decay`` 0.8) is the official code's PyramidInfer-style schedule, ``pyramid`` PyramidKV's
       (:mod:`keepkv.cache.budgets`); layers with different budgets compress eagerly (``keepkv.cache.manager``);
-    - ``kernel_size`` (1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
+    - ``kernel_size`` (7; 1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
       neighbours of an important token (the other digits of a number) are kept with it
       (:func:`keepkv.ops.scores.pool_along_slots`; protected and empty slots count as 0).
 
@@ -102,7 +104,7 @@ class KeepKV(CompressionMethod):
     last_query_weight: float = 0.0
     agnostic_last_query_weight: float = 1.0
     max_evicted_weight: float = 1.0
-    kernel_size: int = 1
+    kernel_size: int = 7
     layer_budgets: str = "uniform"
     cosine_decay: float = 0.8
     pyramid_beta: int = 20
