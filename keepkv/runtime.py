@@ -30,7 +30,8 @@ class RuntimeOptions:
 
     - ``decode_kernel``: the attention kernel of one-token queries in a compiled model, one of
       :data:`DECODE_KERNELS`; ``"auto"`` picks ``"sdpa"`` for 16-bit caches of at most ``sdpa_decode_max_slots``
-      slots per KV head and ``"packed"`` otherwise (:func:`keepkv.ops.attention.decode_kernel_for`);
+      slots per KV head (on a CPU only with AMX tiles, where it was measured faster) and ``"packed"`` otherwise
+      (:func:`keepkv.ops.attention.decode_kernel_for`);
     - ``sdpa_decode_max_slots`` (>= 0): that threshold;
     - ``decode_pieces`` (>= 1): the most pieces the packed decode kernel splits the cache into
       (:func:`keepkv.ops.attention.decode_pieces`);

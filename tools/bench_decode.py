@@ -187,7 +187,7 @@ def cmd_attention(args) -> None:
         row["flex_over_sdpa"] = row["flex_us"] / row["sdpa_additive_bias_us"]
         row["flex_over_packed"] = row["flex_us"] / row["packed_us"]
         # what keepkv's decode step runs here (RuntimeOptions.decode_kernel = "auto"): packed or keepkv's SDPA call
-        row["decode_kernel"] = decode_kernel_for(case[0].dtype, row["capacity"])
+        row["decode_kernel"] = decode_kernel_for(case[0].dtype, row["capacity"], device=case[0].device)
         row["decode_us"] = row["packed_us" if row["decode_kernel"] == "packed" else "sdpa_kernel_us"]
         rows.append(row)
         bc.print_row(row, digits=3)

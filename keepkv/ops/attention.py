@@ -16,8 +16,8 @@ Three kernels compute the same thing:
   the eager flex path materialises the score matrix). For the dtypes in ``RuntimeOptions.vote_column_dtypes``
   (16-bit by default) ``ln p`` enters through two extra key columns instead (:func:`votes_as_key_columns`).
 - ``reference``: a dense eager implementation (float32 softmax) used by tests and by eager runs.
-- ``packed`` and ``sdpa``: the decode (``q_len == 1``) paths of the ``flex`` kernel, chosen per dtype and cache
-  size by :func:`decode_kernel_for` (flex's template is built for long query blocks, not one query row).
+- ``packed`` and ``sdpa``: the decode (``q_len == 1``) paths of the ``flex`` kernel, chosen per dtype, cache
+  size and CPU by :func:`decode_kernel_for` (flex's template is built for long query blocks, not one query row).
   ``packed`` folds the ``G`` query heads of a KV head into one ``[G, D]`` query block (no K/V repeat),
   ``softmax(Q K^T / sqrt(d) + ln p)`` in float32 then ``@ V``, over :func:`decode_pieces` pieces of the cache;
   ``sdpa`` is ``scaled_dot_product_attention`` with the equivalent additive bias (``ln p`` where visible, else
@@ -49,16 +49,33 @@ from keepkv.runtime import DECODE_KERNELS, DEFAULT_RUNTIME, PREFILL_KERNELS, Run
 ATTENTION_KERNELS = ("flex", "reference")
 
 
-def decode_kernel_for(dtype: torch.dtype, capacity: int, runtime: RuntimeOptions = DEFAULT_RUNTIME) -> str:
-    """The kernel of one-token queries over ``capacity`` slots in ``dtype``: ``runtime.decode_kernel``, or for
-    ``"auto"``: ``"sdpa"`` for float16 / bfloat16 up to ``runtime.sdpa_decode_max_slots`` slots, else ``"packed"``
-    (SDPA's CPU kernel splits its work by query head and keeps the threads busy on small 16-bit caches; past a
-    few thousand slots ``packed``, which reads each KV head once for its whole group, is faster)."""
+def _cpu_has_amx() -> bool:
+    """Whether this process's CPU has AMX tiles (Intel Sapphire Rapids and later), as torch reports it; ``False``
+    when torch cannot tell."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+CPU_HAS_AMX = _cpu_has_amx()
+"""Read once at import: a plain constant when a graph is traced (:func:`decode_kernel_for`)."""
+
+
+def decode_kernel_for(dtype: torch.dtype, capacity: int, runtime: RuntimeOptions = DEFAULT_RUNTIME,
+                      device: torch.device | str | None = None) -> str:
+    """The kernel of one-token queries over ``capacity`` slots in ``dtype`` on ``device``: ``runtime.decode_kernel``,
+    or for ``"auto"``: ``"sdpa"`` for float16 / bfloat16 up to ``runtime.sdpa_decode_max_slots`` slots, else
+    ``"packed"``. On a CPU, SDPA is chosen only where it was measured faster: with AMX tiles (Intel Xeon with AMX,
+    SDPA's kernel splits its work by query head and keeps the threads busy on small 16-bit caches; past a few
+    thousand slots ``packed``, which reads each KV head once for its whole group, is faster). On a CPU without
+    them (AMD EPYC) ``packed`` was 3-6x faster than SDPA at 884-3341 bfloat16 slots (``docs/profile.md``, section
+    13), so it always takes ``packed``. ``device=None`` applies the rule without the CPU check."""
     if runtime.decode_kernel != "auto":
         return runtime.decode_kernel
-    if dtype in (torch.float16, torch.bfloat16) and capacity <= runtime.sdpa_decode_max_slots:
-        return "sdpa"
-    return "packed"
+    if dtype not in (torch.float16, torch.bfloat16) or capacity > runtime.sdpa_decode_max_slots:
+        return "packed"
+    if device is not None and torch.device(device).type == "cpu" and not CPU_HAS_AMX:
+        return "packed"
+    return "sdpa"
 
 
 def votes_as_key_columns(q: Tensor, keys: Tensor, log_votes: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,7 +333,7 @@ def vote_attention(
 
     ``"flex"`` runs one-token queries (decode) through :func:`decode_kernel_for` (``runtime.decode_kernel``)."""
     if kernel == "flex":
-        decode_kernel = decode_kernel_for(q.dtype, keys.shape[2], runtime) if q.shape[2] == 1 else "flex"
+        decode_kernel = decode_kernel_for(q.dtype, keys.shape[2], runtime, q.device) if q.shape[2] == 1 else "flex"
         if decode_kernel == "packed":
             return vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions, sliding_window,
                                          runtime.decode_pieces)

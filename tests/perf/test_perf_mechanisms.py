@@ -77,8 +77,10 @@ def test_decode_kernels_give_zeros_for_rows_without_entries(kernel, capacity):
     (torch.bfloat16, 37, "sdpa"), (torch.float16, 4096, "sdpa"), (torch.bfloat16, 4097, "packed"),
 ])
 def test_flex_kernel_sends_one_token_queries_to_the_decode_kernel(monkeypatch, dtype, capacity, expected):
-    """Decode (q_len = 1) never takes flex's template: 16-bit caches up to sdpa_decode_max_slots take SDPA, others
-    the packed kernel; a prefill chunk (q_len > 1) takes flex."""
+    """Decode (q_len = 1) never takes flex's template: on a CPU with AMX, 16-bit caches up to sdpa_decode_max_slots
+    take SDPA, others the packed kernel; without AMX every decode takes the packed kernel; a prefill chunk
+    (q_len > 1) takes flex."""
+    monkeypatch.setattr(attention, "CPU_HAS_AMX", True)
     calls = []
     for name in ("packed", "sdpa", "flex"):
         monkeypatch.setattr(attention, f"vote_attention_{name}",
@@ -89,6 +91,23 @@ def test_flex_kernel_sends_one_token_queries_to_the_decode_kernel(monkeypatch, d
     calls.clear()
     vote_attention(*make_case(0, dtype=dtype, q_len=4, capacity=capacity), kernel="flex")
     assert [name for name, _ in calls] == ["flex"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_kernel_is_packed_on_a_cpu_without_amx(monkeypatch, dtype):
+    """Without AMX tiles SDPA lost to the packed kernel at every measured size (docs/profile.md, section 13): the
+    automatic choice on a CPU is then always ``packed``; an explicit ``decode_kernel`` still wins, and a device that
+    is not a CPU keeps the size rule."""
+    monkeypatch.setattr(attention, "CPU_HAS_AMX", False)
+    assert attention.decode_kernel_for(dtype, 37, device="cpu") == "packed"
+    assert attention.decode_kernel_for(dtype, 37, RuntimeOptions(decode_kernel="sdpa"), device="cpu") == "sdpa"
+    expected = "sdpa" if dtype != torch.float32 else "packed"
+    assert attention.decode_kernel_for(dtype, 37, device="cuda") == expected
+    calls = []
+    for name in ("packed", "sdpa", "flex"):
+        monkeypatch.setattr(attention, f"vote_attention_{name}", lambda *a, name=name, **k: calls.append(name) or a[0])
+    vote_attention(*make_case(0, dtype=dtype, q_len=1, capacity=37), kernel="flex")
+    assert calls == ["packed"]
 
 
 def test_runtime_options_choose_the_decode_kernel_and_refuse_unknown_ones(monkeypatch):
