@@ -60,20 +60,20 @@ CPU_HAS_AMX = _cpu_has_amx()
 """Read once at import: a plain constant when a graph is traced (:func:`decode_kernel_for`)."""
 
 
-def decode_kernel_for(dtype: torch.dtype, capacity: int, runtime: RuntimeOptions = DEFAULT_RUNTIME,
-                      device: torch.device | str | None = None) -> str:
+def decode_kernel_for(dtype: torch.dtype, capacity: int, runtime: RuntimeOptions = DEFAULT_RUNTIME, *,
+                      device: torch.device | str) -> str:
     """The kernel of one-token queries over ``capacity`` slots in ``dtype`` on ``device``: ``runtime.decode_kernel``,
     or for ``"auto"``: ``"sdpa"`` for float16 / bfloat16 up to ``runtime.sdpa_decode_max_slots`` slots, else
     ``"packed"``. On a CPU, SDPA is chosen only where it was measured faster: with AMX tiles (Intel Xeon with AMX,
     SDPA's kernel splits its work by query head and keeps the threads busy on small 16-bit caches; past a few
     thousand slots ``packed``, which reads each KV head once for its whole group, is faster). On a CPU without
     them (AMD EPYC) ``packed`` was 3-6x faster than SDPA at 884-3341 bfloat16 slots (``docs/profile.md``, section
-    13), so it always takes ``packed``. ``device=None`` applies the rule without the CPU check."""
+    13), so it always takes ``packed``."""
     if runtime.decode_kernel != "auto":
         return runtime.decode_kernel
     if dtype not in (torch.float16, torch.bfloat16) or capacity > runtime.sdpa_decode_max_slots:
         return "packed"
-    if device is not None and torch.device(device).type == "cpu" and not CPU_HAS_AMX:
+    if torch.device(device).type == "cpu" and not CPU_HAS_AMX:
         return "packed"
     return "sdpa"
 
@@ -333,7 +333,8 @@ def vote_attention(
 
     ``"flex"`` runs one-token queries (decode) through :func:`decode_kernel_for` (``runtime.decode_kernel``)."""
     if kernel == "flex":
-        decode_kernel = decode_kernel_for(q.dtype, keys.shape[2], runtime, q.device) if q.shape[2] == 1 else "flex"
+        decode_kernel = ("flex" if q.shape[2] != 1
+                         else decode_kernel_for(q.dtype, keys.shape[2], runtime, device=q.device))
         if decode_kernel == "packed":
             return vote_attention_packed(q, keys, values, log_votes, kv_positions, q_positions, sliding_window,
                                          runtime.decode_pieces)

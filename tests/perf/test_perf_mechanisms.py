@@ -110,6 +110,18 @@ def test_decode_kernel_is_packed_on_a_cpu_without_amx(monkeypatch, dtype):
     assert calls == ["packed"]
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_compiled_decode_follows_the_cpu_rule_and_equals_the_reference(monkeypatch, amx):
+    """The kernel choice is read while the graph is traced (a module constant): a compiled bf16 decode with and
+    without AMX tiles (SDPA and packed) both equal the dense reference (bf16 2e-2)."""
+    monkeypatch.setattr(attention, "CPU_HAS_AMX", amx)
+    assert attention.decode_kernel_for(torch.bfloat16, 37, device="cpu") == ("sdpa" if amx else "packed")
+    compiled = torch.compile(lambda *case: vote_attention(*case, kernel="flex"), fullgraph=True, dynamic=False)
+    case = make_case(0, dtype=torch.bfloat16, q_len=1, capacity=37)
+    torch.testing.assert_close(compiled(*case).float(), vote_attention_reference(*case).float(), rtol=2e-2,
+                               atol=2e-2)
+
+
 def test_runtime_options_choose_the_decode_kernel_and_refuse_unknown_ones(monkeypatch):
     calls = []
     for name in ("packed", "sdpa", "flex"):

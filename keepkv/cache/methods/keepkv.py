@@ -17,8 +17,8 @@ At each compression of a layer, per batch row and KV head (KeepKV spec §3):
    = the official code, ``keep-key``, ``minnorm``); votes add: ``p_r = p_c + sum_e p_e``.
 
 **Defaults** are chosen by measurement (``docs/keepkv-quality.md``: commands, numbers and intervals; pooling by
-task accuracy, at a small cost in next-token KL): the ``minnorm`` key (the smallest key change that keeps every query head's softmax denominator),
-layer-shared selection, SnapKV's max-pooling of the scores along the cache (``kernel_size=7``: a token's
+task accuracy, at a small cost in next-token KL): the ``minnorm`` key (the smallest key change that keeps every
+query head's softmax denominator), layer-shared selection, SnapKV's max-pooling of the scores along the cache (``kernel_size=7``: a token's
 neighbours are kept with it, so a number or a name survives whole) and the paper's EMA reference.
 ``variant="zip", selection="head", kernel_size=1`` reproduces the paper.
 
