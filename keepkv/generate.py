@@ -6,10 +6,13 @@ and two code paths:
 - **prefill**: the prompt runs through the network in chunks of ``prefill_chunk_size`` tokens (the last chunk is
   padded to that size when the compiled FlexAttention kernel is used, so its graph is compiled once per
   (chunk, capacity)); peak activation memory is one chunk's, never a prompt x prompt score matrix. With
-  ``prefill_chunk_size=None`` (automatic, the default) the chunk is :data:`DEFAULT_PREFILL_CHUNK`, and a cache
-  whose results do not depend on the chunk (the full cache, ``prefill_compression="once"``) takes the prompt in
-  *long* chunks of :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks
-  (:func:`chunk_widths`): two chunk shapes per prompt at most, so nothing compiles per prompt length;
+  ``prefill_chunk_size=None`` (automatic, the default) the chunk is :data:`DEFAULT_PREFILL_CHUNK`, and the
+  prompt goes in *long* chunks of :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks
+  (:func:`chunk_widths`): two chunk shapes per prompt at most, so nothing compiles per prompt length. A cache whose
+  results do not depend on the chunk (the full cache, ``prefill_compression="once"``) takes long chunks where the
+  fused split kernel runs them; a cache compressed during prefill takes them on every kernel (its chunks decide
+  when it compresses, so compiled and eager engines must feed the same widths) and its prefill buffer holds
+  ``budget + long chunk`` slots (:meth:`GenerationEngine.prefill_room`);
 - **decode**: one token per row per step through ``torch.compile(fullgraph=True, dynamic=False)``. Every shape in
   the step is fixed (capacity-sized buffers, a tensor cursor, tensor positions), so the step compiles once per
   (model, dtype, batch, capacity) and never recompiles as the context grows.
@@ -113,10 +116,10 @@ class GenerationEngine:
     ``prefill_chunk_size``: prompt tokens per prefill forward, used as given for every prompt; ``None``
     (automatic, the default: measured faster in float32 and bfloat16, ``docs/profile.md`` "Automatic prefill
     chunks") means :data:`DEFAULT_PREFILL_CHUNK`, plus long chunks (:func:`automatic_long_chunk`) in
-    :meth:`prefill` and :meth:`teacher_forced_logits` for caches whose results do not depend on the chunk
-    (:meth:`long_chunk`). :attr:`prefill_chunk_size` is always the integer chunk (the padding unit and a
-    compressed cache's room); :attr:`prefill_chunk_setting` is what was asked for (``None`` or the integer), for
-    building another engine on the same network with the same choice."""
+    :meth:`prefill` and :meth:`teacher_forced_logits` (:meth:`long_chunk`; a cache compressed during prefill
+    also gets a prefill buffer of ``budget + long chunk`` slots, :meth:`prefill_room`). :attr:`prefill_chunk_size`
+    is always the integer chunk (the padding unit); :attr:`prefill_chunk_setting` is what was asked for (``None``
+    or the integer), for building another engine on the same network with the same choice."""
 
     def __init__(
         self, network: Transformer, *, compile: bool = True, prefill_chunk_size: int | None = None,
@@ -169,8 +172,29 @@ class GenerationEngine:
         ``prompt_tokens``: the longest row (the padded width); ``row_prompt_tokens``: each row's real length
         (optional; a compressed cache reports the budget each row would have alone)."""
         padded = round_up(prompt_tokens, self.prefill_chunk_size) if self.compile else prompt_tokens
-        self._use(self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_chunk_size,
+        self._use(self.cache_manager.allocate(batch_size, padded, max_new_tokens, self.prefill_room(batch_size),
                                               prompt_tokens, row_prompt_tokens=row_prompt_tokens))
+
+    def prefill_room(self, batch_size: int) -> int:
+        """The slots a cache compressed during prefill keeps free for the next forward (its prefill buffer holds
+        ``budget + room``; it compresses when the next forward would not fit), and the long chunk its prompt is fed
+        in (:meth:`long_chunk`): :func:`automatic_long_chunk` for an automatic engine, else
+        :attr:`prefill_chunk_size`.
+
+        The same on every kernel and whatever the padding of the rows, so a compiled and an eager engine compress
+        at the same points and keep the same entries. It depends on the batch only through the activation budget
+        (:func:`automatic_long_chunk`: a large batch keeps ordinary chunks); pass an integer ``prefill_chunk_size``
+        to fix it. Methods that accumulate attention over every query (H2O: a ``[B, H, chunk, slots]`` float32
+        product per layer, not in the activation estimate) keep ordinary chunks. A prompt of at most ``budget +
+        room`` tokens is then compressed once, at its end, with the question it ends with in view (the official
+        KeepKV / SnapKV protocol); a longer one every time ``budget + room`` slots fill, as before but less often
+        (``docs/profile.md``, section 14)."""
+        chunk = self.prefill_chunk_size
+        manager = self.cache_manager
+        if (not self.automatic_chunks or not manager.compresses_during_prefill
+                or manager.method.needs_accumulated_attention):
+            return chunk
+        return automatic_long_chunk(self.config, self.dtype, batch_size, chunk, self.runtime)
 
     def _use(self, caches: list[LayerKVCache]) -> None:
         """Attach ``caches`` (what a cache-manager call returned) to the network unless it already holds them: the
@@ -201,15 +225,18 @@ class GenerationEngine:
         return list(self.cache_manager.cursors)
 
     def long_chunk(self, valid: Tensor) -> int:
-        """The widest prefill forward for the prompt whose validity mask is ``valid [B, T]``: the long chunk of an
-        automatic engine (:func:`automatic_long_chunk`) when the chunk cannot change the results and the long
-        chunk runs the fused split kernel, else :attr:`prefill_chunk_size`. Conditions: ``prefill_chunk_size=None``,
-        a cache manager that does not compress during prefill (no ``prefill_compression="chunked"``; the full
-        cache), the prompt longer than one long chunk, and the split kernel for every chunk of it
-        (:meth:`_split_prefill_past`'s conditions over the whole prompt: FlexAttention and the eager reference
-        keep ordinary chunks, so their compiled graphs and memory stay as they were)."""
+        """The widest prefill forward for the prompt whose validity mask is ``valid [B, T]``.
+
+        A cache compressed during prefill: :meth:`prefill_room` (kernel-independent, so compiled and eager engines
+        keep the same entries). Otherwise the long chunk of an automatic engine (:func:`automatic_long_chunk`) when
+        the long chunk runs the fused split kernel, else :attr:`prefill_chunk_size`. Conditions:
+        ``prefill_chunk_size=None``, the prompt at least one long chunk long, and the split kernel for every chunk
+        of it (:meth:`_split_prefill_past`'s conditions over the whole prompt: FlexAttention and the eager
+        reference keep ordinary chunks, so their compiled graphs and memory stay as they were)."""
         chunk = self.prefill_chunk_size
-        if not self.automatic_chunks or self.cache_manager.compresses_during_prefill:
+        if self.cache_manager.compresses_during_prefill:
+            return self.prefill_room(valid.shape[0])
+        if not self.automatic_chunks:
             return chunk
         long_chunk = automatic_long_chunk(self.config, self.dtype, valid.shape[0], chunk, self.runtime)
         if long_chunk <= chunk or valid.shape[1] < long_chunk or self._split_prefill_past(valid) is None:

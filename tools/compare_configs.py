@@ -7,64 +7,56 @@ Usage::
 
 For every configuration (labelled as ``keepkv eval report`` labels rows: options that differ from today's
 defaults) and every budget, on the (family, sample) cells both it and the baseline answered: the mean over task
-families of the per-family mean difference, its 95% percentile-bootstrap interval (resampling samples within
-each family, :func:`keepkv.eval.bootstrap.stratified_interval`), the paired cell count and each family's mean
-difference. A markdown table on stdout (and in ``--out``).
+families of the per-family mean difference and its 95% stratified bootstrap interval, the paired cell count and
+each family's mean difference. The cells, the pairing and the interval are :mod:`keepkv.eval.targets`' own
+(:func:`~keepkv.eval.targets.cells_by_config`, :func:`~keepkv.eval.targets.paired`,
+:func:`~keepkv.eval.targets.difference`), so every interval here is the one ``REPORT.md``'s targets print.
+A markdown table on stdout (and in ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
+from statistics import mean
 
-from keepkv.eval.bootstrap import stratified_interval
-from keepkv.eval.prompted import metric_name
-from keepkv.eval.report import label
+from keepkv.eval.targets import Cells, cells_by_config, difference, paired
 
 
-def load_cells(path: Path, protocol: str) -> dict[tuple[str, str, float], dict[tuple[str, int], float]]:
-    """``{(model, label, budget): {(family, sample): value}}``: the ``task_accuracy`` rows of ``protocol`` (string
-    match; SQuAD F1 for the QA families, as in ``REPORT.md``)."""
-    cells: dict[tuple[str, str, float], dict[tuple[str, int], float]] = defaultdict(dict)
+def load_cells(path: Path, protocol: str) -> dict[tuple[str, str, float], Cells]:
+    """``{(model, label, budget): {family: {cell: value}}}``: the ``task_accuracy`` rows of ``protocol`` (string
+    match; SQuAD F1 for the QA families, as in ``REPORT.md``), the latest row per cell."""
     with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            if row.get("task") == "tasks" and row["metric"] == metric_name("task_accuracy", protocol):
-                cells[(row["model"], label(row), row["budget"])][(row["family"], row["sample"])] = row["value"]
-    return cells
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return {(model, name, budget): cells
+            for (model, row_protocol, name, budget), cells in cells_by_config(rows).items()
+            if row_protocol == protocol}
 
 
-def family_mean(values: dict[str, list[float]]) -> float:
+def family_mean(cells: Cells) -> float:
     """The mean over families of each family's mean."""
-    return sum(sum(v) / len(v) for v in values.values()) / len(values)
+    return mean(mean(values.values()) for values in cells.values())
 
 
-def table(cells: dict, baseline: str) -> list[str]:
+def table(cells: dict[tuple[str, str, float], Cells], baseline: str) -> list[str]:
     lines = ["| model | budget | configuration | mean over families | vs baseline [95%] | paired cells | per family |",
              "|---|---:|---|---:|---|---:|---|"]
     for (model, name, budget), answers in sorted(cells.items(), key=lambda item: (item[0][0], item[0][2], item[0][1])):
-        by_family: dict[str, list[float]] = defaultdict(list)
-        for (family, _), value in answers.items():
-            by_family[family].append(value)
-        mean = family_mean(by_family)
+        own = f"{family_mean(answers):.3f}"
+        count = sum(len(values) for values in answers.values())
         base = cells.get((model, baseline, budget))
         if name == baseline or not base:
             role = "(baseline)" if name == baseline else "(no baseline at this budget)"
-            lines.append(f"| {model} | {budget:g} | {name} | {mean:.3f} | {role} | {len(answers)} | |")
+            lines.append(f"| {model} | {budget:g} | {name} | {own} | {role} | {count} | |")
             continue
-        differences: dict[str, list[float]] = defaultdict(list)
-        for cell, value in answers.items():
-            if cell in base:
-                differences[cell[0]].append(value - base[cell])
-        if not differences:
+        pairs = paired(answers, base)
+        if not pairs:
             continue
-        low, high = stratified_interval(dict(differences), family_mean)
-        per_family = ", ".join(f"{family} {sum(v) / len(v):+.2f}" for family, v in sorted(differences.items()))
-        paired = sum(len(v) for v in differences.values())
-        lines.append(f"| {model} | {budget:g} | {name} | {mean:.3f} | {family_mean(differences):+.3f} "
-                     f"[{low:+.3f}, {high:+.3f}] | {paired} | {per_family} |")
+        value, low, high = difference(pairs)
+        per_family = ", ".join(f"{family} {mean(a - b for a, b in v):+.2f}" for family, v in pairs.items())
+        lines.append(f"| {model} | {budget:g} | {name} | {own} | {value:+.3f} [{low:+.3f}, {high:+.3f}] | "
+                     f"{sum(len(v) for v in pairs.values())} | {per_family} |")
     return lines
 
 

@@ -11,8 +11,9 @@ the caches after a call (the engine attaches what it gets; a new list means new 
   state the methods of a comparison read).
 - Compressed cache: a budget ``B`` (entries per KV head, from ``kv_budget`` and the prompt length) and a method.
 
-  * Prefill runs in chunks into a buffer of ``B + chunk`` slots; whenever the next chunk would not fit, the
-    method compresses every layer to ``B``. At the end of prefill the cache is compressed to ``B`` (for prompts of
+  * Prefill runs in chunks into a buffer of ``B + chunk`` slots (``chunk``: the widest prefill forward the engine
+    asks room for, :meth:`keepkv.generate.GenerationEngine.prefill_room`: the long chunk of an automatic engine);
+    whenever the next chunk would not fit, the method compresses every layer to ``B``. At the end of prefill the cache is compressed to ``B`` (for prompts of
     at most ``B + chunk`` tokens this is the only compression: the papers' "compress once after prefill").
   * Decoding then continues in a buffer of ``B + W`` slots (``W = decode_slack``); when it is full the method
     compresses back to ``B``: ``W = 1`` is the every-step schedule of H2O / TOVA / the KeepKV paper, a larger
@@ -276,7 +277,7 @@ class CacheManager:
                  prompt_tokens: int | None = None, row_prompt_tokens: list[int] | None = None) -> list[LayerKVCache]:
         """Caches for a batch whose prompt takes ``padded_prompt_tokens`` slots (chunk padding included) and
         ``prompt_tokens`` real tokens in its longest row (``row_prompt_tokens``: each row's own length, only for
-        ``row_budgets``). A compressed cache's budgets are set (and a bad budget refused) before any allocation."""
+        ``row_budgets``); ``chunk``: the widest forward the prefill will make (a compressed prefill buffer's room). A compressed cache's budgets are set (and a bad budget refused) before any allocation."""
         if self.keeps_everything:
             capacity = self.capacity_for(padded_prompt_tokens, max_new_tokens)
             if self.caches and self.caches[0].keys.shape[0] == batch_size and self.caches[0].capacity == capacity:

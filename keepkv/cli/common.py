@@ -40,8 +40,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_required: bool = 
     parser.add_argument("--no-compile", action="store_true", help="run eagerly (no torch.compile); slower decode "
                         "but no compile time")
     parser.add_argument("--prefill-chunk-size", type=integer(1), default=None, metavar="N", help="prompt tokens per "
-                        "prefill forward (bounds activation memory; default: automatic, 512 for a compressed "
-                        "cache and up to 2048 for the full cache)")
+                        "prefill forward (bounds activation memory; default: automatic, up to 2048, and a "
+                        "compressed cache compresses whenever budget + that many slots fill)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to pin")
 
 

@@ -133,11 +133,13 @@ def load(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: cuda if available).
         compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
         prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory). ``None`` (default):
-            automatic, 512 (:data:`keepkv.generate.DEFAULT_PREFILL_CHUNK`) for a cache compressed during prefill
-            (its chunk decides when it compresses), and for caches whose results do not depend on the chunk (the
-            full cache, ``prefill_compression="once"``) longer chunks of up to ``runtime.prefill_long_chunk``
-            tokens within ``runtime.prefill_activation_bytes`` of activations (faster; the same results up to
-            float rounding). An integer is used as given for every prompt.
+            automatic, long chunks of up to ``runtime.prefill_long_chunk`` (2048) tokens within
+            ``runtime.prefill_activation_bytes`` of activations, the rest in 512-token chunks
+            (:data:`keepkv.generate.DEFAULT_PREFILL_CHUNK`). The full cache and ``prefill_compression="once"`` get
+            the same results as with any chunk (up to float rounding; long chunks only where the fused kernel runs
+            them); a cache compressed during prefill gets a ``budget + long chunk`` prefill buffer, so a prompt of
+            up to that many tokens is compressed once, at its end (H2O and large batches keep 512). An integer is
+            used as given for every prompt (the compressed buffer is then ``budget + chunk``).
         decode_slack: ``W``, new tokens a compressed cache takes before it is compressed back to the budget
             (``1`` = every step, as in the papers; larger amortises the compression cost); ``None`` means
             ``64``. It only means something for a compressed cache, so giving it without a ``kv_budget`` is an

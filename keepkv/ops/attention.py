@@ -219,6 +219,12 @@ def additive_vote_bias(
     return bias.repeat_interleave(group_size, dim=1) if group_size > 1 else bias
 
 
+REFERENCE_QUERY_BLOCK = 512
+"""Most query rows one dense eager attention call takes (:func:`vote_attention` with ``kernel="reference"``): a
+longer eager prefill chunk is attended in blocks of this many queries, so its ``[B, H, T, C]`` float32 logits stay
+those of an ordinary 512-token chunk."""
+
+
 def vote_attention_reference(
     q: Tensor, keys: Tensor, values: Tensor, log_votes: Tensor, kv_positions: Tensor, q_positions: Tensor,
     sliding_window: int | None = None,
@@ -343,5 +349,13 @@ def vote_attention(
         return vote_attention_flex(q, keys, values, log_votes, kv_positions, q_positions, sliding_window,
                                    runtime.flex_block_size, runtime)
     if kernel == "reference":
-        return vote_attention_reference(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
+        if q.shape[2] <= REFERENCE_QUERY_BLOCK:
+            return vote_attention_reference(q, keys, values, log_votes, kv_positions, q_positions, sliding_window)
+        # query rows are independent: blocks bound the dense [B, H, T, C] float32 logits of a long eager chunk
+        return torch.cat([
+            vote_attention_reference(q[:, :, start: start + REFERENCE_QUERY_BLOCK], keys, values, log_votes,
+                                     kv_positions, q_positions[:, start: start + REFERENCE_QUERY_BLOCK],
+                                     sliding_window)
+            for start in range(0, q.shape[2], REFERENCE_QUERY_BLOCK)
+        ], dim=2)
     raise ValueError(f"unknown attention kernel {kernel!r}; allowed: {', '.join(ATTENTION_KERNELS)}")

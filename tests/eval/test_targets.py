@@ -117,7 +117,8 @@ def test_verdicts_resting_on_a_family_of_few_samples_are_undecided():
 
 def test_compare_configs_pairs_cells_and_averages_over_families(tmp_path):
     """``tools/compare_configs.py``: the paired difference is the mean over families of each family's mean
-    difference on the cells both configurations answered, and only ``task_accuracy`` rows of the protocol count."""
+    difference on the cells both configurations answered, only ``task_accuracy`` rows of the protocol count, and
+    its interval is the one the targets section prints (:func:`keepkv.eval.targets.difference`)."""
     import json
     import sys
     from pathlib import Path
@@ -127,7 +128,8 @@ def test_compare_configs_pairs_cells_and_averages_over_families(tmp_path):
 
     def row(method, budget, family, sample, value, metric="task_accuracy_aware"):
         return {"task": "tasks", "metric": metric, "protocol": "aware", "model": "m", "method": method,
-                "variant": "", "budget": budget, "family": family, "sample": sample, "value": value}
+                "variant": "", "budget": budget, "family": family, "sample": sample, "value": value,
+                "cell": f"{family}/len2048/s{sample}"}
 
     rows = [row("snapkv", 0.2, "a", 0, 1.0), row("snapkv", 0.2, "a", 1, 0.0), row("snapkv", 0.2, "b", 0, 0.5),
             row("tova", 0.2, "a", 0, 0.0), row("tova", 0.2, "a", 1, 0.0), row("tova", 0.2, "b", 0, 1.0),
@@ -139,3 +141,9 @@ def test_compare_configs_pairs_cells_and_averages_over_families(tmp_path):
     # family a: (0-1 + 0-0)/2 = -0.5; family b: 1-0.5 = +0.5; mean over families 0; 3 paired cells
     assert "| +0.000 [" in tova and "| 3 |" in tova and "a -0.50, b +0.50" in tova
     assert "| 0.500 |" in tova  # tova's own mean over families: a 0.0, b 1.0
+    from keepkv.eval.targets import cells_by_config, difference, paired
+
+    data = cells_by_config(rows)
+    value, low, high = difference(paired(data[("m", "aware", "tova", 0.2)], data[("m", "aware", "snapkv", 0.2)]))
+    assert f"| {value:+.3f} [{low:+.3f}, {high:+.3f}] |" in tova
+    assert compare_configs.load_cells(tmp_path / "tasks.jsonl", "agnostic") == {}

@@ -1,7 +1,8 @@
-"""Automatic prefill chunks (``prefill_chunk_size=None``, issue 15): long chunks only where the chunk cannot change
-the results (the full cache, ``prefill_compression="once"``), ordinary chunks for caches compressed during prefill
-and for explicit sizes; the same logits as ordinary chunks up to float rounding, and no recompile across prompt
-lengths (at most two chunk shapes)."""
+"""Automatic prefill chunks (``prefill_chunk_size=None``, issue 15): long chunks where the chunk cannot change the
+results (the full cache, ``prefill_compression="once"``) and the split kernel runs them, the same logits as ordinary
+chunks up to float rounding; long chunks and a ``budget + long chunk`` prefill buffer on every kernel for caches
+compressed during prefill (compiled and eager engines compress at the same points and keep the same entries);
+ordinary chunks for explicit sizes; no recompile across prompt lengths (at most two chunk shapes)."""
 
 from __future__ import annotations
 
@@ -61,26 +62,88 @@ def test_automatic_long_chunk_respects_the_activation_bound():
     assert automatic_long_chunk(config, torch.bfloat16, 1, 128, runtime) == 1920  # half the bytes per row
 
 
-def test_only_chunk_independent_caches_take_long_chunks(network):
+def chunked_manager(network, method="keepkv", budget=0.25) -> CacheManager:
+    _, resolved = resolve_method(method, budget, {})
+    return CacheManager(network.config, torch.float32, torch.device("cpu"), resolved, budget,
+                        prefill_compression="chunked", runtime=RUNTIME)
+
+
+def test_which_caches_take_long_chunks(network):
+    """The full cache and ``prefill_compression="once"``: long chunks where the split kernel runs them (not for a
+    left-padded prompt, not eagerly). A cache compressed during prefill: long chunks on every kernel and a prefill
+    buffer with room for one (its chunks decide what it keeps), except for a method accumulating attention over
+    every query (H2O) and for an explicit chunk size."""
     config, dtype, device = network.config, torch.float32, torch.device("cpu")
     valid = torch.ones(1, 150, dtype=torch.bool)
+    left_padded = torch.cat((torch.zeros(1, 5, dtype=torch.bool), valid[:, 5:]), dim=1)
     _, keepkv = resolve_method("keepkv", 0.25, {})
-    chunked = CacheManager(config, dtype, device, keepkv, 0.25, prefill_compression="chunked", runtime=RUNTIME)
     once = CacheManager(config, dtype, device, keepkv, 0.25, prefill_compression="once", runtime=RUNTIME)
-    expected = {None: LONG_CHUNK, "once": LONG_CHUNK, "chunked": SMALL_CHUNK}
-    for key, manager in ((None, None), ("once", once), ("chunked", chunked)):
+    for manager in (None, once):
         engine = automatic_engine(network, manager=manager)
         engine.prepare_caches(1, valid.shape[1], 4)
-        assert engine.long_chunk(valid) == expected[key], key
+        assert engine.long_chunk(valid) == LONG_CHUNK
         assert engine.long_chunk(valid[:, :LONG_CHUNK - 1]) == SMALL_CHUNK  # shorter than one long chunk
-    left_padded = torch.cat((torch.zeros(1, 5, dtype=torch.bool), valid[:, 5:]), dim=1)
-    assert engine.long_chunk(left_padded) == SMALL_CHUNK  # FlexAttention's chunks keep their size
-    explicit = GenerationEngine(network, compile=True, prefill_chunk_size=SMALL_CHUNK, runtime=RUNTIME)
+        assert engine.long_chunk(left_padded) == SMALL_CHUNK  # FlexAttention's chunks keep their size
+        eager = automatic_engine(network, compile=False, manager=manager)
+        eager.prepare_caches(1, valid.shape[1], 4)
+        assert eager.long_chunk(valid) == SMALL_CHUNK  # results do not depend on it: the fused kernel only
+    for compile in (True, False):
+        engine = automatic_engine(network, compile=compile, manager=chunked_manager(network))
+        engine.prepare_caches(1, valid.shape[1], 4)
+        assert engine.long_chunk(valid) == engine.long_chunk(left_padded) == LONG_CHUNK
+        assert engine.cache_manager.room == LONG_CHUNK  # the prefill buffer: budget + one long chunk
+        assert chunk_widths(valid.shape[1], SMALL_CHUNK, engine.long_chunk(valid)) == [64, 64, 16, 16]
+        h2o = automatic_engine(network, compile=compile, manager=chunked_manager(network, "h2o"))
+        h2o.prepare_caches(1, valid.shape[1], 4)
+        assert h2o.long_chunk(valid) == h2o.cache_manager.room == SMALL_CHUNK
+    explicit = GenerationEngine(network, compile=True, prefill_chunk_size=SMALL_CHUNK, runtime=RUNTIME,
+                                cache_manager=chunked_manager(network))
     explicit.prepare_caches(1, valid.shape[1], 4)
-    assert not explicit.automatic_chunks and explicit.long_chunk(valid) == SMALL_CHUNK
-    eager = automatic_engine(network, compile=False)
-    eager.prepare_caches(1, valid.shape[1], 4)
-    assert eager.long_chunk(valid) == SMALL_CHUNK  # the eager reference attention materialises T x S scores
+    assert not explicit.automatic_chunks and explicit.long_chunk(valid) == explicit.cache_manager.room == SMALL_CHUNK
+
+
+@pytest.mark.compile
+def test_compressed_prefill_takes_long_chunks_alike_compiled_and_eager(network):
+    """A cache compressed during prefill with automatic chunks: compiled and eager engines feed the same widths,
+    compress at the same points (a prompt of at most ``budget + long chunk`` tokens only at its end) and keep the
+    same entries, and prompts of other lengths run with recompilation forbidden."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (1, 150), generator=g)
+
+    def run(compile, prompt, budget=0.25):
+        engine = automatic_engine(network, compile=compile, manager=chunked_manager(network, "keepkv", budget))
+        widths, points = [], []
+        forward, make_room = engine._forward_chunk, engine.cache_manager.make_room
+
+        def counted(new_tokens):
+            before = engine.cache_manager.compressions
+            caches = make_room(new_tokens)
+            points.extend([sum(widths) - new_tokens] if engine.cache_manager.compressions > before else [])
+            return caches
+
+        engine.cache_manager.make_room = counted
+        engine._forward_chunk = lambda i, p, v: widths.append(i.shape[1]) or forward(i, p, v)
+        ok = torch.ones_like(prompt, dtype=torch.bool)
+        tokens = torch.stack(list(engine.generate_tokens(prompt, ok, 4, SamplingConfig())), dim=1)
+        prefill_widths = widths[: len(chunk_widths(prompt.shape[1], SMALL_CHUNK, LONG_CHUNK))]
+        kept = [sorted(cache.positions[0, 0][cache.positions[0, 0] >= 0].tolist()) for cache in engine.caches]
+        return prefill_widths, points, tokens, kept
+
+    compiled, eager = run(True, ids), run(False, ids)
+    assert compiled[0] == [LONG_CHUNK, LONG_CHUNK, SMALL_CHUNK, SMALL_CHUNK]
+    assert eager[0] == [LONG_CHUNK, LONG_CHUNK, SMALL_CHUNK, 6]  # a compiled engine pads its last chunk
+    assert compiled[1] == eager[1] and compiled[1][:1] == [LONG_CHUNK]  # the buffer filled after one long chunk
+    assert torch.equal(compiled[2], eager[2]) and compiled[3] == eager[3]
+    short = ids[:, :120]  # 120 <= ceil(0.5 * 120) + 64 fits the prefill buffer: compressed once, at the end
+    assert run(False, short, 0.5)[1] == [] and run(True, short, 0.5)[1] == []
+    engine = automatic_engine(network, manager=chunked_manager(network, "keepkv", 0.5))
+    for length in (150, 146, 120):  # other mixes of long and ordinary chunks and other budgets: the same two
+        prompt = ids[:, :length]    # chunk shapes, so the prefill compiles nothing new (the decode step's graph
+        ok = torch.ones_like(prompt, dtype=torch.bool)  # follows the decode buffer's capacity, as before)
+        with torch._dynamo.config.patch(error_on_recompile=length != 150), torch.inference_mode():
+            engine.prepare_caches(1, length, 4)
+            engine.prefill(prompt, ok)
+            engine.end_prefill()
 
 
 @pytest.mark.compile

@@ -198,3 +198,25 @@ def test_score_mod_and_mask_mod_are_named_closures_reading_captured_tensors():
 def test_unknown_kernel_is_refused():
     with pytest.raises(ValueError, match="allowed: flex, reference"):
         vote_attention(*make_case(6), kernel="sdpa")
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_eager_attention_of_a_long_chunk_runs_in_query_blocks_with_the_same_result(window):
+    """``vote_attention(kernel="reference")`` attends a chunk longer than ``REFERENCE_QUERY_BLOCK`` queries block by
+    block (bounded float32 logits for the long eager prefill chunks of a compressed cache): every query row equals
+    the one-call dense reference (rows are independent; float32 1e-6)."""
+    from keepkv.ops.attention import REFERENCE_QUERY_BLOCK
+
+    q_len = 2 * REFERENCE_QUERY_BLOCK + 77
+    case = make_case(11, batch=1, kv_heads=2, group=2, q_len=q_len, capacity=q_len + 40, head_dim=8)
+    calls = []
+    from keepkv.ops import attention
+
+    original = attention.vote_attention_reference
+    try:
+        attention.vote_attention_reference = lambda q, *rest: calls.append(q.shape[2]) or original(q, *rest)
+        got = vote_attention(*case, sliding_window=window, kernel="reference")
+    finally:
+        attention.vote_attention_reference = original
+    assert calls == [REFERENCE_QUERY_BLOCK, REFERENCE_QUERY_BLOCK, 77]
+    torch.testing.assert_close(got, vote_attention_reference(*case, sliding_window=window), rtol=1e-6, atol=1e-6)
