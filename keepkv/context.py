@@ -87,7 +87,7 @@ def _make_engine(model: LanguageModel, method: str, kv_budget: float | int | Non
                            model.engine.cache_manager.decode_slack, compiled_ops=model.engine.compile,
                            query_agnostic=query_agnostic)
     engine = GenerationEngine(model.network, compile=model.engine.compile,
-                              prefill_chunk_size=model.engine.prefill_chunk_size, cache_manager=manager)
+                              prefill_chunk_size=model.engine.prefill_chunk_setting, cache_manager=manager)
     return engine, name
 
 

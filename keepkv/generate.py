@@ -47,8 +47,8 @@ from keepkv.sampling import SamplingConfig, sample_next_token
 
 DEFAULT_PREFILL_CHUNK = 512
 """The ordinary prompt tokens per prefill forward of an automatic engine (``prefill_chunk_size=None``, the default):
-the chunk of a compressed cache (its prefill buffer holds ``budget + chunk`` slots) and the padding unit of a
-compiled engine."""
+the pieces after the long chunks, the padding unit of a compiled engine, and the room of a compressed prefill buffer
+where no long chunk applies (H2O, a batch too large for the activation bound)."""
 
 
 def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -49,10 +49,9 @@ class RuntimeOptions:
     - ``graphs_per_function`` (>= 8): how many shape-specialised graphs one compiled function may have in a
       process (:func:`keepkv.compile_limits.allow_graph_per_shape`);
     - ``prefill_long_chunk`` (>= 1) and ``prefill_activation_bytes`` (>= 1): the automatic prefill chunks
-      (``load(prefill_chunk_size=None)``) of caches whose results do not depend on the chunk (the full cache,
-      ``prefill_compression="once"``): prompt pieces of up to ``prefill_long_chunk`` tokens, fewer when one
-      chunk's activations would pass ``prefill_activation_bytes``
-      (:func:`keepkv.generate.automatic_long_chunk`).
+      (``load(prefill_chunk_size=None)``): prompt pieces of up to ``prefill_long_chunk`` tokens, fewer when one
+      chunk's activations would pass ``prefill_activation_bytes`` (:func:`keepkv.generate.automatic_long_chunk`);
+      a cache compressed during prefill also gets that many slots of room (its prefill buffer).
     """
 
     decode_kernel: str = "auto"

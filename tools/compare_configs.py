@@ -10,7 +10,9 @@ defaults) and every budget, on the (family, sample) cells both it and the baseli
 families of the per-family mean difference and its 95% stratified bootstrap interval, the paired cell count and
 each family's mean difference. The cells, the pairing and the interval are :mod:`keepkv.eval.targets`' own
 (:func:`~keepkv.eval.targets.cells_by_config`, :func:`~keepkv.eval.targets.paired`,
-:func:`~keepkv.eval.targets.difference`), so every interval here is the one ``REPORT.md``'s targets print.
+:func:`~keepkv.eval.targets.difference`), computed as ``REPORT.md``'s targets compute theirs; the targets print
+*KeepKV - method*, this table *configuration - baseline*, so signs flip and a bound may differ in the last digit
+(the percentile interval is not symmetric under negation).
 A markdown table on stdout (and in ``--out``).
 """
 

@@ -8,9 +8,11 @@ Three protocols (spec ``evaluation.md``; the first two always reported side by s
 - ``aware`` (the KeepKV, SnapKV and LongBench setting): the question is part of the compressed prompt; only the
   prompt's last token is fed after the compression (so its logits, and every answer token, come from the
   compressed cache). Metrics get the suffix ``_aware`` (``niah_exact_match_aware``), unit groups ``/aware``.
-- ``chunked`` (what ``generate()`` does by default): the whole prompt, question included, goes through the
-  engine's chunked prefill, which compresses whenever ``budget + chunk`` slots fill (mid-prompt compressions,
-  before the question is read) and once more at its end; no shared prefill. Suffix ``_chunked``.
+- ``chunked`` (``generate()`` with the eval's explicit 512-token chunks): the whole prompt, question included, goes
+  through the engine's chunked prefill, which compresses whenever ``budget + 512`` slots fill (mid-prompt
+  compressions, before the question is read) and once more at its end; no shared prefill. Suffix ``_chunked``.
+  ``generate()``'s default (automatic chunks) has room for a long chunk instead (up to 2048: a 2048-token prompt
+  is then compressed once, at its end, as in ``aware``).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ PANEL_TITLES = {"aware": "query-aware", "agnostic": "query-agnostic", "chunked":
 PROTOCOL_TITLES = {
     "aware": "query-aware: the question is compressed with the context",
     "agnostic": "query-agnostic: the context is compressed before the question is read",
-    "chunked": "generate()'s chunked prefill: compressed whenever budget + chunk slots fill, question included",
+    "chunked": "generate()'s chunked prefill with 512-token chunks: compressed whenever budget + 512 slots fill, question included",
 }
 
 

@@ -18,6 +18,7 @@ import torch
 from keepkv.cache.methods import make_method
 from keepkv.context import load_context, model_identity
 from keepkv.errors import KeepKVError
+from keepkv.generate import DEFAULT_PREFILL_CHUNK
 from keepkv.models.language_model import LanguageModel
 from keepkv.sampling import SamplingConfig
 from tests.conftest import tiny_config, tiny_network
@@ -41,7 +42,7 @@ def test_query_aware_context_equals_one_native_generation(smollm2_eager, context
     answer = ctx.generate(max_new_tokens=NEW)
     ids = model.tokenizer.encode(context_text) + model.tokenizer.encode(QUESTION, add_bos=False)
     native = LanguageModel(model.network, model.tokenizer, name=model.name, source="", method="snapkv",
-                           kv_budget=0.2, compile=False, prefill_chunk_size=model.engine.prefill_chunk_size,
+                           kv_budget=0.2, compile=False, prefill_chunk_size=model.engine.prefill_chunk_setting,
                            method_object=make_method("snapkv"))
     input_ids = torch.tensor([ids])
     tokens = [int(t[0]) for t in native.engine.generate_tokens(input_ids, torch.ones_like(input_ids, dtype=torch.bool),
@@ -52,6 +53,9 @@ def test_query_aware_context_equals_one_native_generation(smollm2_eager, context
     assert answer == expected
     assert ctx.budget == native.engine.cache_manager.budget == math.ceil(0.2 * len(ids))
     assert int(ctx.entries_per_head().max()) == ctx.budget
+    # the context's engine chunks as the model's does (automatic: the same prefill room as generate())
+    assert ctx.engine.prefill_chunk_setting is model.engine.prefill_chunk_setting is None
+    assert ctx.engine.prefill_room(1) == native.engine.prefill_room(1) > DEFAULT_PREFILL_CHUNK
 
 
 def test_repeatable_independent_and_saved(smollm2_eager, context_text, tmp_path):
