@@ -283,8 +283,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = RESULTS / f"{args.out}.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    previous = stored.get("points", [])
+    previous = json.loads(path.read_text()).get("points", []) if path.exists() else []
     if not args.report:
         import torch
 
@@ -305,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(previous)
         print(table)
         if args.readme:
-            written = json.loads(path.read_text()) if path.exists() else stored  # the machine of the points
-            write_readme(table, written.get("machine", {}).get("cpu", "this machine"))
+            write_readme(table, json.loads(path.read_text())["machine"]["cpu"])  # the machine the JSON holds
     return 0
 
 
