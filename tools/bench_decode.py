@@ -16,7 +16,7 @@ machine): the caches are filled with a synthetic state of ``L`` entries (random 
 of the rest — plus a random observation window), exactly where a chunked prefill + ``end_prefill`` would leave
 them. Then real decode steps run through the engine's compiled decode step (``GenerationEngine.decode_step``),
 and KeepKV's decode-time compression (every ``W = decode_slack = 64`` steps, back to the budget; the library's
-default variant and EMA reference, recorded as ``method`` in the JSON; the whole compression compiled) runs
+default variant and merge reference, recorded as ``method`` in the JSON; the whole compression compiled) runs
 inside the timed steps. One *run* is 64 steps for a compressed cache (exactly one compression per run: the
 amortised per-token time) and 16 steps for the full cache; reported tokens/s is ``steps / median(run time)``
 over ``--runs`` (default 5) runs, after warm-up steps that include the compile and the first compression.

@@ -1,14 +1,18 @@
-"""Paired comparison of task configurations against one baseline configuration, per model and budget.
+"""Paired comparison of configurations against one baseline configuration, per model and budget.
 
 Usage::
 
     python tools/compare_configs.py --results results/tasks_selection --baseline keepkv:minnorm \
         [--protocol aware] [--out results/tasks_selection/PAIRED.md]
+    python tools/compare_configs.py --results results/quality --baseline keepkv:minnorm --metric kl \
+        [--out results/quality/PAIRED_kl.md]
 
 For every configuration (labelled as ``keepkv eval report`` labels rows: options that differ from today's
 defaults) and every budget, on the (family, sample) cells both it and the baseline answered: the mean over task
 families of the per-family mean difference and its 95% stratified bootstrap interval, the paired cell count and
-each family's mean difference. The cells, the pairing and the interval are :mod:`keepkv.eval.targets`' own
+each family's mean difference. With ``--metric kl`` the cells are the fidelity passages of ``fidelity.jsonl``
+(next-token KL to the full cache, lower is better; one "family"), so the difference is the paired mean over
+passages. The cells, the pairing and the interval are :mod:`keepkv.eval.targets`' own
 (:func:`~keepkv.eval.targets.cells_by_config`, :func:`~keepkv.eval.targets.paired`,
 :func:`~keepkv.eval.targets.difference`), computed as ``REPORT.md``'s targets compute theirs; the targets print
 *KeepKV - method*, this table *configuration - baseline*, so signs flip and a bound may differ in the last digit
@@ -23,7 +27,7 @@ import json
 from pathlib import Path
 from statistics import mean
 
-from keepkv.eval.targets import Cells, cells_by_config, difference, paired
+from keepkv.eval.targets import Cells, cells_by_config, difference, kl_cells_by_config, paired
 
 
 def load_cells(path: Path, protocol: str) -> dict[tuple[str, str, float], Cells]:
@@ -34,6 +38,13 @@ def load_cells(path: Path, protocol: str) -> dict[tuple[str, str, float], Cells]
     return {(model, name, budget): cells
             for (model, row_protocol, name, budget), cells in cells_by_config(rows).items()
             if row_protocol == protocol}
+
+
+def load_kl_cells(path: Path) -> dict[tuple[str, str, float], Cells]:
+    """``{(model, label, budget): {"fidelity": {passage: KL}}}``: the ``kl`` rows of a fidelity store
+    (:func:`~keepkv.eval.targets.kl_cells_by_config`)."""
+    with path.open(encoding="utf-8") as handle:
+        return kl_cells_by_config([json.loads(line) for line in handle if line.strip()])
 
 
 def family_mean(cells: Cells) -> float:
@@ -67,9 +78,16 @@ def main() -> None:
     parser.add_argument("--results", type=Path, required=True, help="results directory holding tasks.jsonl")
     parser.add_argument("--baseline", required=True, help="the label of the baseline configuration")
     parser.add_argument("--protocol", default="aware", help="aware, agnostic or chunked (default: aware)")
+    parser.add_argument("--metric", default="task_accuracy", choices=("task_accuracy", "kl"),
+                        help="task_accuracy (tasks.jsonl, default) or kl (fidelity.jsonl: next-token KL, lower is "
+                             "better; --protocol is ignored)")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
-    lines = table(load_cells(args.results / "tasks.jsonl", args.protocol), args.baseline)
+    if args.metric == "kl":
+        cells = load_kl_cells(args.results / "fidelity.jsonl")
+    else:
+        cells = load_cells(args.results / "tasks.jsonl", args.protocol)
+    lines = table(cells, args.baseline)
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:

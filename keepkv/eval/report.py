@@ -34,18 +34,26 @@ COLUMNS = [
 ]
 HEADLINE = [c for c in COLUMNS if c[2] in ("kl", "ppl_ratio", "niah_exact_match", "niah_exact_match_aware", "qa_f1")]
 README_BEGIN = re.compile(r"(<!-- eval:begin[^\n]*-->\n)(.*?)(<!-- eval:end -->)", re.S)
+MERGE_ONLY_OPTIONS = ("reference", "alpha", "max_evicted_weight")
+"""KeepKV's options that only its merge reads (the reference scores, the EMA decay behind them, the dominance
+guard): they change nothing in a configuration that merges nothing."""
 COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results results/eval --readme README.md")
 
 
 def label(row: dict[str, Any]) -> str:
     """``method[:variant][@option=value...]``: with ``resolved_options`` in the row, the options that differ from
     the library's current defaults for that method (so ``keepkv:minnorm`` always means today's default and rows
-    of an older default show what differs); else the options as written. Peer engines' rows get ``[engine]``."""
+    of an older default show what differs); else the options as written. A KeepKV configuration that merges
+    nothing (``similarity_threshold >= 1``: its own base selector) is labelled without the options only a merge
+    reads (:data:`MERGE_ONLY_OPTIONS`), so runs made under different merge defaults share one label, as they
+    share every number. Peer engines' rows get ``[engine]``."""
     name = row["method"] if not row.get("variant") else f"{row['method']}:{row['variant']}"
     options = row.get("options") or {}
     if row.get("resolved_options"):
         defaults = _current_defaults(row["method"], row.get("variant", ""))
         resolved = {**_behaviour_before_options(row), **row["resolved_options"]}
+        if "keepkv" in row["method"].split("+") and float(resolved.get("similarity_threshold", 0.0)) >= 1.0:
+            resolved.update({key: defaults[key] for key in MERGE_ONLY_OPTIONS if key in defaults})
         options = {k: v for k, v in resolved.items() if k != "variant" and defaults.get(k) != v}
     name += "".join(f"@{key}={value}" for key, value in sorted(options.items()))
     return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"

@@ -110,7 +110,8 @@ class MethodConfig:
     @classmethod
     def parse(cls, text: str) -> MethodConfig:
         """``"snapkv"``, ``"keepkv:minnorm"``, ``"snapkv+keepkv"`` (KeepKV's default variant),
-        ``"criticalkv+keepkv:convex"``, ``"keepkv:minnorm@selection=head@max_evicted_weight=1.0"``."""
+        ``"criticalkv+keepkv:convex"``, ``"keepkv:minnorm@selection=head@max_evicted_weight=1.0"``. A variant written
+        as an option (``"keepkv@variant=convex"``) is the same configuration as ``"keepkv:convex"``."""
         from keepkv.errors import KeepKVError
 
         head, *option_texts = text.strip().split(OPTION_SEPARATOR)
@@ -124,6 +125,13 @@ class MethodConfig:
             raise KeepKVError(f"{text!r} names an option twice")
         name, _, variant = head.partition(":")
         name = name.lower()
+        written = dict(options).get("variant")
+        if written is not None:  # "keepkv@variant=convex" means "keepkv:convex"; one spelling per configuration
+            if variant and variant != written:
+                raise KeepKVError(f"{text!r} names two variants ({variant!r} and {written!r}); write one, "
+                                  f"as method:variant")
+            variant = str(written)
+            options = [(key, value) for key, value in options if key != "variant"]
         from keepkv.ops.merge import MERGE_VARIANTS
 
         if variant and variant not in MERGE_VARIANTS:

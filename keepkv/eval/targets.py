@@ -56,6 +56,19 @@ def cells_by_config(rows: list[dict[str, Any]]) -> dict[tuple, Cells]:
     return out
 
 
+def kl_cells_by_config(rows: list[dict[str, Any]]) -> dict[tuple, Cells]:
+    """``(model, label, budget) -> {"fidelity": {passage: KL}}`` from fidelity rows (``keepkv eval fidelity``'s
+    next-token KL to the full cache; latest row per passage): the same shape as :func:`cells_by_config` with one
+    "family", so :func:`paired` and :func:`difference` compare KL per passage."""
+    from keepkv.eval.report import label
+
+    out: dict[tuple, Cells] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r.get("task") == "fidelity" and r.get("metric") == "kl":
+            out[(r["model"], label(r), float(r["budget"]))]["fidelity"][str(r["cell"])] = float(r["value"])
+    return out
+
+
 def paired(a: Cells, b: Cells) -> dict[str, list[tuple[float, float]]]:
     """``family -> [(a, b) per shared cell]`` for the families both answered (shared cells only)."""
     pairs = {}

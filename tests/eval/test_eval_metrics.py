@@ -72,6 +72,23 @@ def test_method_config_parsing():
         MethodConfig.parse("keepkv:best")
 
 
+def test_a_variant_written_as_an_option_is_the_variant():
+    """``keepkv@variant=convex`` once ran the default variant under a label naming convex: it is ``keepkv:convex``."""
+    from keepkv.errors import KeepKVError
+
+    as_option = MethodConfig.parse("keepkv@variant=convex@reference=last")
+    assert as_option == MethodConfig.parse("keepkv:convex@reference=last")
+    assert as_option.method_options() == {"variant": "convex", "reference": "last"}
+    assert as_option.resolved_options()["variant"] == "convex"
+    assert MethodConfig.parse("snapkv+keepkv@variant=zip").label == "snapkv+keepkv:zip"
+    with pytest.raises(KeepKVError, match="two variants"):
+        MethodConfig.parse("keepkv:zip@variant=convex")
+    with pytest.raises(KeepKVError, match="allowed"):
+        MethodConfig.parse("keepkv@variant=best")
+    with pytest.raises(KeepKVError, match="only keepkv"):
+        MethodConfig.parse("snapkv@variant=zip")
+
+
 def test_method_config_options_are_part_of_its_identity():
     """Configurations that differ only in an option get different labels, row fields and resumable unit keys
     (the store would otherwise skip the second one as done)."""
@@ -114,6 +131,24 @@ def test_labels_from_resolved_options_name_what_differs_from_todays_defaults():
     written = MethodConfig.parse(f"keepkv:minnorm@selection={resolved['selection']}")  # the default, written out
     assert unit_key("niah", "M", written, 0.1, "g") == unit_key("niah", "M", default, 0.1, "g")
     assert MethodConfig.parse("snapkv+keepkv").resolved_options()["selector.name"] == "snapkv"
+
+
+def test_a_configuration_that_merges_nothing_is_labelled_without_the_merge_options():
+    """Without merging (``similarity_threshold=1.0``) the merge reference, its EMA decay and the dominance guard
+    are never read, so a run under the EMA reference and one under today's reference share one label (the
+    "merging never hurts" target finds its base selector); a merging configuration keeps them in its label."""
+    from keepkv.eval.report import label
+
+    resolved = MethodConfig.parse("keepkv:minnorm@similarity_threshold=1.0").row_fields()["resolved_options"]
+    other = "ema" if resolved["reference"] == "last" else "last"
+    for method in ("keepkv", "snapkv+keepkv"):
+        older = {**resolved, "reference": other, "max_evicted_weight": 0.5}
+        row = _row(method=method, variant="minnorm", resolved_options=older)
+        assert label(row) == f"{method}:minnorm@similarity_threshold=1.0"
+        merging = _row(method=method, variant="minnorm", resolved_options={**older, "similarity_threshold": 0.8})
+        assert label(merging) == f"{method}:minnorm@max_evicted_weight=0.5@reference={other}"
+    evicting = _row(method="snapkv", resolved_options={"kernel_size": 7, "reference": "x"})
+    assert "reference=x" in label(evicting)  # only KeepKV's own options are normalised
 
 
 def test_rows_from_before_the_agnostic_option_show_what_they_ran():

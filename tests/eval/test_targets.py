@@ -147,3 +147,55 @@ def test_compare_configs_pairs_cells_and_averages_over_families(tmp_path):
     value, low, high = difference(paired(data[("m", "aware", "tova", 0.2)], data[("m", "aware", "snapkv", 0.2)]))
     assert f"| {value:+.3f} [{low:+.3f}, {high:+.3f}] |" in tova
     assert compare_configs.load_cells(tmp_path / "tasks.jsonl", "agnostic") == {}
+
+
+def _tools():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+
+
+def _kl_row(method, budget, passage, value, metric="kl", **extra):
+    return {"task": "fidelity", "metric": metric, "model": "m", "method": method, "variant": "", "budget": budget,
+            "cell": f"ctx1024/p{passage}", "value": value, **extra}
+
+
+def test_compare_configs_pairs_kl_per_passage(tmp_path):
+    """``--metric kl``: the fidelity store's ``kl`` rows, paired per passage (other metrics ignored, the latest
+    row of a passage wins)."""
+    import json
+
+    _tools()
+    import compare_configs
+
+    rows = [_kl_row("snapkv", 0.1, 0, 0.2), _kl_row("snapkv", 0.1, 1, 0.4), _kl_row("snapkv", 0.1, 2, 9.0),
+            _kl_row("tova", 0.1, 0, 0.3), _kl_row("tova", 0.1, 1, 0.6), _kl_row("tova", 0.1, 1, 0.7),
+            _kl_row("tova", 0.1, 0, 5.0, metric="top1")]
+    (tmp_path / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lines = compare_configs.table(compare_configs.load_kl_cells(tmp_path / "fidelity.jsonl"), "snapkv")
+    tova = next(line for line in lines if "| tova |" in line)
+    # passages 0 and 1 shared: (0.3 - 0.2 + 0.7 - 0.4) / 2 = +0.2; tova's own mean (0.3 + 0.7) / 2 = 0.5
+    assert "| +0.200 [+0.100, +0.300] | 2 |" in tova and "| 0.500 |" in tova
+
+
+def test_headline_tables_pair_each_row_with_the_baseline_and_bold_the_best(tmp_path):
+    """``tools/headline_tables.py``: a row's mean is taken on the samples it shares with the baseline, its
+    bracket is the paired difference, the best column mean is bold (lowest for KL), a missing run is ``–``."""
+    import json
+
+    _tools()
+    import headline_tables
+
+    rows = [_kl_row("snapkv", 0.1, 0, 0.2), _kl_row("snapkv", 0.1, 1, 0.4),
+            _kl_row("tova", 0.1, 0, 0.1), _kl_row("tova", 0.1, 1, 0.3), _kl_row("tova", 0.1, 2, 9.0),
+            _kl_row("h2o", 0.2, 0, 0.1)]
+    (tmp_path / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    data = headline_tables.load(tmp_path, "kl")
+    lines = headline_tables.table(data, "m", [("SnapKV", "snapkv"), ("TOVA", "tova"), ("H2O", "h2o")], "snapkv",
+                                  [("", 0.1), ("", 0.2)], "kl")
+    assert lines[0] == "| method | KL 10% | KL 20% |"
+    assert lines[2] == "| SnapKV | 0.300 | – |"
+    # TOVA on the shared passages 0-1: mean 0.2 (its passage 2 is left out), -0.1 on each: a point interval; bold
+    assert lines[3] == "| TOVA | **0.200** (-0.100 [-0.100, -0.100]) | – |"
+    assert lines[4] == "| H2O | – | – |"  # no baseline at 20%, no run at 10%

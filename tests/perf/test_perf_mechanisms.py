@@ -266,8 +266,8 @@ def test_bench_command_is_registered_and_checks_its_input():
 
 @pytest.mark.compile
 @pytest.mark.parametrize("options", [
-    {},  # the defaults (layer-shared selection, EMA reference)
-    {"selection": "head", "reference": "last", "score_normalization": "per-token", "kernel_size": 3,
+    {},  # the defaults (layer-shared selection, newest-query reference)
+    {"selection": "head", "reference": "ema", "score_normalization": "per-token", "kernel_size": 3,
      "max_evicted_weight": 0.5, "last_query_weight": 0.5},  # every non-default option of the quality study at once
 ])
 def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(options):

@@ -1,0 +1,107 @@
+"""The README's headline tables: named configurations against one baseline, each cell paired on shared samples.
+
+Usage::
+
+    python tools/headline_tables.py --results results/tasks_selection --model Qwen2.5-Coder-0.5B-Instruct \\
+        --columns aware:0.2,aware:0.5,agnostic:0.2,agnostic:0.5 \\
+        --row "KeepKV (default)" keepkv:minnorm --row CriticalKV criticalkv ...
+    python tools/headline_tables.py --results results/quality --metric kl --model SmolLM2-135M-Instruct \\
+        --columns 0.1,0.2 --row "KeepKV (default)" keepkv:minnorm --row SnapKV snapkv ...
+
+A row is a display name and a label (labels as ``keepkv eval report`` prints them: the options that differ from
+today's defaults); the first row is the baseline unless ``--baseline`` names another label. A column is
+``protocol:budget`` for task accuracy (``task_accuracy`` rows of ``tasks.jsonl``: mean over task families, string
+match, SQuAD F1 for the QA families) or ``budget`` for ``--metric kl`` (``fidelity.jsonl``: mean next-token KL over
+passages). Each cell is the configuration's mean **on the samples it shares with the baseline** (so configurations
+run on different numbers of samples stay comparable) and, in brackets, the paired difference *row - baseline*
+with its 95% stratified bootstrap interval (:mod:`keepkv.eval.targets`: :func:`~keepkv.eval.targets.paired`,
+:func:`~keepkv.eval.targets.difference`). The best mean of each column is bold (highest accuracy, lowest KL; full
+caches excluded); ``–``: not run. A markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+
+from keepkv.eval.report import is_full
+from keepkv.eval.targets import Cells, cells_by_config, difference, kl_cells_by_config, paired
+
+
+def load(results: Path, metric: str) -> dict[tuple, Cells]:
+    """``(model, protocol, label, budget) -> Cells`` (protocol ``""`` for KL)."""
+    name = "fidelity.jsonl" if metric == "kl" else "tasks.jsonl"
+    with (results / name).open(encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    if metric == "kl":
+        return {(model, "", lab, budget): cells for (model, lab, budget), cells in kl_cells_by_config(rows).items()}
+    return dict(cells_by_config(rows))
+
+
+def parse_column(text: str, metric: str) -> tuple[str, float]:
+    if metric == "kl":
+        return "", float(text)
+    protocol, _, budget = text.partition(":")
+    if not budget:
+        raise SystemExit(f"column {text!r}: write protocol:budget (e.g. aware:0.2)")
+    return protocol, float(budget)
+
+
+def table(data: dict[tuple, Cells], model: str, rows: list[tuple[str, str]], baseline: str,
+          columns: list[tuple[str, float]], metric: str) -> list[str]:
+    digits = 3 if metric == "kl" else 2
+    cells: dict[tuple[int, int], tuple[float, str]] = {}
+    for c, (protocol, budget) in enumerate(columns):
+        base = data.get((model, protocol, baseline, budget))
+        for r, (_, lab) in enumerate(rows):
+            own = data.get((model, protocol, lab, budget))
+            if not own or not base:
+                continue
+            if lab == baseline:
+                value = mean(mean(v.values()) for v in own.values())
+                cells[r, c] = (value, f"{value:.{digits}f}")
+                continue
+            pairs = paired(own, base)
+            if not pairs:
+                continue
+            value = mean(mean(a for a, _ in v) for v in pairs.values())
+            diff, low, high = difference(pairs)
+            cells[r, c] = (value, f"{value:.{digits}f} ({diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}])")
+    for c in range(len(columns)):
+        ranked = [(value, r) for (r, cc), (value, _) in cells.items() if cc == c and not is_full(rows[r][1])]
+        if ranked:
+            best = (min if metric == "kl" else max)(value for value, _ in ranked)
+            for value, r in ranked:
+                if round(value, digits) == round(best, digits):
+                    text = cells[r, c][1]
+                    head, _, rest = text.partition(" ")
+                    cells[r, c] = (value, f"**{head}**" + (f" {rest}" if rest else ""))
+    header = ["method", *[(f"{p} " if p else "") + (f"KL {b:.0%}" if metric == "kl" else f"{b:.0%}")
+                          for p, b in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for r, (name, _) in enumerate(rows):
+        lines.append("| " + " | ".join([name, *[cells.get((r, c), (0.0, "–"))[1] for c in range(len(columns))]])
+                     + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, required=True, help="results directory (tasks.jsonl or fidelity.jsonl)")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--metric", default="task_accuracy", choices=("task_accuracy", "kl"))
+    parser.add_argument("--columns", required=True, help="comma-separated protocol:budget (or budget for kl)")
+    parser.add_argument("--row", action="append", required=True, nargs=2, metavar=("NAME", "LABEL"),
+                        help="a display name and a configuration's label; repeatable, in table order")
+    parser.add_argument("--baseline", help="the baseline's label (default: the first row's)")
+    args = parser.parse_args()
+    rows = [(name, lab) for name, lab in args.row]
+    columns = [parse_column(text, args.metric) for text in args.columns.split(",")]
+    print("\n".join(table(load(args.results, args.metric), args.model, rows, args.baseline or rows[0][1], columns,
+                          args.metric)))
+
+
+if __name__ == "__main__":
+    main()
