@@ -12,10 +12,11 @@ A row is a display name and a label (labels as ``keepkv eval report`` prints the
 today's defaults); the first row is the baseline unless ``--baseline`` names another label. A column is
 ``protocol:budget`` for task accuracy (``task_accuracy`` rows of ``tasks.jsonl``: mean over task families, string
 match, SQuAD F1 for the QA families) or ``budget`` for ``--metric kl`` (``fidelity.jsonl``: mean next-token KL over
-passages). Each cell is the configuration's mean **on the samples it shares with the baseline** (so configurations
-run on different numbers of samples stay comparable) and, in brackets, the paired difference *row - baseline*
-with its 95% stratified bootstrap interval (:mod:`keepkv.eval.targets`: :func:`~keepkv.eval.targets.paired`,
-:func:`~keepkv.eval.targets.difference`). The best mean of each column is bold (highest accuracy, lowest KL; full
+passages). Each cell is the configuration's mean **on the samples it shares with the baseline** (so a configuration
+run on more samples than the baseline stays comparable; the baseline's own cell is its mean over all its samples,
+so a row that ran on fewer samples is compared, and bolded, on its own subset: read its bracket) and, in
+brackets, the paired difference *row - baseline* with its 95% stratified bootstrap interval
+(:mod:`keepkv.eval.targets`: :func:`~keepkv.eval.targets.paired`, :func:`~keepkv.eval.targets.difference`). The best mean of each column is bold (highest accuracy, lowest KL; full
 caches excluded); ``–``: not run. A markdown table on stdout.
 """
 

@@ -36,7 +36,8 @@ HEADLINE = [c for c in COLUMNS if c[2] in ("kl", "ppl_ratio", "niah_exact_match"
 README_BEGIN = re.compile(r"(<!-- eval:begin[^\n]*-->\n)(.*?)(<!-- eval:end -->)", re.S)
 MERGE_ONLY_OPTIONS = ("reference", "alpha", "max_evicted_weight")
 """KeepKV's options that only its merge reads (the reference scores, the EMA decay behind them, the dominance
-guard): they change nothing in a configuration that merges nothing."""
+guard): they change nothing in a configuration that merges nothing (``similarity_threshold >= 1``: the matching
+caps the cosine at 1, so nothing merges, :func:`keepkv.ops.scores.cosine_match`)."""
 COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results results/eval --readme README.md")
 
 

@@ -109,7 +109,9 @@ def cosine_match(
     kept_valid: Tensor | None = None, evicted_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """KeepKV's matching (spec §3 step 2; the paper's ``T = 0.8``): :func:`cosine_best_match`, merged only if
-    ``cos(k_e, k_best) > threshold`` (strictly) and the evicted entry is valid.
+    ``min(cos(k_e, k_best), 1) > threshold`` (strictly) and the evicted entry is valid. The cosine is capped at 1
+    for the test because rounding can put two parallel keys' cosine a few ulps above it: ``threshold=1`` merges
+    nothing (a configuration's own base selector), whatever the keys.
 
     Args:
         threshold: a float, or a tensor broadcastable to ``[B, H_kv, E]`` (a tensor avoids recompiles when the
@@ -118,7 +120,7 @@ def cosine_match(
         ``(best, similarity, merge_mask)`` ``[B, H_kv, E]``; ``merge_mask`` is False where no kept key is valid.
     """
     best, best_similarity = cosine_best_match(evicted_keys, kept_keys, kept_valid)
-    merge_mask = best_similarity > threshold
+    merge_mask = best_similarity.clamp(max=1.0) > threshold
     if evicted_valid is not None:
         merge_mask = evicted_valid & merge_mask
     return best, best_similarity, merge_mask

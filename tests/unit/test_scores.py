@@ -124,6 +124,16 @@ def test_cosine_match_threshold_is_strict_and_accepts_a_tensor():
     assert merge.tolist() == [[[True, True]]]
 
 
+def test_a_threshold_of_one_merges_nothing_even_when_rounding_puts_the_cosine_above_one():
+    """Parallel keys can have a float cosine a few ulps above 1; ``threshold=1`` (no merging) must still hold."""
+    keys = torch.randn(1, 1, 1000, 64, generator=generator(3))
+    _, similarity, merge = cosine_match(keys * 3.0, keys, 1.0)
+    assert (similarity > 1.0).any(), "no rounding above 1 on this draw: the test would prove nothing"
+    assert not merge.any()
+    _, _, merge = cosine_match(keys * 3.0, keys, 0.999)
+    assert merge.all()
+
+
 def direct_ema(scores, visible, alpha):
     """float64 loop: S_t = a S_{t-1} + (1 - a) s_t over the visible steps, then S / (1 - a^m)."""
     steps, count = scores.shape
