@@ -201,6 +201,14 @@ def test_tp_compiled_matches_one_process(tiny_qwen, tmp_path):
     assert_ranks_equal_one_process([rank["keepkv"] for rank in ranks], single, "keepkv compiled")
 
 
+def _failure_lines(stderr: str) -> str:
+    """A failed torchrun's stderr for the assertion message: every line naming an error or an abort (a rank's own
+    ``terminate called ...`` / ``what():`` lines come long before torchrun's summary), then the tail."""
+    marks = ("error", "terminate", "what()", "abort", "exception", "signal")
+    named = [line for line in stderr.splitlines() if any(mark in line.lower() for mark in marks)]
+    return "\n".join(named[:40]) + "\n...\n" + stderr[-2000:]
+
+
 def test_torchrun_cli_prints_once_and_matches_one_process(tiny_qwen, tmp_path):
     """``torchrun --nproc-per-node 2 -m keepkv generate ... --tp 2``: rank 0 alone prints, the same text as one
     process (``python -m keepkv generate``)."""
@@ -212,7 +220,7 @@ def test_torchrun_cli_prints_once_and_matches_one_process(tiny_qwen, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                 str(_free_port()), "-m", "keepkv", *common, "--tp", "2"]
     ranks = subprocess.run(torchrun, capture_output=True, text=True, timeout=SPAWN_TIMEOUT, env=environment)
-    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    assert ranks.returncode == 0, _failure_lines(ranks.stderr)
     single = subprocess.run([sys.executable, "-m", "keepkv", *common], capture_output=True, text=True,
                             timeout=SPAWN_TIMEOUT, env=environment)
     assert single.returncode == 0, single.stderr[-2000:]
