@@ -75,7 +75,8 @@ def table(cells: dict[tuple[str, str, float], Cells], baseline: str) -> list[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="results directory holding tasks.jsonl (or fidelity.jsonl for --metric kl)")
+    parser.add_argument("--results", type=Path, required=True,
+                        help="results directory holding tasks.jsonl (fidelity.jsonl for --metric kl)")
     parser.add_argument("--baseline", required=True, help="the label of the baseline configuration")
     parser.add_argument("--protocol", default="aware", help="aware, agnostic or chunked (default: aware)")
     parser.add_argument("--metric", default="task_accuracy", choices=("task_accuracy", "kl"),

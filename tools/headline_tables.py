@@ -23,22 +23,23 @@ caches excluded); ``–``: not run. A markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from statistics import mean
 
+from compare_configs import load_cells, load_kl_cells  # the stores are read one way, tools/compare_configs.py's
+
+from keepkv.eval.prompted import PROTOCOLS
 from keepkv.eval.report import is_full
-from keepkv.eval.targets import Cells, cells_by_config, difference, kl_cells_by_config, paired
+from keepkv.eval.targets import Cells, difference, paired
 
 
 def load(results: Path, metric: str) -> dict[tuple, Cells]:
     """``(model, protocol, label, budget) -> Cells`` (protocol ``""`` for KL)."""
-    name = "fidelity.jsonl" if metric == "kl" else "tasks.jsonl"
-    with (results / name).open(encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
     if metric == "kl":
-        return {(model, "", lab, budget): cells for (model, lab, budget), cells in kl_cells_by_config(rows).items()}
-    return dict(cells_by_config(rows))
+        return {(model, "", lab, budget): cells
+                for (model, lab, budget), cells in load_kl_cells(results / "fidelity.jsonl").items()}
+    return {(model, protocol, lab, budget): cells for protocol in PROTOCOLS
+            for (model, lab, budget), cells in load_cells(results / "tasks.jsonl", protocol).items()}
 
 
 def parse_column(text: str, metric: str) -> tuple[str, float]:
