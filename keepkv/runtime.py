@@ -22,6 +22,8 @@ from keepkv.ops.flex_mods import FLEX_BLOCK_SIZE
 DECODE_KERNELS = ("auto", "packed", "sdpa", "flex")
 PREFILL_KERNELS = ("auto", "split", "flex")
 SIXTEEN_BIT_DTYPES = (torch.bfloat16, torch.float16)
+REDUCTION_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+"""Weight dtypes whose one-row products take the compiled reduction form by default (:mod:`keepkv.ops.linear`)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class RuntimeOptions:
     decode_pieces: int = 8
     vote_column_dtypes: tuple[torch.dtype, ...] = SIXTEEN_BIT_DTYPES
     flex_block_size: tuple[int, int] = FLEX_BLOCK_SIZE
-    reduction_dtypes: tuple[torch.dtype, ...] = SIXTEEN_BIT_DTYPES
+    reduction_dtypes: tuple[torch.dtype, ...] = REDUCTION_GEMV_DTYPES
     prefill_kernel: str = "auto"
     capacity_quantum: int = 256
     graphs_per_function: int = GRAPHS_PER_FUNCTION

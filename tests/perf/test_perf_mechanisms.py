@@ -384,7 +384,8 @@ def test_decode_graph_traces_the_decoder_block_once_and_calls_it_for_every_layer
              if node.op == "call_function" and node.target is torch.ops.higher_order.invoke_subgraph]
     assert len(calls) == 4
     assert len({call.args[0].target for call in calls}) == 1  # the same subgraph module every time
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # traced, the one-row projections take the reduction form (keepkv.ops.linear): float32 summation order only
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- the split prefill kernel (issue 15) ----------------------------------------------------------------------
