@@ -38,6 +38,10 @@ MERGE_ONLY_OPTIONS = ("reference", "alpha", "max_evicted_weight")
 """KeepKV's options that only its merge reads (the reference scores, the EMA decay behind them, the dominance
 guard): they change nothing in a configuration that merges nothing (``similarity_threshold >= 1``: the matching
 caps the cosine at 1, so nothing merges, :func:`keepkv.ops.scores.cosine_match`)."""
+SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight", "agnostic_last_query_weight",
+                          "kernel_size", "layer_budgets", "cosine_decay", "pyramid_beta")
+"""KeepKV's options that only its own selection reads (its scores and its layer budgets): in a composition
+``X+keepkv`` the selector ``X`` chooses and budgets (``keepkv.cache.compose.Selected``), so they change nothing."""
 COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results results/eval --readme README.md")
 
 
@@ -47,7 +51,8 @@ def label(row: dict[str, Any]) -> str:
     of an older default show what differs); else the options as written. A KeepKV configuration that merges
     nothing (``similarity_threshold >= 1``: its own base selector) is labelled without the options only a merge
     reads (:data:`MERGE_ONLY_OPTIONS`), so runs made under different merge defaults share one label, as they
-    share every number. Peer engines' rows get ``[engine]``."""
+    share every number; likewise a composition ``X+keepkv`` without KeepKV's selection options
+    (:data:`SELECTION_ONLY_OPTIONS`). Peer engines' rows get ``[engine]``."""
     name = row["method"] if not row.get("variant") else f"{row['method']}:{row['variant']}"
     options = row.get("options") or {}
     if row.get("resolved_options"):
@@ -55,6 +60,8 @@ def label(row: dict[str, Any]) -> str:
         resolved = {**_behaviour_before_options(row), **row["resolved_options"]}
         if "keepkv" in row["method"].split("+") and float(resolved.get("similarity_threshold", 0.0)) >= 1.0:
             resolved.update({key: defaults[key] for key in MERGE_ONLY_OPTIONS if key in defaults})
+        if row["method"].endswith("+keepkv"):
+            resolved.update({key: defaults[key] for key in SELECTION_ONLY_OPTIONS if key in defaults})
         options = {k: v for k, v in resolved.items() if k != "variant" and defaults.get(k) != v}
     name += "".join(f"@{key}={value}" for key, value in sorted(options.items()))
     return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"

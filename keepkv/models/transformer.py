@@ -9,7 +9,7 @@
   and sliding window (Mistral);
 - SwiGLU MLP: ``down(silu(gate(x)) * up(x))``;
 - projections through :class:`keepkv.ops.linear.Linear` (``nn.Linear`` with a compiled-decode GEMV form for
-  16-bit weights).
+  one-row products).
 
 Parameter names are exactly Hugging Face's (``model.layers.0.self_attn.q_proj.weight`` ...), so a safetensors
 checkpoint loads without renaming. The only state besides weights is each attention layer's ``kv_cache``.

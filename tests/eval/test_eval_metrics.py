@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -149,6 +150,25 @@ def test_a_configuration_that_merges_nothing_is_labelled_without_the_merge_optio
         assert label(merging) == f"{method}:minnorm@max_evicted_weight=0.5@reference={other}"
     evicting = _row(method="snapkv", resolved_options={"kernel_size": 7, "reference": "x"})
     assert "reference=x" in label(evicting)  # only KeepKV's own options are normalised
+
+
+def test_a_composition_is_labelled_without_keepkvs_selection_options():
+    """In ``X+keepkv`` the selector chooses the entries and the layer budgets, so KeepKV's own selection options
+    (pooling, head sharing, score weights, budget schedule) are never read: rows run under other KeepKV selection
+    defaults share one label. KeepKV alone keeps them, and every option still names its own field."""
+    from keepkv.cache.methods.keepkv import KeepKV
+    from keepkv.eval.report import MERGE_ONLY_OPTIONS, SELECTION_ONLY_OPTIONS, label
+
+    fields = {f.name for f in dataclasses.fields(KeepKV)}
+    assert set(SELECTION_ONLY_OPTIONS) <= fields and set(MERGE_ONLY_OPTIONS) <= fields
+    resolved = MethodConfig.parse("snapkv+keepkv").row_fields()["resolved_options"]
+    older = {**resolved, "kernel_size": resolved["kernel_size"] + 2, "selection": "head", "layer_budgets": "pyramid"}
+    assert label(_row(method="snapkv+keepkv", variant="minnorm", resolved_options=older)) == "snapkv+keepkv:minnorm"
+    selector_changed = {**older, "selector.kernel_size": 3}
+    assert label(_row(method="snapkv+keepkv", variant="minnorm", resolved_options=selector_changed)) == \
+        "snapkv+keepkv:minnorm@selector.kernel_size=3"
+    alone = {**MethodConfig.parse("keepkv").row_fields()["resolved_options"], "selection": "head"}
+    assert label(_row(method="keepkv", variant="minnorm", resolved_options=alone)) == "keepkv:minnorm@selection=head"
 
 
 def test_rows_from_before_the_agnostic_option_show_what_they_ran():
