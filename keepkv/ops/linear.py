@@ -9,7 +9,8 @@ is reading ``W`` once. Written as a reduction,
 registers and accumulates in float32 (the same accumulation a BLAS GEMV does), and fuses it with the ops around
 it (RMSNorm, residual adds, SwiGLU, RoPE). On a CPU the BLAS GEMV behind ``F.linear`` streams bfloat16 / float16
 weights at about half the bandwidth of float32 ones, and on some CPUs its float32 GEMV is itself far below the
-memory bandwidth; the reduction streams at close to it in every dtype. Which dtypes take the form is
+memory bandwidth; the reduction was faster than the BLAS GEMV or level with it wherever it was measured. Which
+dtypes take the form is
 ``RuntimeOptions.reduction_dtypes`` (default: bfloat16, float16 and float32).
 
 Every multi-row input (prefill chunks, batches > 1: a GEMM) and every eager call (the reduction would materialise

@@ -1,0 +1,29 @@
+"""A/B in one process: float32 one-row projections through F.linear (the BLAS GEMV; the default before 2026-12-06)
+vs the compiled reduction form (keepkv.ops.linear; the default since), decode step of load()'s compiled engine on a
+synthetic context (keepkv.bench), full cache and KeepKV 10%, 3 rounds alternating. One JSON line per run on stdout.
+
+    python results/bench/amd_epyc_2026-12-06/gemv_ab.py SmolLM2-135M-Instruct 8192 > gemv_ab_SmolLM2-135M-Instruct.jsonl
+"""
+import sys, json, torch
+from keepkv.models import load
+from keepkv.runtime import RuntimeOptions
+from keepkv.bench import fill_synthetic, time_decode, DECODE_SLACK
+model_name = sys.argv[1] if len(sys.argv) > 1 else "SmolLM2-135M-Instruct"
+ctx = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
+forms = {"F.linear": RuntimeOptions(reduction_dtypes=(torch.bfloat16, torch.float16)),  # float32 through the BLAS GEMV
+         "reduction": RuntimeOptions(reduction_dtypes=(torch.bfloat16, torch.float16, torch.float32))}
+models = {}
+for name, rt in forms.items():
+    for budget in (None, 0.1):
+        kw = {} if budget is None else {"kv_budget": budget}
+        models[name, budget] = load(model_name, dtype="float32", runtime=rt, **kw)
+rows = []
+for rnd in range(3):
+    for (name, budget), m in models.items():
+        compressed = budget is not None
+        fill_synthetic(m.engine, ctx, (DECODE_SLACK + 6 if compressed else 8) + 2 * (DECODE_SLACK if compressed else 16) + 8)
+        r = time_decode(m.engine, ctx, 2, compressed)
+        row = {"form": name, "budget": budget, "round": rnd, "tok_s": r["tokens_per_second"],
+               "step_ms": 1e3 * r.get("median_step_seconds_without_compression", r["median_step_seconds"]),
+               "new_graphs": r["new_graphs_during_timed_runs"]}
+        rows.append(row); print(json.dumps(row), flush=True)
