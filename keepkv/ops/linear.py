@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from keepkv.runtime import DEFAULT_RUNTIME
 
+
 def uses_reduction_gemv(x: Tensor, weight: Tensor,
                         reduction_dtypes: tuple[torch.dtype, ...] = DEFAULT_RUNTIME.reduction_dtypes) -> bool:
     """Whether :func:`linear` takes the reduction form: compiled, one input row, a weight in ``reduction_dtypes``

@@ -4,10 +4,15 @@ synthetic context (keepkv.bench), full cache and KeepKV 10%, 3 rounds alternatin
 
     python results/bench/amd_epyc_2026-12-06/gemv_ab.py SmolLM2-135M-Instruct 8192 > gemv_ab_SmolLM2-135M-Instruct.jsonl
 """
-import sys, json, torch
+import json
+import sys
+
+import torch
+
+from keepkv.bench import DECODE_SLACK, fill_synthetic, time_decode
 from keepkv.models import load
 from keepkv.runtime import RuntimeOptions
-from keepkv.bench import fill_synthetic, time_decode, DECODE_SLACK
+
 model_name = sys.argv[1] if len(sys.argv) > 1 else "SmolLM2-135M-Instruct"
 ctx = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
 forms = {"F.linear": RuntimeOptions(reduction_dtypes=(torch.bfloat16, torch.float16)),  # float32 through the BLAS GEMV
