@@ -26,7 +26,7 @@ import argparse
 from pathlib import Path
 from statistics import mean
 
-from compare_configs import load_cells, load_kl_cells  # the stores are read one way, tools/compare_configs.py's
+from compare_configs import family_mean, load_cells, load_kl_cells  # one reader of the stores: compare_configs'
 
 from keepkv.eval.prompted import PROTOCOLS
 from keepkv.eval.report import is_full
@@ -62,7 +62,7 @@ def table(data: dict[tuple, Cells], model: str, rows: list[tuple[str, str]], bas
             if not own or not base:
                 continue
             if lab == baseline:
-                value = mean(mean(v.values()) for v in own.values())
+                value = family_mean(own)
                 cells[r, c] = (value, f"{value:.{digits}f}")
                 continue
             pairs = paired(own, base)
