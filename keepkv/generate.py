@@ -10,9 +10,10 @@ and two code paths:
   prompt goes in *long* chunks of :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks
   (:func:`chunk_widths`): two chunk shapes per prompt at most, so nothing compiles per prompt length. A cache whose
   results do not depend on the chunk (the full cache, ``prefill_compression="once"``) takes long chunks where the
-  fused split kernel runs them; a cache compressed during prefill takes them on every kernel (its chunks decide
-  when it compresses, so compiled and eager engines must feed the same widths) and its prefill buffer holds
-  ``budget + long chunk`` slots (:meth:`GenerationEngine.prefill_room`);
+  fused split kernel runs them, the remainder first and unpadded (:func:`remainder_first_widths`: that forward
+  attends to itself only, so nothing in it is compiled per width); a cache compressed during prefill takes them on
+  every kernel (its chunks decide when it compresses, so compiled and eager engines must feed the same widths) and
+  its prefill buffer holds ``budget + long chunk`` slots (:meth:`GenerationEngine.prefill_room`);
 - **decode**: one token per row per step through ``torch.compile(fullgraph=True, dynamic=False)``. Every shape in
   the step is fixed (capacity-sized buffers, a tensor cursor, tensor positions), so the step compiles once per
   (model, dtype, batch, capacity) and never recompiles as the context grows.
@@ -78,6 +79,22 @@ def chunk_widths(tokens: int, chunk: int, long_chunk: int) -> list[int]:
     longs = tokens // long_chunk if long_chunk > chunk else 0
     rest = tokens - longs * long_chunk
     return [long_chunk] * longs + [chunk] * -(-rest // chunk)
+
+
+def remainder_first_widths(tokens: int, long_chunk: int) -> list[int]:
+    """Forward widths of a prompt whose results do not depend on its chunks: the remainder ``tokens mod
+    long_chunk`` first, unpadded, then whole long chunks; ``[long_chunk] * n`` when it divides ``tokens``.
+
+    The split kernel attends the first forward to itself only (one causal call, no merge, nothing compiled), so
+    its width may be anything, and every later forward has the long width (one merge graph). Against the
+    remainder in ordinary chunks at the end (:func:`chunk_widths`), which attend to the whole prompt before them
+    in narrow, slower calls and re-read every weight per chunk, this feeds the same tokens in fewer, wider
+    forwards. A remainder of one token stays at the end in an ordinary chunk (:func:`chunk_widths`)."""
+    longs, rest = divmod(tokens, long_chunk)
+    if longs == 0 or rest == 1:
+        raise ValueError(f"remainder_first_widths needs at least one long chunk and a remainder other than 1 "
+                         f"({tokens} tokens, long chunk {long_chunk})")
+    return ([rest] if rest else []) + [long_chunk] * longs
 
 
 def positions_from_valid(valid: Tensor) -> Tensor:
@@ -243,6 +260,17 @@ class GenerationEngine:
             return chunk
         return long_chunk
 
+    def prefill_widths(self, valid: Tensor) -> list[int]:
+        """The forward widths of a prompt with validity mask ``valid [B, T]``: :func:`remainder_first_widths` of
+        :meth:`long_chunk` when the prompt takes long chunks and its results do not depend on them (the full cache,
+        ``prefill_compression="once"``), else :func:`chunk_widths` (a cache compressed during prefill keeps its
+        compression points: long chunks first, the rest in ordinary chunks)."""
+        tokens, chunk, long_chunk = valid.shape[1], self.prefill_chunk_size, self.long_chunk(valid)
+        if (long_chunk <= chunk or tokens < long_chunk or tokens % long_chunk == 1
+                or self.cache_manager.compresses_during_prefill):
+            return chunk_widths(tokens, chunk, long_chunk)
+        return remainder_first_widths(tokens, long_chunk)
+
     def _forward_chunk(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         self._use(self.cache_manager.make_room(input_ids.shape[1]))
         self.network.set_prefill_past_slots(self._split_prefill_past(valid) if input_ids.shape[1] > 1 else None)
@@ -280,12 +308,12 @@ class GenerationEngine:
 
     def prefill(self, input_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Run the prompt; return ``(logits of each row's last real token [B, vocab], next positions [B])``."""
-        batch, prompt_len = input_ids.shape
+        batch = input_ids.shape[0]
         positions = positions_from_valid(valid)
         lengths = valid.sum(dim=1)
         last_index = torch.where(lengths > 0, valid.long().cumsum(1).argmax(1), 0)
         last_hidden = torch.zeros(batch, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        widths = chunk_widths(prompt_len, self.prefill_chunk_size, self.long_chunk(valid))
+        widths = self.prefill_widths(valid)
         chunks = progress(self._run_chunks(input_ids, positions, valid, widths), desc="prefill", unit="chunk",
                           total=len(widths), min_total=PREFILL_PROGRESS_MIN_CHUNKS)
         for start, width, hidden in chunks:  # a tqdm bar for long prompts on a terminal (keepkv.logs; host side)
@@ -385,7 +413,7 @@ class GenerationEngine:
         batch, length = input_ids.shape
         self.prepare_caches(batch, length, 0)
         positions = positions_from_valid(valid)
-        widths = chunk_widths(length, self.prefill_chunk_size, self.long_chunk(valid))
+        widths = self.prefill_widths(valid)
         with torch.inference_mode():
             pieces = [
                 self.network.project(hidden[:, :width])

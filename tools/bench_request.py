@@ -217,7 +217,7 @@ def write_readme(table: str, machine: str, readme: Path = ROOT / "README.md") ->
             f"*paired* = the ratio within each round; `keepkv_full` and the compressed engines are `load()`'s "
             f"defaults, automatic prefill chunks; `_chunk512`: the same method with 512-token prefill chunks, the "
             f"compressed schedule before 2026-12-05). Profile and history: [docs/profile.md](docs/profile.md) "
-            f"sections 9, 12 and 14.\n\n"
+            f"sections 9, 12 and 14-16.\n\n"
             f"{table}\n{README_END}")
     if README_BEGIN in text:
         head, rest = text.split(README_BEGIN, 1)

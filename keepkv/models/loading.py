@@ -137,9 +137,10 @@ def load(
             ``runtime.prefill_activation_bytes`` of activations, the rest in 512-token chunks
             (:data:`keepkv.generate.DEFAULT_PREFILL_CHUNK`). The full cache and ``prefill_compression="once"`` get
             the same results as with any chunk (up to float rounding; long chunks only where the fused kernel runs
-            them); a cache compressed during prefill gets a ``budget + long chunk`` prefill buffer, so a prompt of
-            up to that many tokens is compressed once, at its end (H2O and large batches keep 512). An integer is
-            used as given for every prompt (the compressed buffer is then ``budget + chunk``).
+            them, the remainder of the prompt first in one forward); a cache compressed during prefill gets a
+            ``budget + long chunk`` prefill buffer, so a prompt of up to that many tokens is compressed once, at its
+            end (H2O and large batches keep 512). An integer is used as given for every prompt (the compressed buffer
+            is then ``budget + chunk``).
         decode_slack: ``W``, new tokens a compressed cache takes before it is compressed back to the budget
             (``1`` = every step, as in the papers; larger amortises the compression cost); ``None`` means
             ``64``. It only means something for a compressed cache, so giving it without a ``kv_budget`` is an

@@ -1,8 +1,8 @@
 """Automatic prefill chunks (``prefill_chunk_size=None``, issue 15): long chunks where the chunk cannot change the
-results (the full cache, ``prefill_compression="once"``) and the split kernel runs them, the same logits as ordinary
-chunks up to float rounding; long chunks and a ``budget + long chunk`` prefill buffer on every kernel for caches
-compressed during prefill (compiled and eager engines compress at the same points and keep the same entries);
-ordinary chunks for explicit sizes; no recompile across prompt lengths (at most two chunk shapes)."""
+results (the full cache, ``prefill_compression="once"``) and the split kernel runs them, the remainder first, the
+same logits as ordinary chunks up to float rounding; long chunks and a ``budget + long chunk`` prefill buffer on
+every kernel for caches compressed during prefill (compiled and eager engines compress at the same points and keep
+the same entries); ordinary chunks for explicit sizes; no recompile across prompt lengths (at most two chunk shapes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import torch
 
 from keepkv.cache.manager import CacheManager
 from keepkv.generate import (
-    DEFAULT_PREFILL_CHUNK, GenerationEngine, activation_bytes_per_token, automatic_long_chunk, chunk_widths,
+    DEFAULT_PREFILL_CHUNK,
+    GenerationEngine,
+    activation_bytes_per_token,
+    automatic_long_chunk,
+    chunk_widths,
+    remainder_first_widths,
 )
 from keepkv.models.loading import resolve_method
 from keepkv.runtime import RuntimeOptions
@@ -44,6 +49,39 @@ def test_chunk_widths_cover_the_prompt_long_pieces_first(chunk, long_chunk):
         assert widths == sorted(widths, reverse=True)
         assert widths.count(long_chunk if long_chunk > chunk else -1) == (tokens // long_chunk
                                                                            if long_chunk > chunk else 0)
+
+
+def test_remainder_first_widths_cover_the_prompt_with_one_short_forward_first():
+    for long_chunk in (64, 2048):
+        for tokens in (long_chunk, long_chunk + 2, 2 * long_chunk, 3 * long_chunk - 5, 7936):
+            if tokens % long_chunk == 1:
+                continue
+            rest = tokens % long_chunk
+            assert remainder_first_widths(tokens, long_chunk) == [rest] * (rest > 0) + [long_chunk] * (
+                tokens // long_chunk)
+    assert remainder_first_widths(7936, 2048) == [1792, 2048, 2048, 2048]
+    for tokens in (63, 65, 129):  # shorter than one long chunk; a one-token remainder
+        with pytest.raises(ValueError, match="remainder"):
+            remainder_first_widths(tokens, 64)
+
+
+def test_prefill_widths_put_the_remainder_first_only_where_the_chunks_cannot_change_the_results(network):
+    """The full cache and ``prefill_compression="once"`` on long chunks: remainder first, unpadded; a one-token
+    remainder, a prompt shorter than a long chunk, an eager engine and a cache compressed during prefill keep
+    :func:`chunk_widths` (the latter's chunks decide where it compresses)."""
+    _, keepkv = resolve_method("keepkv", 0.25, {})
+    once = CacheManager(network.config, torch.float32, torch.device("cpu"), keepkv, 0.25,
+                        prefill_compression="once", runtime=RUNTIME)
+    for manager in (None, once):
+        engine = automatic_engine(network, manager=manager)
+        engine.prepare_caches(1, 150, 4)
+        for tokens, widths in ((150, [22, 64, 64]), (128, [64, 64]), (129, [64, 64, 16]), (60, [16] * 4)):
+            assert engine.prefill_widths(torch.ones(1, tokens, dtype=torch.bool)) == widths
+        eager = automatic_engine(network, compile=False, manager=manager)
+        assert eager.prefill_widths(torch.ones(1, 150, dtype=torch.bool)) == [16] * 10
+    chunked = automatic_engine(network, manager=chunked_manager(network))
+    chunked.prepare_caches(1, 150, 4)
+    assert chunked.prefill_widths(torch.ones(1, 150, dtype=torch.bool)) == [64, 64, 16, 16]
 
 
 def test_automatic_long_chunk_respects_the_activation_bound():
@@ -161,7 +199,7 @@ def test_long_chunks_give_the_same_logits_and_tokens_without_recompiling(network
     auto._forward_chunk = lambda i, p, v: widths.append(i.shape[1]) or forward(i, p, v)
     expected = plain.teacher_forced_logits(ids, valid)
     got = auto.teacher_forced_logits(ids, valid)
-    assert widths == [LONG_CHUNK, LONG_CHUNK, SMALL_CHUNK, SMALL_CHUNK]
+    assert widths == [150 - 2 * LONG_CHUNK, LONG_CHUNK, LONG_CHUNK]  # the remainder first, unpadded
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
@@ -174,8 +212,8 @@ def test_long_chunks_give_the_same_logits_and_tokens_without_recompiling(network
     with torch._dynamo.config.patch(error_on_recompile=True):
         for length in (140, 100, 70):  # same capacity bucket: the decode graph is shared too
             greedy(auto, ids[:, :length])
-    assert widths == [LONG_CHUNK, LONG_CHUNK, SMALL_CHUNK] + [LONG_CHUNK] + [SMALL_CHUNK] * 3 + [
-        LONG_CHUNK, SMALL_CHUNK]
+    assert widths == [140 - 2 * LONG_CHUNK, LONG_CHUNK, LONG_CHUNK] + [100 - LONG_CHUNK, LONG_CHUNK] + [
+        70 - LONG_CHUNK, LONG_CHUNK]
 
 
 def test_automatic_chunks_are_the_default_and_an_explicit_size_passes_through(network):
