@@ -8,7 +8,7 @@ and two code paths:
   (chunk, capacity)); peak activation memory is one chunk's, never a prompt x prompt score matrix. With
   ``prefill_chunk_size=None`` (automatic, the default) the chunk is :data:`DEFAULT_PREFILL_CHUNK`, and the
   prompt goes in *long* chunks of :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks
-  (:func:`chunk_widths`): two chunk shapes per prompt at most, so nothing compiles per prompt length. A cache whose
+  (:func:`chunk_widths`): two compiled chunk shapes at most, so nothing compiles per prompt length. A cache whose
   results do not depend on the chunk (the full cache, ``prefill_compression="once"``) takes long chunks where the
   fused split kernel runs them, the remainder first and unpadded (:func:`remainder_first_widths`: that forward
   attends to itself only, so nothing in it is compiled per width); a cache compressed during prefill takes them on
@@ -89,7 +89,8 @@ def remainder_first_widths(tokens: int, long_chunk: int) -> list[int]:
     its width may be anything, and every later forward has the long width (one merge graph). Against the
     remainder in ordinary chunks at the end (:func:`chunk_widths`), which attend to the whole prompt before them
     in narrow, slower calls and re-read every weight per chunk, this feeds the same tokens in fewer, wider
-    forwards. A remainder of one token stays at the end in an ordinary chunk (:func:`chunk_widths`)."""
+    forwards. A one-token remainder is refused (a one-token forward would leave the split kernel for the decode
+    kernel, compiled per cache capacity): :meth:`GenerationEngine.prefill_widths` takes :func:`chunk_widths` then."""
     longs, rest = divmod(tokens, long_chunk)
     if longs == 0 or rest == 1:
         raise ValueError(f"remainder_first_widths needs at least one long chunk and a remainder other than 1 "
@@ -264,7 +265,8 @@ class GenerationEngine:
         """The forward widths of a prompt with validity mask ``valid [B, T]``: :func:`remainder_first_widths` of
         :meth:`long_chunk` when the prompt takes long chunks and its results do not depend on them (the full cache,
         ``prefill_compression="once"``), else :func:`chunk_widths` (a cache compressed during prefill keeps its
-        compression points: long chunks first, the rest in ordinary chunks)."""
+        compression points: long chunks first, the rest in ordinary chunks; so does a one-token remainder, see
+        :func:`remainder_first_widths`)."""
         tokens, chunk, long_chunk = valid.shape[1], self.prefill_chunk_size, self.long_chunk(valid)
         if (long_chunk <= chunk or tokens < long_chunk or tokens % long_chunk == 1
                 or self.cache_manager.compresses_during_prefill):
@@ -286,8 +288,9 @@ class GenerationEngine:
         """Feed the sequence chunk by chunk (``widths``, default: chunks of :attr:`prefill_chunk_size`); yield
         ``(start, real width, hidden [B, chunk, hidden])``.
 
-        With the compiled kernel the last chunk is padded (``valid = False``) to the full chunk size, so every
-        chunk has one of at most two shapes and the attention kernel compiles once per shape.
+        With the compiled kernel a chunk shorter than its width (the last one of :func:`chunk_widths`) is padded
+        (``valid = False``) to that width, so compiled code sees at most two chunk shapes and compiles once per
+        shape; the unpadded first forward of :func:`remainder_first_widths` runs no compiled code.
         """
         if widths is None:
             widths = chunk_widths(input_ids.shape[1], self.prefill_chunk_size, self.prefill_chunk_size)

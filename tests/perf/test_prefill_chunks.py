@@ -216,6 +216,28 @@ def test_long_chunks_give_the_same_logits_and_tokens_without_recompiling(network
         70 - LONG_CHUNK, LONG_CHUNK]
 
 
+@pytest.mark.compile
+def test_a_right_padded_batch_fed_remainder_first_gives_each_rows_own_last_logits(network):
+    """Rows ending in the first (remainder) forward, in a later one and at the prompt's end: each row's logits
+    equal those of the row alone on an eager engine (float rounding)."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 128, (3, 150), generator=g)
+    lengths = (150, 100, 20)
+    valid = torch.arange(150)[None, :] < torch.tensor(lengths)[:, None]
+    auto = automatic_engine(network)
+    auto.prepare_caches(3, 150, 1)
+    assert auto.prefill_widths(valid) == [22, 64, 64]
+    with torch.inference_mode():
+        logits, next_positions = auto.prefill(ids, valid)
+    assert next_positions.tolist() == list(lengths)
+    for row, length in enumerate(lengths):
+        alone = GenerationEngine(network, compile=False, prefill_chunk_size=SMALL_CHUNK, runtime=RUNTIME)
+        alone.prepare_caches(1, length, 1)
+        with torch.inference_mode():
+            expected, _ = alone.prefill(ids[row:row + 1, :length], valid[row:row + 1, :length])
+        torch.testing.assert_close(logits[row], expected[0], atol=2e-4, rtol=1e-4)
+
+
 def test_automatic_chunks_are_the_default_and_an_explicit_size_passes_through(network):
     """``load()``, the CLI and a bare engine default to automatic chunks; an explicit integer is used as given, and
     ``prefill_chunk_setting`` (what serve's variants, chat and the lm-eval integration hand to the engines they
