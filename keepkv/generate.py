@@ -268,8 +268,7 @@ class GenerationEngine:
         compression points: long chunks first, the rest in ordinary chunks; so does a one-token remainder, see
         :func:`remainder_first_widths`)."""
         tokens, chunk, long_chunk = valid.shape[1], self.prefill_chunk_size, self.long_chunk(valid)
-        if (long_chunk <= chunk or tokens < long_chunk or tokens % long_chunk == 1
-                or self.cache_manager.compresses_during_prefill):
+        if long_chunk <= chunk or tokens % long_chunk == 1 or self.cache_manager.compresses_during_prefill:
             return chunk_widths(tokens, chunk, long_chunk)
         return remainder_first_widths(tokens, long_chunk)
 
