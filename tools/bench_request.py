@@ -235,8 +235,12 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(points), figsize=(4.8 * len(points), 4.4), squeeze=False)
-    for ax, p in zip(axes[0], points):
+    columns = min(4, len(points))  # a grid, so that seven or more points stay readable
+    rows = -(-len(points) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 4.4 * rows), squeeze=False)
+    for ax in axes.flat[len(points):]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, points):
         keys = list(p["engines"])
         ttft = [p["engines"][k]["ttft_seconds"] for k in keys]
         total = [p["engines"][k].get(f"total_seconds_at_{max(p['new_tokens'])}", 0) for k in keys]

@@ -39,7 +39,7 @@ MERGE_ONLY_OPTIONS = ("reference", "alpha", "max_evicted_weight")
 guard): they change nothing in a configuration that merges nothing (``similarity_threshold >= 1``: the matching
 caps the cosine at 1, so nothing merges, :func:`keepkv.ops.scores.cosine_match`)."""
 SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight", "agnostic_last_query_weight",
-                          "kernel_size", "layer_budgets", "cosine_decay", "pyramid_beta")
+                          "kernel_size", "value_norm_power", "layer_budgets", "cosine_decay", "pyramid_beta")
 """KeepKV's options that only its own selection reads (its scores and its layer budgets): in a composition
 ``X+keepkv`` the selector ``X`` chooses and budgets (``keepkv.cache.compose.Selected``), so they change nothing."""
 COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results results/eval --readme README.md")

@@ -175,12 +175,19 @@ def prompt_digest(*token_lists: Sequence[int]) -> str:
     return hashlib.sha1(json.dumps([list(map(int, ids)) for ids in token_lists]).encode()).hexdigest()[:16]
 
 
+OPTIONS_ADDED_LATER: dict[str, Any] = {"value_norm_power": 0.0}
+"""Options added after results were stored, each with the value that behaves as the method did before it existed:
+at that value it is left out of unit keys, so adding an option does not turn every stored unit into work to redo."""
+
+
 def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, group: str) -> str:
     """The identity of one unit of work (a resumable step): every hyper-parameter of the configuration, defaults
     included (:meth:`MethodConfig.resolved_options`), is part of it, so a run after a default changed redoes the
-    work instead of skipping it as done."""
+    work instead of skipping it as done; an option of :data:`OPTIONS_ADDED_LATER` at its earlier behaviour is
+    not."""
     key: list[Any] = [task, model, config.method, config.variant, budget, group]
-    resolved = config.resolved_options()
+    resolved = {name: value for name, value in config.resolved_options().items()
+                if name not in OPTIONS_ADDED_LATER or value != OPTIONS_ADDED_LATER[name]}
     if resolved:
         key.append(sorted(resolved.items()))
     return json.dumps(key)

@@ -134,6 +134,18 @@ def test_labels_from_resolved_options_name_what_differs_from_todays_defaults():
     assert MethodConfig.parse("snapkv+keepkv").resolved_options()["selector.name"] == "snapkv"
 
 
+def test_an_option_added_later_at_its_earlier_behaviour_keeps_stored_units_done():
+    """``value_norm_power=0`` is KeepKV before the option existed: the default's unit key is the one stored rows
+    were written under (no ``value_norm_power`` in it), any other value is a new unit."""
+    import json
+
+    default = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm"), 0.2, "g")
+    assert "value_norm_power" not in default
+    assert default == unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=0.0"), 0.2, "g")
+    weighted = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=1"), 0.2, "g")
+    assert weighted != default and ["value_norm_power", 1] in json.loads(weighted)[-1]
+
+
 def test_a_configuration_that_merges_nothing_is_labelled_without_the_merge_options():
     """Without merging (``similarity_threshold=1.0``) the merge reference, its EMA decay and the dominance guard
     are never read, so a run under the EMA reference and one under today's reference share one label (the

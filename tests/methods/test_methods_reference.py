@@ -633,6 +633,44 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
         assert kept[0] == kept[1] == kept[2]
 
 
+@pytest.mark.parametrize("selection", ["layer", "head"])
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_keepkv_value_norm_power_weights_each_score_by_its_value(selection, kernel, power):
+    """``value_norm_power = gamma``: each head's (pooled) score times ``||v_i||_1 ** gamma`` of that head's own
+    value, then the layer mean; the kept set is the top of that product, and it differs from the unweighted one
+    (the option is not idle). Values are scaled per position so that norms, not noise, decide."""
+    kept = {}
+    for gamma in (0.0, power):
+        method = make_method("keepkv", selection=selection, similarity_threshold=1.0, sinks=2, window=6,
+                             kernel_size=kernel, value_norm_power=gamma)
+        cache, queries = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
+        scale = torch.rand(1, 3, 30, 1, generator=torch.Generator().manual_seed(2)) * 4.0 + 0.01
+        cache.values.mul_(scale)
+        protected = {0, 1, *range(24, 30)}
+        scores = [max_pooled(keepkv_head_scores(cache, queries, h, 6, False), protected, kernel) for h in range(3)]
+        values = [entries(cache, 0, h) for h in range(3)]
+        scores = [{pos: s * float(values[h][pos][1].abs().sum()) ** gamma for pos, s in scores[h].items()}
+                  for h in range(3)]
+        if selection == "layer":
+            scores = [{pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}] * 3
+        budget = 14
+        method.compress(cache, 0, budget)
+        kept[gamma] = [kept_positions(cache, 0, h) for h in range(3)]
+        for h in range(3):
+            candidates = {pos: s for pos, s in scores[h].items() if pos not in protected}
+            assert kept[gamma][h] == protected | top_positions(candidates, budget - len(protected)), (gamma, h)
+    assert kept[0.0] != kept[power]
+
+
+@pytest.mark.parametrize("bad", [-0.5, 5.0, float("nan"), "one"])
+def test_keepkv_value_norm_power_refuses_what_is_not_an_exponent_in_range(bad):
+    """Out of range, not finite or not a number: refused, naming the option (the generic option check refuses the
+    last two before the range check)."""
+    with pytest.raises(KeepKVError, match="value_norm_power must"):
+        make_method("keepkv", value_norm_power=bad)
+
+
 def test_keepkv_newest_query_scores_are_tovas():
     """With ``last_query_weight=1``, layer selection and no pooling (``kernel_size=1``) KeepKV ranks by TOVA's score
     (the newest query's attention averaged over every query head of the layer), and a weight changes the kept set

@@ -92,6 +92,11 @@ class KeepKV(CompressionMethod):
     - ``kernel_size`` (7; 1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
       neighbours of an important token (the other digits of a number) are kept with it
       (:func:`keepkv.ops.scores.pool_along_slots`; protected and empty slots count as 0).
+    - ``value_norm_power`` (``gamma``, 0 = attention only): the (pooled) score of an entry is multiplied by
+      ``||v_i||_1 ** gamma``, its own value's L1 norm, before the mean over the layer's heads: an entry matters by
+      how much it writes into the output, not only by how much it is attended (VATP: Guo et al., "Attention Score
+      is not All You Need for Token Importance Indicator in KV Cache Reduction: Value Also Matters", EMNLP 2024,
+      ``gamma = 1``; CriticalKV's ``||v_i W_O||_1`` needs the layer's weights, this reads only the cache).
 
     Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
@@ -108,6 +113,7 @@ class KeepKV(CompressionMethod):
     agnostic_last_query_weight: float = 1.0
     max_evicted_weight: float = 1.0
     kernel_size: int = 7
+    value_norm_power: float = 0.0
     layer_budgets: str = "uniform"
     cosine_decay: float = 0.8
     pyramid_beta: int = 20
@@ -147,6 +153,9 @@ class KeepKV(CompressionMethod):
         if not 0.0 < float(self.max_evicted_weight) <= 1.0:
             raise KeepKVError(f"keepkv: max_evicted_weight must lie in (0, 1] (1 = no guard), "
                               f"got {self.max_evicted_weight}")
+        if not 0.0 <= float(self.value_norm_power) <= 4.0:
+            raise KeepKVError(f"keepkv: value_norm_power must lie in [0, 4] (0 = attention only, 1 = VATP's ||v||_1 "
+                              f"weighting), got {self.value_norm_power}")
         check_layer_budget_options(self.name, self.layer_budgets, self.cosine_decay, self.pyramid_beta)
         self.stats = MergeStats()
 
@@ -172,7 +181,8 @@ class KeepKV(CompressionMethod):
         """``[batch, kv_heads, capacity]``: mean vote-weighted attention of the window queries and the group's query
         heads (mixed with the newest query's attention by ``last_query_weight``); divided by the entry's votes with
         ``score_normalization="per-token"``; the mean over the layer's KV heads (the same for every head) with
-        ``selection="layer"``; max-pooled along the cache over the selectable slots first with ``kernel_size > 1``."""
+        ``selection="layer"``; max-pooled along the cache over the selectable slots first with ``kernel_size > 1``,
+        then times ``||v_i||_1 ** value_norm_power`` (each head's own values, float32; before the layer mean)."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
         present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
         scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
@@ -187,6 +197,10 @@ class KeepKV(CompressionMethod):
         if self.kernel_size > 1:
             selectable = torch.isfinite(cache.log_votes) & ~self.protected_mask(cache)
             scores = pool_along_slots(scores * selectable, self.kernel_size, "maxpool")
+        if self.value_norm_power:
+            value_norms = cache.values.float().abs().sum(dim=-1)  # [B, Hkv, C]
+            live = torch.isfinite(cache.log_votes)  # an empty slot scores 0 whatever its stale value holds
+            scores = torch.where(live, scores * value_norms.pow(float(self.value_norm_power)), 0.0)
         if self.selection == "layer":
             scores = head_mean(scores, cache, dim=1).expand_as(scores)  # over every rank's heads under TP
         return scores

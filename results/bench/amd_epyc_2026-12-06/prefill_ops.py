@@ -1,4 +1,5 @@
-"""One full-cache prefill by op: two warm-ups, three timed runs, then ``torch.profiler`` by op and by input shape.
+"""One full-cache prefill by op: two warm-ups, three timed runs, then ``torch.profiler`` by op and by input shape
+(``PREFILL_OPS_QUICK=1``: one warm-up and the profiled run only, for long prompts).
 
     python prefill_ops.py keepkv MODEL DTYPE PROMPT_TOKENS   # .venv: keepkv's default engine; writes the prompt ids
     python prefill_ops.py transformers GGUF DTYPE            # .cache/peers/transformers: one forward on those ids
@@ -7,6 +8,7 @@ The transformers side reads the ids the keepkv side wrote (``.cache/prefill_ops_
 tokens; it imports only transformers (through ``tools/peers/peer_common.py``), torch and the stdlib.
 """
 
+import os
 import statistics
 import sys
 import time
@@ -20,16 +22,20 @@ IDS = ROOT / ".cache" / "prefill_ops_ids.json"
 
 
 def time_and_profile(label: str, prefill) -> None:
-    for _ in range(2):
+    quick = os.environ.get("PREFILL_OPS_QUICK") == "1"
+    for _ in range(1 if quick else 2):
         prefill()
     seconds = []
-    for _ in range(3):
+    for _ in range(0 if quick else 3):
         started = time.perf_counter()
         prefill()
         seconds.append(time.perf_counter() - started)
-    print(label, "prefill", [round(x, 3) for x in seconds], "median", statistics.median(seconds), flush=True)
+    if seconds:
+        print(label, "prefill", [round(x, 3) for x in seconds], "median", statistics.median(seconds), flush=True)
+    started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         prefill()
+    print(label, "profiled prefill", round(time.perf_counter() - started, 3), "s", flush=True)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40))
 
