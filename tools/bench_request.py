@@ -235,6 +235,8 @@ def plot(points: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not points:
+        return
     columns = min(4, len(points))  # a grid, so that seven or more points stay readable
     rows = -(-len(points) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.8 * columns, 4.4 * rows), squeeze=False)

@@ -137,8 +137,6 @@ def test_labels_from_resolved_options_name_what_differs_from_todays_defaults():
 def test_an_option_added_later_at_its_earlier_behaviour_keeps_stored_units_done():
     """``value_norm_power=0`` is KeepKV before the option existed: the default's unit key is the one stored rows
     were written under (no ``value_norm_power`` in it), any other value is a new unit."""
-    import json
-
     default = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm"), 0.2, "g")
     assert "value_norm_power" not in default
     assert default == unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=0.0"), 0.2, "g")

@@ -654,6 +654,10 @@ def test_keepkv_value_norm_power_weights_each_score_by_its_value(selection, kern
                   for h in range(3)]
         if selection == "layer":
             scores = [{pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}] * 3
+        expected = torch.tensor([[[scores[h][pos] for pos in range(30)] for h in range(3)]], dtype=torch.float64)
+        selectable = [pos for pos in range(30) if pos not in protected]  # protected slots score 0 after pooling
+        computed = method.scores(cache, 0).double()
+        torch.testing.assert_close(computed[..., selectable], expected[..., selectable], rtol=1e-5, atol=1e-7)
         budget = 14
         method.compress(cache, 0, budget)
         kept[gamma] = [kept_positions(cache, 0, h) for h in range(3)]
@@ -661,6 +665,21 @@ def test_keepkv_value_norm_power_weights_each_score_by_its_value(selection, kern
             candidates = {pos: s for pos, s in scores[h].items() if pos not in protected}
             assert kept[gamma][h] == protected | top_positions(candidates, budget - len(protected)), (gamma, h)
     assert kept[0.0] != kept[power]
+
+
+def test_keepkv_value_norm_power_scores_an_empty_slot_zero_whatever_its_stale_value():
+    """A cache with free slots whose values hold NaN / inf (stale memory): every score stays finite, the empty
+    slots score 0, and the kept set is the one of the same cache with zeros there."""
+    kept = []
+    for stale in (0.0, float("nan"), float("inf")):
+        method = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_norm_power=1.0)
+        cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, capacity=40, seed=4)
+        cache.values[:, :, 30:] = stale
+        scores = method.scores(cache, 0)
+        assert torch.isfinite(scores).all() and (scores[..., 30:] == 0).all(), stale
+        method.compress(cache, 0, 14)
+        kept.append([kept_positions(cache, 0, h) for h in range(3)])
+    assert kept[0] == kept[1] == kept[2]
 
 
 @pytest.mark.parametrize("bad", [-0.5, 5.0, float("nan"), "one"])

@@ -92,11 +92,15 @@ class KeepKV(CompressionMethod):
     - ``kernel_size`` (7; 1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
       neighbours of an important token (the other digits of a number) are kept with it
       (:func:`keepkv.ops.scores.pool_along_slots`; protected and empty slots count as 0).
-    - ``value_norm_power`` (``gamma``, 0 = attention only): the (pooled) score of an entry is multiplied by
-      ``||v_i||_1 ** gamma``, its own value's L1 norm, before the mean over the layer's heads: an entry matters by
-      how much it writes into the output, not only by how much it is attended (VATP: Guo et al., "Attention Score
-      is not All You Need for Token Importance Indicator in KV Cache Reduction: Value Also Matters", EMNLP 2024,
-      ``gamma = 1``; CriticalKV's ``||v_i W_O||_1`` needs the layer's weights, this reads only the cache).
+    - ``value_norm_power`` (``gamma`` in [0, 4], 0 = attention only): each head's (pooled) score of an entry is
+      multiplied by ``||v_i||_1 ** gamma``, that head's value's L1 norm, before the mean over the layer's heads: an
+      entry matters by how much it writes into the output, not only by how much it is attended. This is VATP's
+      ``||v_i||_1`` weighting (Guo et al., "Attention Score is not All You Need for Token Importance Indicator in
+      KV Cache Reduction: Value Also Matters", EMNLP 2024: accumulated attention times ``||v_i||_1``, per head)
+      applied to KeepKV's score; CriticalKV's ``||v_i W_O||_1`` needs the layer's weights, this reads only the
+      cache. The norms are not normalised per head, so in the layer mean a head counts in proportion to the size
+      of what its values write (a head writing twice as much weighs ``2 ** gamma`` times as much): a choice, the
+      one measured (``docs/keepkv-quality.md``).
 
     Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
@@ -178,11 +182,12 @@ class KeepKV(CompressionMethod):
                                      pyramid_beta=self.pyramid_beta, cosine_decay=float(self.cosine_decay))
 
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
-        """``[batch, kv_heads, capacity]``: mean vote-weighted attention of the window queries and the group's query
-        heads (mixed with the newest query's attention by ``last_query_weight``); divided by the entry's votes with
-        ``score_normalization="per-token"``; the mean over the layer's KV heads (the same for every head) with
-        ``selection="layer"``; max-pooled along the cache over the selectable slots first with ``kernel_size > 1``,
-        then times ``||v_i||_1 ** value_norm_power`` (each head's own values, float32; before the layer mean)."""
+        """``[batch, kv_heads, capacity]`` float32, in the order computed: the mean vote-weighted attention of the
+        window queries and the group's query heads, mixed with the newest query's attention by
+        ``last_query_weight``; divided by the entry's votes with ``score_normalization="per-token"``; max-pooled
+        along the cache over the selectable slots with ``kernel_size > 1``; times ``||v_i||_1 ** value_norm_power``
+        (each head's own values; empty slots score 0) when that power is not 0; then, with ``selection="layer"``,
+        the mean over the layer's KV heads (the same for every head)."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
         present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
         scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
@@ -198,7 +203,7 @@ class KeepKV(CompressionMethod):
             selectable = torch.isfinite(cache.log_votes) & ~self.protected_mask(cache)
             scores = pool_along_slots(scores * selectable, self.kernel_size, "maxpool")
         if self.value_norm_power:
-            value_norms = cache.values.float().abs().sum(dim=-1)  # [B, Hkv, C]
+            value_norms = torch.linalg.vector_norm(cache.values, 1, dim=-1, dtype=torch.float32)  # [B, Hkv, C]
             live = torch.isfinite(cache.log_votes)  # an empty slot scores 0 whatever its stale value holds
             scores = torch.where(live, scores * value_norms.pow(float(self.value_norm_power)), 0.0)
         if self.selection == "layer":
