@@ -39,10 +39,10 @@ def load_network(model: str, dtype: str, max_context: int):
     return network, override
 
 
-def make_engine(network, budget: float | None):
+def make_engine(network, budget: float | None, method_options: dict | None = None):
     """A compiled :class:`GenerationEngine` over ``network``: full cache (``budget=None``) or KeepKV (default
-    variant; its whole compression compiled, see ``CompressionMethod.compress``) at ``kv_budget=budget`` with
-    ``decode_slack = DECODE_SLACK``."""
+    variant, or with ``method_options``; its whole compression compiled, see ``CompressionMethod.compress``) at
+    ``kv_budget=budget`` with ``decode_slack = DECODE_SLACK``."""
     from keepkv.cache.manager import CacheManager
     from keepkv.cache.methods import make_method
     from keepkv.generate import GenerationEngine
@@ -50,7 +50,8 @@ def make_engine(network, budget: float | None):
     if budget is None:
         return GenerationEngine(network, compile=True)
     dtype = network.model.embed_tokens.weight.dtype
-    manager = CacheManager(network.config, dtype, network.inv_freq.device, make_method("keepkv"), budget, DECODE_SLACK,
+    method = make_method("keepkv", **(method_options or {}))
+    manager = CacheManager(network.config, dtype, network.inv_freq.device, method, budget, DECODE_SLACK,
                            compiled_ops=True)
     return GenerationEngine(network, compile=True, cache_manager=manager)
 
@@ -206,15 +207,20 @@ def budget_key(budget: float | None) -> str:
     return "full" if budget is None else f"{budget:g}"
 
 
-def run_point(network, context: int, budget: float | None, runs: int, on_run=None) -> dict:
-    """Build an engine, fill it with a synthetic ``context``, time it; adds bytes moved per token."""
-    engine = make_engine(network, budget)
+def run_point(network, context: int, budget: float | None, runs: int, on_run=None,
+              method_options: dict | None = None) -> dict:
+    """Build an engine (KeepKV with ``method_options`` when compressed), fill it with a synthetic ``context``,
+    time it; adds bytes moved per token."""
+    engine = make_engine(network, budget, method_options)
     compressed = budget is not None
+    method = engine.cache_manager.method if compressed else None
     run_steps = DECODE_SLACK if compressed else FULL_RUN_STEPS
     new_tokens = (DECODE_SLACK + 6 if compressed else 8) + runs * run_steps + 8
     fill_synthetic(engine, context, new_tokens)
     result = time_decode(engine, context, runs, compressed, on_run)
     result["budget"] = budget_key(budget)
+    if method is not None:
+        result["method_options"] = method.options()  # what ran (JSON-ready: the options of the registry name)
     add_bandwidth_fields(result, weight_bytes_read_per_token(network))
     return result
 

@@ -57,7 +57,7 @@ def label(row: dict[str, Any]) -> str:
     options = row.get("options") or {}
     if row.get("resolved_options"):
         defaults = _current_defaults(row["method"], row.get("variant", ""))
-        resolved = {**_behaviour_before_options(row), **row["resolved_options"]}
+        resolved = {**_behaviour_before_options(row, defaults), **row["resolved_options"]}
         if "keepkv" in row["method"].split("+") and float(resolved.get("similarity_threshold", 0.0)) >= 1.0:
             resolved.update({key: defaults[key] for key in MERGE_ONLY_OPTIONS if key in defaults})
         if row["method"].endswith("+keepkv"):
@@ -75,14 +75,19 @@ def compressed_before_question(row: dict[str, Any]) -> bool:
     return row.get("task") in ("tasks", "niah", "qa") and protocol_of(row) == "agnostic"
 
 
-def _behaviour_before_options(row: dict[str, Any]) -> dict[str, Any]:
+def _behaviour_before_options(row: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """For a row written before an option existed, the value of that option that reproduces what the row ran, so
-    its label does not pass for today's default: KeepKV rows compressed before the question without
-    ``agnostic_last_query_weight`` ranked with their ``last_query_weight``."""
+    its label does not pass for today's default: each option of
+    :data:`keepkv.eval.results.OPTIONS_ADDED_LATER` the method has today at its earlier behaviour, and KeepKV
+    rows compressed before the question without ``agnostic_last_query_weight`` ranked with their
+    ``last_query_weight``."""
+    from keepkv.eval.results import OPTIONS_ADDED_LATER
+
     resolved = row["resolved_options"]
+    before = {name: value for name, value in OPTIONS_ADDED_LATER.items() if name in defaults}
     if row["method"] == "keepkv" and "agnostic_last_query_weight" not in resolved and compressed_before_question(row):
-        return {"agnostic_last_query_weight": resolved.get("last_query_weight", 0.0)}
-    return {}
+        before["agnostic_last_query_weight"] = resolved.get("last_query_weight", 0.0)
+    return before
 
 
 @lru_cache(maxsize=None)

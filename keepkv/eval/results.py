@@ -190,6 +190,21 @@ def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, g
                 if name not in OPTIONS_ADDED_LATER or value != OPTIONS_ADDED_LATER[name]}
     if resolved:
         key.append(sorted(resolved.items()))
+    return canonical_unit(json.dumps(key))
+
+
+def canonical_unit(unit: str) -> str:
+    """``unit`` with every integral float among its option values written as an integer, so a configuration
+    written ``@gamma=1`` and a default ``gamma = 1.0`` name one unit (stored keys are read through this too).
+    Only the option pairs change: the budget keeps its type (``1`` token and the fraction ``1.0`` differ)."""
+    try:
+        key = json.loads(unit)
+    except json.JSONDecodeError:
+        return unit
+    if not isinstance(key, list) or len(key) < 7 or not isinstance(key[6], list):
+        return unit
+    key[6] = [[name, int(value) if isinstance(value, float) and value.is_integer() else value]
+              for name, value in key[6]]
     return json.dumps(key)
 
 
@@ -238,7 +253,7 @@ class ResultStore:
         self._versions = versions()
 
     def _remember(self, row: dict[str, Any]) -> None:
-        cells = self._cells.setdefault(row["unit"], {})
+        cells = self._cells.setdefault(canonical_unit(row["unit"]), {})
         if "cell" in row:
             cells[str(row["cell"])] = row.get("prompt_digest")
 
@@ -248,7 +263,7 @@ class ResultStore:
         removed, or whose prompts changed since (a new task generator, another tokenizer), is redone and its new
         rows supersede the old (readers keep the latest row per cell). Rows older than the digest are taken as
         matching."""
-        stored = self._cells.get(unit)
+        stored = self._cells.get(canonical_unit(unit))
         if stored is None:
             return False
         if cells is None:

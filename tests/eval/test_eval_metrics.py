@@ -135,13 +135,49 @@ def test_labels_from_resolved_options_name_what_differs_from_todays_defaults():
 
 
 def test_an_option_added_later_at_its_earlier_behaviour_keeps_stored_units_done():
-    """``value_norm_power=0`` is KeepKV before the option existed: the default's unit key is the one stored rows
-    were written under (no ``value_norm_power`` in it), any other value is a new unit."""
-    default = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm"), 0.2, "g")
-    assert "value_norm_power" not in default
-    assert default == unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=0.0"), 0.2, "g")
+    """``value_norm_power=0`` is KeepKV before the option existed: its unit key is the one stored rows were
+    written under (no ``value_norm_power`` in it), any other value is a new unit."""
+    before = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=0.0"), 0.2, "g")
+    assert "value_norm_power" not in before
     weighted = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=1"), 0.2, "g")
-    assert weighted != default and ["value_norm_power", 1] in json.loads(weighted)[-1]
+    assert weighted != before and ["value_norm_power", 1] in json.loads(weighted)[-1]
+
+
+def test_an_integral_option_value_names_one_unit_however_written(tmp_path):
+    """``@value_norm_power=1`` and a default of ``1.0`` are one configuration: their unit keys agree, and a unit
+    stored under the float spelling is done for the integer one (keys read back are canonicalised too); the
+    budget keeps its type, so one token and the whole prompt stay two units."""
+    from keepkv.eval.results import canonical_unit
+
+    as_int = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=1"), 0.2, "g")
+    as_float = unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm@value_norm_power=1.0"), 0.2, "g")
+    assert as_int == as_float
+    one_token, whole = (unit_key("tasks", "M", MethodConfig("snapkv"), budget, "g") for budget in (1, 1.0))
+    assert one_token != whole
+    key = json.loads(as_int)
+    key[6] = [[name, float(value) if name == "value_norm_power" else value] for name, value in key[6]]
+    stored_as_float = json.dumps(key)
+    assert stored_as_float != as_int and canonical_unit(stored_as_float) == as_int
+    ResultStore(tmp_path).write("tasks", stored_as_float, [_row(cell="x")])
+    assert ResultStore(tmp_path).done(as_int, {"x": None})
+    assert canonical_unit("not json") == "not json"
+
+
+def test_a_row_written_before_an_option_existed_is_labelled_with_its_earlier_behaviour(monkeypatch):
+    """A stored row without an option of ``OPTIONS_ADDED_LATER`` ran at that option's earlier behaviour; its
+    label says so whenever today's default differs (here the earlier value is patched to differ), and never
+    passes for the default."""
+    from keepkv.eval import report, results
+
+    resolved = MethodConfig.parse("keepkv:minnorm").row_fields()["resolved_options"]
+    before = {k: v for k, v in resolved.items() if k != "value_norm_power"}
+    row = _row(method="keepkv", variant="minnorm", resolved_options=before)
+    monkeypatch.setitem(results.OPTIONS_ADDED_LATER, "value_norm_power", resolved["value_norm_power"])
+    assert report.label(row) == "keepkv:minnorm"
+    monkeypatch.setitem(results.OPTIONS_ADDED_LATER, "value_norm_power", 2.5)
+    assert report.label(row) == "keepkv:minnorm@value_norm_power=2.5"
+    snapkv = MethodConfig("snapkv").row_fields()["resolved_options"]
+    assert report.label(_row(method="snapkv", resolved_options=snapkv)) == "snapkv"  # not an option of SnapKV
 
 
 def test_a_configuration_that_merges_nothing_is_labelled_without_the_merge_options():

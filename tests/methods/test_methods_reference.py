@@ -611,9 +611,10 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
     KV head (``head``) or by the mean over the layer's KV heads (``layer``: every head keeps the same positions);
     ``per-token`` divides an entry's attention by its votes (entries standing for several tokens lose rank);
     ``kernel_size`` max-pools each head's scores along the positions first; ``last_query_weight`` mixes in the
-    newest query's attention."""
+    newest query's attention. Attention only (``value_norm_power=0``; the value weighting has its own test)."""
     method = make_method("keepkv", selection=selection, score_normalization=normalization, similarity_threshold=1.0,
-                         sinks=2, window=6, kernel_size=kernel, last_query_weight=last_query_weight)
+                         sinks=2, window=6, kernel_size=kernel, last_query_weight=last_query_weight,
+                         value_norm_power=0.0)
     cache, queries = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
     votes = torch.randint(1, 6, cache.log_votes.shape, generator=torch.Generator().manual_seed(1)).float()
     cache.log_votes.copy_(torch.log(votes))  # as if earlier merges had happened
@@ -691,13 +692,13 @@ def test_keepkv_value_norm_power_refuses_what_is_not_an_exponent_in_range(bad):
 
 
 def test_keepkv_newest_query_scores_are_tovas():
-    """With ``last_query_weight=1``, layer selection and no pooling (``kernel_size=1``) KeepKV ranks by TOVA's score
-    (the newest query's attention averaged over every query head of the layer), and a weight changes the kept set
-    (the option is not idle)."""
+    """With ``last_query_weight=1``, layer selection, no pooling (``kernel_size=1``) and attention-only scores
+    (``value_norm_power=0``) KeepKV ranks by TOVA's score (the newest query's attention averaged over every query
+    head of the layer), and a weight changes the kept set (the option is not idle)."""
     kept = {}
     for weight in (0.0, 1.0):
         method = make_method("keepkv", last_query_weight=weight, similarity_threshold=1.0, sinks=2, window=6,
-                             kernel_size=1)
+                             kernel_size=1, value_norm_power=0.0)
         cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
         if weight == 1.0:
             torch.testing.assert_close(method.scores(cache, 0), make_method("tova").scores(cache, 0))

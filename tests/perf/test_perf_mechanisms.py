@@ -244,13 +244,35 @@ def test_window_scores_are_computed_once_per_compression_with_identical_results(
 def test_bench_point_times_a_compressed_decode_with_one_compression_per_run():
     """``keepkv bench`` / ``tools/bench_decode.py``'s measuring core on a tiny model: a compressed point's timed
     runs each contain exactly one decode-time compression (the manager's own call, wrapped for timing)."""
-    from keepkv.bench import run_point
+    from keepkv.bench import make_engine, run_point
     from tests.conftest import tiny_network
 
     point = run_point(tiny_network(), context=256, budget=0.25, runs=2)
     assert point["budget"] == "0.25" and point["compressions_timed"] == 2, point
     assert point["tokens_per_second"] > 0 and point["budget_entries"] == 64
     assert point["capacity"] == 64 + 64  # budget + decode slack
+    assert point["method_options"] == make_method("keepkv").options()  # what ran: the defaults
+    engine = make_engine(tiny_network(), 0.25, method_options={"value_norm_power": 0.5})  # bench_option_ab's engines
+    assert engine.cache_manager.method.value_norm_power == 0.5
+
+
+def test_option_ab_summary_pairs_each_value_with_the_full_cache_of_its_round():
+    """``tools/bench_option_ab.py``'s table: medians over rounds, the ratio to the full cache taken per round."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import bench_option_ab
+
+    base = {"model": "m", "dtype": "float32", "context": 8192, "option": "value_norm_power", "new_graphs": 0,
+            "step_ms": 1.0}
+    rows = [{**base, "round": r, "value": v, "tokens_per_second": tps, "compression_ms": c}
+            for r, v, tps, c in ((0, 0, 30.0, 40.0), (0, 1, 33.0, 44.0), (0, "full", 20.0, 0.0),
+                                 (1, 0, 26.0, 42.0), (1, 1, 24.0, 46.0), (1, "full", 13.0, 0.0))]
+    table = bench_option_ab.summary(rows).splitlines()
+    assert table[2] == "| m, float32, 8192 | 0 | 28.0 | 41.0 | 1.75x |"  # per round 1.5x and 2.0x
+    assert table[3] == "| m, float32, 8192 | 1 | 28.5 | 45.0 | 1.75x |"  # 1.65x and 1.85x
+    assert table[4] == "| m, float32, 8192 | full | 16.5 | 0.0 | 1.00x |"
 
 
 def test_bench_command_is_registered_and_checks_its_input():
@@ -268,7 +290,8 @@ def test_bench_command_is_registered_and_checks_its_input():
 @pytest.mark.parametrize("options", [
     {},  # the defaults (layer-shared selection, newest-query reference)
     {"selection": "head", "reference": "ema", "score_normalization": "per-token", "kernel_size": 3,
-     "max_evicted_weight": 0.5, "last_query_weight": 0.5},  # every non-default option of the quality study at once
+     "max_evicted_weight": 0.5, "last_query_weight": 0.5, "value_norm_power": 0.0},  # every non-default option
+    # of the quality study at once
 ])
 def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(options):
     """KeepKV's compiled compression (select + merge + compact in one graph) gives the eager result on every

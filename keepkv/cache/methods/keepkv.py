@@ -18,11 +18,13 @@ At each compression of a layer, per batch row and KV head (KeepKV spec §3):
 
 **Defaults** are chosen by measurement (``docs/keepkv-quality.md``: commands, numbers and intervals; pooling by
 task accuracy, at a small cost in next-token KL): the ``minnorm`` key (the smallest key change that keeps every
-query head's softmax denominator), layer-shared selection, SnapKV's max-pooling of the scores along the cache (``kernel_size=7``: a token's
-neighbours are kept with it, so a number or a name survives whole) and one merge reference, the newest queries
-(``reference="last"``: the key and the value weights both come from them, so the compressing step is exact for
-them; the paper's EMA weights made that step's next-token KL 3.7-9.1 on Qwen2.5-Coder-1.5B passages).
-``variant="zip", selection="head", kernel_size=1, reference="ema"`` reproduces the paper.
+query head's softmax denominator), layer-shared selection, SnapKV's max-pooling of the scores along the cache
+(``kernel_size=7``: a token's neighbours are kept with it, so a number or a name survives whole), one merge
+reference, the newest queries (``reference="last"``: the key and the value weights both come from them, so the
+compressing step is exact for them; the paper's EMA weights made that step's next-token KL 3.7-9.1 on
+Qwen2.5-Coder-1.5B passages), and each entry's score weighted by its value's L1 norm (``value_norm_power=1``,
+VATP's weighting: an entry counts by what it writes into the output as well as by how much it is attended).
+``variant="zip", selection="head", kernel_size=1, reference="ema", value_norm_power=0`` reproduces the paper.
 
 Reference scores for the merge (spec §4; maths in :mod:`keepkv.ops.scores`): ``reference="ema"`` predicts each
 entry's future unnormalised score with the paper's exponential moving average over the observation window (the
@@ -92,15 +94,15 @@ class KeepKV(CompressionMethod):
     - ``kernel_size`` (7; 1 = none, odd): SnapKV's max-pooling of the scores along the cache before ranking, so the
       neighbours of an important token (the other digits of a number) are kept with it
       (:func:`keepkv.ops.scores.pool_along_slots`; protected and empty slots count as 0).
-    - ``value_norm_power`` (``gamma`` in [0, 4], 0 = attention only): each head's (pooled) score of an entry is
-      multiplied by ``||v_i||_1 ** gamma``, that head's value's L1 norm, before the mean over the layer's heads: an
-      entry matters by how much it writes into the output, not only by how much it is attended. This is VATP's
-      ``||v_i||_1`` weighting (Guo et al., "Attention Score is not All You Need for Token Importance Indicator in
-      KV Cache Reduction: Value Also Matters", EMNLP 2024: accumulated attention times ``||v_i||_1``, per head)
-      applied to KeepKV's score; CriticalKV's ``||v_i W_O||_1`` needs the layer's weights, this reads only the
-      cache. The norms are not normalised per head, so in the layer mean a head counts in proportion to the size
-      of what its values write (a head writing twice as much weighs ``2 ** gamma`` times as much): a choice, the
-      one measured (``docs/keepkv-quality.md``).
+    - ``value_norm_power`` (``gamma`` in [0, 4], 1; 0 = attention only, the paper's): each head's (pooled) score
+      of an entry is multiplied by ``||v_i||_1 ** gamma``, that head's value's L1 norm, before the mean over the
+      layer's heads: an entry matters by how much it writes into the output, not only by how much it is
+      attended. This is VATP's ``||v_i||_1`` weighting (Guo et al., "Attention Score is not All You Need for
+      Token Importance Indicator in KV Cache Reduction: Value Also Matters", EMNLP 2024: accumulated attention
+      times ``||v_i||_1``, per head) applied to KeepKV's score; CriticalKV's ``||v_i W_O||_1`` needs the layer's
+      weights, this reads only the cache. The norms are not normalised per head, so in the layer mean a head
+      counts in proportion to the size of what its values write (a head writing twice as much weighs
+      ``2 ** gamma`` times as much): a choice, the one measured (``docs/keepkv-quality.md``).
 
     Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
@@ -117,7 +119,7 @@ class KeepKV(CompressionMethod):
     agnostic_last_query_weight: float = 1.0
     max_evicted_weight: float = 1.0
     kernel_size: int = 7
-    value_norm_power: float = 0.0
+    value_norm_power: float = 1.0
     layer_budgets: str = "uniform"
     cosine_decay: float = 0.8
     pyramid_beta: int = 20
@@ -196,15 +198,14 @@ class KeepKV(CompressionMethod):
         # exactly the window mean (or the newest query's attention): the attentions are finite
         mix = self.last_query_mix.to(scores.device)
         scores = mix[0] * scores + mix[1] * attention[:, :, :, -1].mean(dim=2)
+        live = torch.isfinite(cache.log_votes)  # empty slots hold -inf votes
         if self.score_normalization == "per-token":
-            live = torch.isfinite(cache.log_votes)
             scores = torch.where(live, scores * torch.exp(-cache.log_votes.masked_fill(~live, 0.0)), 0.0)
         if self.kernel_size > 1:
-            selectable = torch.isfinite(cache.log_votes) & ~self.protected_mask(cache)
-            scores = pool_along_slots(scores * selectable, self.kernel_size, "maxpool")
+            scores = pool_along_slots(scores * (live & ~self.protected_mask(cache)), self.kernel_size, "maxpool")
         if self.value_norm_power:
             value_norms = torch.linalg.vector_norm(cache.values, 1, dim=-1, dtype=torch.float32)  # [B, Hkv, C]
-            live = torch.isfinite(cache.log_votes)  # an empty slot scores 0 whatever its stale value holds
+            # an empty slot scores 0 whatever its stale value holds
             scores = torch.where(live, scores * value_norms.pow(float(self.value_norm_power)), 0.0)
         if self.selection == "layer":
             scores = head_mean(scores, cache, dim=1).expand_as(scores)  # over every rank's heads under TP
