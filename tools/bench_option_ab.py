@@ -9,9 +9,10 @@ Usage (alone on the machine; about 3 min per point and round on an AMD EPYC at 2
 A default or option change must keep the decode targets of the performance issue (10% / full at 8k and 16k):
 this measures the candidate against the current value on the same synthetic caches as ``tools/bench_decode.py``
 (:func:`keepkv.bench.run_point`: KeepKV's decode-time compression every 64 steps inside the timed steps), each
-round running every value and the full cache in turn, so the ratios are paired. One JSON row per (point, round,
-value): tokens/s, the median compression in ms, the median step without compression in ms, and the graphs
-compiled during timed runs (expected 0).
+round running every value and the full cache in turn (in reverse order on odd rounds, so no engine always runs
+first), so the ratios are paired. One JSON row per (point, round, value), the file rewritten after each row:
+tokens/s, the median compression in ms, the median step without compression in ms, and the graphs compiled
+during timed runs (expected 0).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         context = int(context_text)
         network, _ = load_network(args.model, dtype, context)
         for round_index in range(args.rounds):
-            for value in [*values, None]:  # None: the full cache
+            engines = [*values, None]  # None: the full cache
+            for value in engines if round_index % 2 == 0 else engines[::-1]:
                 budget = None if value is None else args.budget
                 options = None if value is None else {args.option: value}
                 result = run_point(network, context, budget, args.runs, method_options=options)
@@ -52,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
                        "budget": 1.0 if value is None else args.budget, "option": args.option,
                        "value": "full" if value is None else value,
                        "tokens_per_second": result["tokens_per_second"],
-                       "compression_ms": 1000 * result.get("compression_seconds_median", 0.0),
+                       "compression_ms": 1000 * (result.get("compression_seconds_median") or 0.0),
                        "step_ms": 1000 * result.get("median_step_seconds_without_compression",
                                                     result["median_step_seconds"]),
                        "new_graphs": result["new_graphs_during_timed_runs"]}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(rows, indent=1) + "\n")  # a stopped run keeps its rows
     print(summary(rows))
     return 0
 
@@ -75,9 +77,10 @@ def summary(rows: list[dict]) -> str:
         full = {r["round"]: r["tokens_per_second"] for r in here if r["value"] == "full"}
         for value in dict.fromkeys(r["value"] for r in here):
             mine = [r for r in here if r["value"] == value]
-            ratio = median(r["tokens_per_second"] / full[r["round"]] for r in mine if r["round"] in full)
+            ratios = [r["tokens_per_second"] / full[r["round"]] for r in mine if r["round"] in full]
+            ratio = f"{median(ratios):.2f}x" if ratios else "–"  # a round without its full cache pairs nothing
             speed, compression = (median(r[name] for r in mine) for name in ("tokens_per_second", "compression_ms"))
-            lines.append(f"| {key[0]}, {key[1]}, {key[2]} | {value} | {speed:.1f} | {compression:.1f} | {ratio:.2f}x |")
+            lines.append(f"| {key[0]}, {key[1]}, {key[2]} | {value} | {speed:.1f} | {compression:.1f} | {ratio} |")
     return "\n".join(lines)
 
 

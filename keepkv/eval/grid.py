@@ -33,9 +33,11 @@ ALL_CONFIGS = [
 ]
 BUDGETS = [0.05, 0.1, 0.2, 0.5]
 
-_KEEPKV_OLD = "keepkv:minnorm@selection=head@score_normalization=total@kernel_size=1@max_evicted_weight=1.0@reference=ema"
-_KEEPKV_LAYER = "keepkv:minnorm@selection=layer@kernel_size=1"
-_KEEPKV_POOLED = "keepkv:minnorm@selection=layer@kernel_size=7"
+_ATTENTION_ONLY = "@value_norm_power=0"  # the study ran before scores were weighted by value norms
+_KEEPKV_OLD = ("keepkv:minnorm@selection=head@score_normalization=total@kernel_size=1@max_evicted_weight=1.0"
+               f"@reference=ema{_ATTENTION_ONLY}")
+_KEEPKV_LAYER = f"keepkv:minnorm@selection=layer@kernel_size=1{_ATTENTION_ONLY}"
+_KEEPKV_POOLED = f"keepkv:minnorm@selection=layer@kernel_size=7{_ATTENTION_ONLY}"
 _EMA = "@reference=ema"  # the merge reference of the study's rows unless they name reference=last
 QUALITY_CONFIGS = [
     "full", "snapkv", "tova", "h2o",
@@ -48,14 +50,15 @@ QUALITY_CONFIGS = [
     f"{_KEEPKV_POOLED}{_EMA}", f"{_KEEPKV_POOLED}{_EMA}@similarity_threshold=1.0",
     f"{_KEEPKV_POOLED}{_EMA}@score_normalization=per-token", f"{_KEEPKV_POOLED}{_EMA}@max_evicted_weight=0.5",
     f"{_KEEPKV_POOLED}@reference=last", f"{_KEEPKV_POOLED}@reference=last@max_evicted_weight=0.5",
-    f"keepkv:keep-key@selection=layer@kernel_size=7{_EMA}", f"keepkv:convex@selection=layer@kernel_size=7{_EMA}",
+    f"keepkv:keep-key@selection=layer@kernel_size=7{_EMA}{_ATTENTION_ONLY}",
+    f"keepkv:convex@selection=layer@kernel_size=7{_EMA}{_ATTENTION_ONLY}",
     f"{_KEEPKV_POOLED}@reference=last@window=8",
 ]
 """The option study behind KeepKV's defaults (``docs/keepkv-quality.md``): the earlier default (every option
 written out), each new option added one at a time, and each configuration again without merging
 (``similarity_threshold=1.0``: its own base selector), beside the eviction methods it must beat. Every
-configuration names the selection, pooling and merge reference it ran with, so the grid reproduces the stored
-rows (``results/quality``) whatever today's defaults are."""
+configuration names the selection, pooling, merge reference and value weighting it ran with, so the grid
+reproduces the stored rows (``results/quality``) whatever today's defaults are."""
 
 
 HEADLINE_CONFIGS = [

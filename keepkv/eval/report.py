@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from keepkv.eval.results import read_rows
+from keepkv.eval.results import OPTIONS_ADDED_LATER, SELECTION_ONLY_OPTIONS, read_rows
 
 # (column title, task, metric, higher is better, format)
 COLUMNS = [
@@ -38,10 +38,6 @@ MERGE_ONLY_OPTIONS = ("reference", "alpha", "max_evicted_weight")
 """KeepKV's options that only its merge reads (the reference scores, the EMA decay behind them, the dominance
 guard): they change nothing in a configuration that merges nothing (``similarity_threshold >= 1``: the matching
 caps the cosine at 1, so nothing merges, :func:`keepkv.ops.scores.cosine_match`)."""
-SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight", "agnostic_last_query_weight",
-                          "kernel_size", "value_norm_power", "layer_budgets", "cosine_decay", "pyramid_beta")
-"""KeepKV's options that only its own selection reads (its scores and its layer budgets): in a composition
-``X+keepkv`` the selector ``X`` chooses and budgets (``keepkv.cache.compose.Selected``), so they change nothing."""
 COMMAND = ("flock /tmp/keepkv-cpu.lock keepkv eval all --grid full --results results/eval --readme README.md")
 
 
@@ -52,7 +48,9 @@ def label(row: dict[str, Any]) -> str:
     nothing (``similarity_threshold >= 1``: its own base selector) is labelled without the options only a merge
     reads (:data:`MERGE_ONLY_OPTIONS`), so runs made under different merge defaults share one label, as they
     share every number; likewise a composition ``X+keepkv`` without KeepKV's selection options
-    (:data:`SELECTION_ONLY_OPTIONS`). Peer engines' rows get ``[engine]``."""
+    (:data:`~keepkv.eval.results.SELECTION_ONLY_OPTIONS`). A row written before an option existed reads that
+    option at its earlier behaviour (:func:`_behaviour_before_options`), and a number is written in the type of
+    today's default (``0`` and ``0.0`` of a float option are one label). Peer engines' rows get ``[engine]``."""
     name = row["method"] if not row.get("variant") else f"{row['method']}:{row['variant']}"
     options = row.get("options") or {}
     if row.get("resolved_options"):
@@ -62,6 +60,7 @@ def label(row: dict[str, Any]) -> str:
             resolved.update({key: defaults[key] for key in MERGE_ONLY_OPTIONS if key in defaults})
         if row["method"].endswith("+keepkv"):
             resolved.update({key: defaults[key] for key in SELECTION_ONLY_OPTIONS if key in defaults})
+        resolved = {key: _in_type_of(value, defaults.get(key)) for key, value in resolved.items()}
         options = {k: v for k, v in resolved.items() if k != "variant" and defaults.get(k) != v}
     name += "".join(f"@{key}={value}" for key, value in sorted(options.items()))
     return name if row.get("engine", "keepkv") == "keepkv" else f"{name} [{row['engine']}]"
@@ -75,14 +74,24 @@ def compressed_before_question(row: dict[str, Any]) -> bool:
     return row.get("task") in ("tasks", "niah", "qa") and protocol_of(row) == "agnostic"
 
 
+def _in_type_of(value: Any, default: Any) -> Any:
+    """``value`` as a float when today's default is a float (``0`` -> ``0.0``), as an int when the default is an
+    int and the value an integral float; anything else (booleans, strings, no default) unchanged."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _behaviour_before_options(row: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """For a row written before an option existed, the value of that option that reproduces what the row ran, so
     its label does not pass for today's default: each option of
     :data:`keepkv.eval.results.OPTIONS_ADDED_LATER` the method has today at its earlier behaviour, and KeepKV
     rows compressed before the question without ``agnostic_last_query_weight`` ranked with their
     ``last_query_weight``."""
-    from keepkv.eval.results import OPTIONS_ADDED_LATER
-
     resolved = row["resolved_options"]
     before = {name: value for name, value in OPTIONS_ADDED_LATER.items() if name in defaults}
     if row["method"] == "keepkv" and "agnostic_last_query_weight" not in resolved and compressed_before_question(row):

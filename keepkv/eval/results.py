@@ -180,14 +180,23 @@ OPTIONS_ADDED_LATER: dict[str, Any] = {"value_norm_power": 0.0}
 at that value it is left out of unit keys, so adding an option does not turn every stored unit into work to redo."""
 
 
+SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight", "agnostic_last_query_weight",
+                          "kernel_size", "value_norm_power", "layer_budgets", "cosine_decay", "pyramid_beta")
+"""KeepKV's options that only its own selection reads (its scores and its layer budgets): in a composition
+``X+keepkv`` the selector ``X`` chooses and budgets (``keepkv.cache.compose.Selected``), so they change nothing."""
+
+
 def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, group: str) -> str:
     """The identity of one unit of work (a resumable step): every hyper-parameter of the configuration, defaults
     included (:meth:`MethodConfig.resolved_options`), is part of it, so a run after a default changed redoes the
-    work instead of skipping it as done; an option of :data:`OPTIONS_ADDED_LATER` at its earlier behaviour is
-    not."""
+    work instead of skipping it as done; an option of :data:`OPTIONS_ADDED_LATER` is not when it is at its
+    earlier behaviour, nor, in a composition ``X+keepkv``, when it is one of KeepKV's selection options (never
+    read there: :data:`SELECTION_ONLY_OPTIONS`). Integral option values are written as integers
+    (:func:`canonical_unit`)."""
     key: list[Any] = [task, model, config.method, config.variant, budget, group]
+    unread = set(SELECTION_ONLY_OPTIONS) if config.method.endswith("+keepkv") else set()
     resolved = {name: value for name, value in config.resolved_options().items()
-                if name not in OPTIONS_ADDED_LATER or value != OPTIONS_ADDED_LATER[name]}
+                if name not in OPTIONS_ADDED_LATER or (value != OPTIONS_ADDED_LATER[name] and name not in unread)}
     if resolved:
         key.append(sorted(resolved.items()))
     return canonical_unit(json.dumps(key))

@@ -163,6 +163,17 @@ def test_an_integral_option_value_names_one_unit_however_written(tmp_path):
     assert canonical_unit("not json") == "not json"
 
 
+def test_a_composition_unit_ignores_keepkvs_selection_options_added_later():
+    """In ``X+keepkv`` the selector ranks, so KeepKV's value weighting is never read: a composition's unit key
+    does not carry it at any value, and units stored before the option existed stay done."""
+    plain = unit_key("tasks", "M", MethodConfig.parse("snapkv+keepkv:minnorm"), 0.2, "g")
+    assert "value_norm_power" not in plain
+    for value in ("0", "1", "0.5"):
+        written = MethodConfig.parse(f"snapkv+keepkv:minnorm@value_norm_power={value}")
+        assert unit_key("tasks", "M", written, 0.2, "g") == plain
+    assert "value_norm_power" in unit_key("tasks", "M", MethodConfig.parse("keepkv:minnorm"), 0.2, "g")
+
+
 def test_a_row_written_before_an_option_existed_is_labelled_with_its_earlier_behaviour(monkeypatch):
     """A stored row without an option of ``OPTIONS_ADDED_LATER`` ran at that option's earlier behaviour; its
     label says so whenever today's default differs (here the earlier value is patched to differ), and never
@@ -172,6 +183,11 @@ def test_a_row_written_before_an_option_existed_is_labelled_with_its_earlier_beh
     resolved = MethodConfig.parse("keepkv:minnorm").row_fields()["resolved_options"]
     before = {k: v for k, v in resolved.items() if k != "value_norm_power"}
     row = _row(method="keepkv", variant="minnorm", resolved_options=before)
+    earlier = results.OPTIONS_ADDED_LATER["value_norm_power"]
+    assert earlier != resolved["value_norm_power"]  # today's default weighs by value norms
+    assert report.label(row) == f"keepkv:minnorm@value_norm_power={earlier}"
+    written_as_int = _row(method="keepkv", variant="minnorm", resolved_options={**before, "value_norm_power": 0})
+    assert report.label(written_as_int) == report.label(row)  # one label for 0 and 0.0 of a float option
     monkeypatch.setitem(results.OPTIONS_ADDED_LATER, "value_norm_power", resolved["value_norm_power"])
     assert report.label(row) == "keepkv:minnorm"
     monkeypatch.setitem(results.OPTIONS_ADDED_LATER, "value_norm_power", 2.5)

@@ -6,7 +6,8 @@ At each compression of a layer, per batch row and KV head (KeepKV spec §3):
 1. **Base selection** splits the live entries into kept ``C`` and evicted ``E``: sinks (4) and the recent window
    (``window``, 32) are protected; the rest is ranked by the paper's PyramidInfer-style recent-query attention
    ``score_i = mean over the window queries t and the group's query heads g of A_{g,t,i}``
-   (vote-weighted attention probabilities: an entry holding ``p`` votes counts ``p`` times). By default
+   (vote-weighted attention probabilities: an entry holding ``p`` votes counts ``p`` times), max-pooled along the
+   cache and, by default, times ``||v_i||_1`` (``value_norm_power``, VATP's value weighting). By default
    (``selection="layer"``) the ranking is the mean of that score over the layer's KV heads, so every head keeps
    the same tokens: a fact that spans several tokens (a 7-digit number) is kept or lost whole, where per-head
    ranking (``selection="head"``, the paper's) keeps different pieces of it in different heads.
