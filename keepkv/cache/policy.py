@@ -50,17 +50,25 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def _check_option_type(method: str, option: str, default: Any, value: Any) -> None:
-    """Raise unless ``value`` has the kind of ``default`` (int: non-negative integer; float: finite real number,
-    ints accepted; str: string). Options with other defaults are left to the method."""
+def _checked_option(method: str, option: str, default: Any, value: Any) -> Any:
+    """``value`` in the type of ``default``, or raise unless it has that kind (int: non-negative integer, stored as
+    a Python ``int``; float: finite real number, ints accepted, stored as a Python ``float``; str: string). So
+    ``value_norm_power=1`` and ``1.0`` build one method with one ``options()`` (and numpy numbers become Python
+    ones). Options with other defaults (bools, ``None``) are left to the method, unchanged."""
     if isinstance(default, bool):
-        return
-    if isinstance(default, int) and not (is_integer(value) and value >= 0):
-        raise KeepKVError(f"{method}: option {option} must be a non-negative integer, got {shown(value)}")
-    if isinstance(default, float) and not (is_real(value) and math.isfinite(value)):
-        raise KeepKVError(f"{method}: option {option} must be a finite number (e.g. {default!r}), got {shown(value)}")
+        return value
+    if isinstance(default, int):
+        if not (is_integer(value) and value >= 0):
+            raise KeepKVError(f"{method}: option {option} must be a non-negative integer, got {shown(value)}")
+        return int(value)
+    if isinstance(default, float):
+        if not (is_real(value) and math.isfinite(value)):
+            raise KeepKVError(f"{method}: option {option} must be a finite number (e.g. {default!r}), "
+                              f"got {shown(value)}")
+        return float(value)
     if isinstance(default, str) and not isinstance(value, str):
         raise KeepKVError(f"{method}: option {option} must be a str (e.g. {default!r}), got {shown(value)}")
+    return value
 
 
 def split_by_order(cache: CompressedLayerCache, order: Tensor, live: Tensor, budget: int,
@@ -105,11 +113,15 @@ class CompressionMethod:
     window: int = 32
 
     def __post_init__(self) -> None:
-        """Check every option against the type of its default: an ``int`` option takes a non-negative integer, a
-        ``float`` option a finite real number (an int is fine, a bool or a string is not), a ``str`` option a
-        string. Subclasses check ranges and choices after calling this."""
+        """Check every option against the type of its default and store it in that type
+        (:func:`_checked_option`): an ``int`` option takes a non-negative integer, a ``float`` option a finite real
+        number (an int is fine and becomes a float; a bool or a string is not), a ``str`` option a string.
+        Subclasses check ranges and choices after calling this."""
         for field in dataclasses.fields(self):
-            _check_option_type(self.name, field.name, field.default, getattr(self, field.name))
+            value = getattr(self, field.name)
+            checked = _checked_option(self.name, field.name, field.default, value)
+            if checked is not value:
+                setattr(self, field.name, checked)
         self._compiled_entries = None  # torch.compile of _layer_free_entries, made on first use
 
     # ---- what the cache manager reads -------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def compressed_before_question(row: dict[str, Any]) -> bool:
 
 def _in_type_of(value: Any, default: Any) -> Any:
     """``value`` as a float when today's default is a float (``0`` -> ``0.0``), as an int when the default is an
-    int and the value an integral float; anything else (booleans, strings, no default) unchanged."""
+    int and the value an integral float; anything else (booleans, strings, no default) unchanged. New rows hold
+    their options in the field's type already (``keepkv.cache.policy.CompressionMethod.__post_init__``); rows
+    stored before that may not."""
     if isinstance(value, bool) or isinstance(default, bool):
         return value
     if isinstance(default, float) and isinstance(value, int):

@@ -203,9 +203,11 @@ def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, g
 
 
 def canonical_unit(unit: str) -> str:
-    """``unit`` with every integral float among its option values written as an integer, so a configuration
-    written ``@gamma=1`` and a default ``gamma = 1.0`` name one unit (stored keys are read through this too).
-    Only the option pairs change: the budget keeps its type (``1`` token and the fraction ``1.0`` differ)."""
+    """``unit`` with every integral float among its option values written as an integer, so one configuration
+    names one unit whatever number type its options were stored in. Methods store each option in its field's type
+    (``keepkv.cache.policy.CompressionMethod.__post_init__``), but keys stored before that hold ``1`` where
+    today's hold ``1.0``: stored keys are read through this too. Only the option pairs change: the budget keeps
+    its type (``1`` token and the fraction ``1.0`` differ)."""
     try:
         key = json.loads(unit)
     except json.JSONDecodeError:

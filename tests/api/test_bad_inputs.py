@@ -275,6 +275,25 @@ def test_decode_slack_with_a_full_budget_is_accepted(tiny_folder):
 def test_method_option_types_accept_ints_for_floats():
     method = make_method("keepkv", similarity_threshold=1, alpha=0.5)
     assert method.similarity_threshold == 1 and method.alpha == 0.5
+
+
+def test_method_options_are_stored_in_their_fields_type():
+    """An int given to a float option is stored as a float and a numpy integer as a Python int, so ``@x=1`` and
+    ``@x=1.0`` build one method with one ``options()`` (what result rows and unit keys record)."""
+
+    import numpy as np
+
+    written_as_int = make_method("keepkv", value_norm_power=1, similarity_threshold=np.int64(1),
+                                 kernel_size=np.int64(5))
+    written_as_float = make_method("keepkv", value_norm_power=1.0, similarity_threshold=1.0, kernel_size=5)
+    assert written_as_int.options() == written_as_float.options()
+    assert type(written_as_int.value_norm_power) is float and type(written_as_int.similarity_threshold) is float
+    assert type(written_as_int.kernel_size) is int
+    assert json.dumps(written_as_int.options()) == json.dumps(written_as_float.options())
+    composed = make_method("snapkv+keepkv", window=np.int64(16), similarity_threshold=1)
+    assert type(composed.selector.window) is int and type(composed.merger.similarity_threshold) is float
+    with pytest.raises(KeepKVError, match="kernel_size must be a non-negative integer"):
+        make_method("keepkv", kernel_size=5.0)
     with pytest.raises(KeepKVError, match="similarity_threshold must be a finite number"):
         make_method("keepkv", similarity_threshold=True)
     with pytest.raises(KeepKVError, match="alpha must be a finite number"):
