@@ -3,7 +3,9 @@ chunks) against the remainder first (``new2048``, the default since) and 4096-to
 one process, interleaved, ``ROUNDS`` rounds after one warm-up prefill each; prints the widths, the logits' largest
 difference against ``old`` and the medians.
 
-    python results/bench/amd_epyc_2026-12-06/prefill_widths_ab.py MODEL DTYPE PROMPT_TOKENS ROUNDS
+    python results/bench/amd_epyc_2026-12-06/prefill_widths_ab.py MODEL DTYPE PROMPT_TOKENS ROUNDS [VARIANTS]
+
+``VARIANTS``: a comma-separated subset (e.g. ``new2048,new4096``); the first is the one the others are compared with.
 
 The run logged in ``prefill_widths_ab.txt`` had one more knob in ``new4096``: the MLP in row blocks of at most
 32 MiB (a ``RuntimeOptions.mlp_block_bytes`` option tried and not kept, ``docs/profile.md`` section 16), and
@@ -35,8 +37,11 @@ def old_widths(self, valid):
 V = {"old": (RuntimeOptions(prefill_long_chunk=2048), old_widths),
      "new2048": (RuntimeOptions(prefill_long_chunk=2048), new_widths),
      "new4096": (RuntimeOptions(prefill_long_chunk=4096), new_widths)}
+if len(sys.argv) > 5:
+    V = {k: V[k] for k in sys.argv[5].split(",")}
+base = next(iter(V))
 models = {k: load(name, dtype=dtype, runtime=r) for k, (r, _) in V.items()}
-ids = prompt_ids(models["old"].tokenizer, ctx)
+ids = prompt_ids(models[base].tokenizer, ctx)
 input_ids = torch.tensor([ids])
 valid = torch.ones_like(input_ids, dtype=torch.bool)
 
@@ -53,8 +58,8 @@ def prefill(k):
 
 outs = {k: prefill(k) for k in V}
 print(name, dtype, ctx, {k: (V[k][1](models[k].engine, valid)) for k in V})
-print("max |logit diff| vs old", {k: (outs[k] - outs["old"]).abs().max().item() for k in V},
-      "max |logit|", outs["old"].abs().max().item(), flush=True)
+print(f"max |logit diff| vs {base}", {k: (outs[k] - outs[base]).abs().max().item() for k in V},
+      "max |logit|", outs[base].abs().max().item(), flush=True)
 res = {k: [] for k in V}
 for _ in range(rounds):
     for k in V:
@@ -63,4 +68,5 @@ for _ in range(rounds):
         res[k].append(time.perf_counter() - started)
 for k in V:
     print(k, "median", round(statistics.median(res[k]), 3), [round(x, 3) for x in res[k]], flush=True)
-print("ratios old/new per round", {k: [round(a / b, 3) for a, b in zip(res["old"], res[k])] for k in V if k != "old"})
+print(f"ratios {base}/variant per round",
+      {k: [round(a / b, 3) for a, b in zip(res[base], res[k])] for k in V if k != base})
