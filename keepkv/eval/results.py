@@ -175,13 +175,14 @@ def prompt_digest(*token_lists: Sequence[int]) -> str:
     return hashlib.sha1(json.dumps([list(map(int, ids)) for ids in token_lists]).encode()).hexdigest()[:16]
 
 
-OPTIONS_ADDED_LATER: dict[str, Any] = {"value_norm_power": 0.0}
+OPTIONS_ADDED_LATER: dict[str, Any] = {"value_norm_power": 0.0, "recent_fraction": 0.0}
 """Options added after results were stored, each with the value that behaves as the method did before it existed:
 at that value it is left out of unit keys, so adding an option does not turn every stored unit into work to redo."""
 
 
 SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight", "agnostic_last_query_weight",
-                          "kernel_size", "value_norm_power", "layer_budgets", "cosine_decay", "pyramid_beta")
+                          "kernel_size", "value_norm_power", "layer_budgets", "cosine_decay", "pyramid_beta",
+                          "recent_fraction")
 """KeepKV's options that only its own selection reads (its scores and its layer budgets): in a composition
 ``X+keepkv`` the selector ``X`` chooses and budgets (``keepkv.cache.compose.Selected``), so they change nothing."""
 

@@ -48,13 +48,14 @@ SPECS: dict[str, tuple[str, dict]] = {
     "keepkv@cosine": ("keepkv", dict(COMMON, layer_budgets="cosine")),
     "keepkv@attention_only": ("keepkv", dict(COMMON, value_norm_power=0.0)),  # the default before 2026-12-06
     "keepkv@once": ("keepkv", dict(COMMON, prefill_compression="once")),  # a manager option, not the method's
+    "keepkv@recent": ("keepkv", dict(COMMON, recent_fraction=0.5)),
 }
 # the default run: every method and option spec (what users run is compiled); the bfloat16 run is marked slow.
 # Specs whose cache has the capacity and flags of an earlier spec reuse its decode graph (a few seconds each);
 # a new capacity or cache flag compiles one more decode graph
 DEFAULT_SPECS = tuple(SPECS)
 EAGER_PARITY = ("full", "streamingllm", "pyramidkv", "snapkv@pyramid", "d2o", "keepkv@once",
-                "keepkv@attention_only")
+                "keepkv@attention_only", "keepkv@recent")
 TEXT_REPEAT = 8
 
 

@@ -104,6 +104,10 @@ class KeepKV(CompressionMethod):
       weights, this reads only the cache. The norms are not normalised per head, so in the layer mean a head
       counts in proportion to the size of what its values write (a head writing twice as much weighs
       ``2 ** gamma`` times as much): a choice, the one measured (``docs/keepkv-quality.md``).
+    - ``recent_fraction`` (``rho`` in [0, 1), 0 = only ``window``): the newest ``floor(rho * budget)`` positions
+      of a compression to ``budget`` are protected like the window (StreamingLLM's recency inside a score-ranked
+      budget: the rest of the budget is ranked as above). Unprotected slots' pooling neighbours are those of
+      the window alone.
 
     Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
@@ -124,6 +128,7 @@ class KeepKV(CompressionMethod):
     layer_budgets: str = "uniform"
     cosine_decay: float = 0.8
     pyramid_beta: int = 20
+    recent_fraction: float = 0.0
 
     def __setattr__(self, name: str, value) -> None:
         """Fields are set as usual; setting ``last_query_weight`` (``lambda``; in ``__init__`` too) also refreshes
@@ -163,8 +168,19 @@ class KeepKV(CompressionMethod):
         if not 0.0 <= float(self.value_norm_power) <= 4.0:
             raise KeepKVError(f"keepkv: value_norm_power must lie in [0, 4] (0 = attention only, 1 = VATP's ||v||_1 "
                               f"weighting), got {self.value_norm_power}")
+        if not 0.0 <= float(self.recent_fraction) < 1.0:
+            raise KeepKVError(f"keepkv: recent_fraction must lie in [0, 1) (0 = the window only), "
+                              f"got {self.recent_fraction}")
         check_layer_budget_options(self.name, self.layer_budgets, self.cosine_decay, self.pyramid_beta)
         self.stats = MergeStats()
+
+    def recent_window(self, budget: int | None) -> int:
+        """``max(window, floor(recent_fraction * budget))`` newest positions protected at a compression to
+        ``budget`` (the window alone without a budget)."""
+        window = super().recent_window(budget)
+        if budget is None:
+            return window
+        return max(window, int(float(self.recent_fraction) * budget))
 
     def for_query_agnostic(self) -> CompressionMethod:
         """A copy ranking with ``last_query_weight = agnostic_last_query_weight`` (``self`` when the two weights
