@@ -71,6 +71,15 @@ def _checked_option(method: str, option: str, default: Any, value: Any) -> Any:
     return value
 
 
+def recent_entries(budget: int | None, recent_fraction: float, window: int, sinks: int) -> int:
+    """Newest entries protected at a compression to ``budget``: ``floor(recent_fraction * budget)``, at least
+    ``window`` (and 1), at most ``budget - sinks``."""
+    least = max(window, 1)
+    if budget is None:
+        return least
+    return max(least, min(math.floor(recent_fraction * budget + 1e-9), budget - sinks))
+
+
 def split_by_order(cache: CompressedLayerCache, order: Tensor, live: Tensor, budget: int,
                    head_budgets: Tensor | None, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Keep the first ``budget`` slots of ``order [batch, kv_heads, capacity]`` (each head's first

@@ -18,7 +18,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from keepkv.eval.results import OPTIONS_ADDED_LATER, SELECTION_ONLY_OPTIONS, read_rows
+from keepkv.eval.results import SELECTION_ONLY_OPTIONS, options_added_later, read_rows
 
 # (column title, task, metric, higher is better, format)
 COLUMNS = [
@@ -91,11 +91,11 @@ def _in_type_of(value: Any, default: Any) -> Any:
 def _behaviour_before_options(row: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     """For a row written before an option existed, the value of that option that reproduces what the row ran, so
     its label does not pass for today's default: each option of
-    :data:`keepkv.eval.results.OPTIONS_ADDED_LATER` the method has today at its earlier behaviour, and KeepKV
+    :func:`keepkv.eval.results.options_added_later` the method has today at its earlier behaviour, and KeepKV
     rows compressed before the question without ``agnostic_last_query_weight`` ranked with their
     ``last_query_weight``."""
     resolved = row["resolved_options"]
-    before = {name: value for name, value in OPTIONS_ADDED_LATER.items() if name in defaults}
+    before = {name: value for name, value in options_added_later(row["method"]).items() if name in defaults}
     if row["method"] == "keepkv" and "agnostic_last_query_weight" not in resolved and compressed_before_question(row):
         before["agnostic_last_query_weight"] = resolved.get("last_query_weight", 0.0)
     return before

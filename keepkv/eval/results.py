@@ -175,9 +175,16 @@ def prompt_digest(*token_lists: Sequence[int]) -> str:
     return hashlib.sha1(json.dumps([list(map(int, ids)) for ids in token_lists]).encode()).hexdigest()[:16]
 
 
-OPTIONS_ADDED_LATER: dict[str, Any] = {"value_norm_power": 0.0, "recent_fraction": 0.0}
-"""Options added after results were stored, each with the value that behaves as the method did before it existed:
-at that value it is left out of unit keys, so adding an option does not turn every stored unit into work to redo."""
+OPTIONS_ADDED_LATER: dict[str, dict[str, Any]] = {"keepkv": {"value_norm_power": 0.0, "recent_fraction": 0.0}}
+"""Per method, the options added after results were stored, each with the value that behaves as the method did
+before it existed: at that value it is left out of unit keys, so adding an option does not turn every stored unit
+into work to redo (:func:`options_added_later`)."""
+
+
+def options_added_later(method: str) -> dict[str, Any]:
+    """The :data:`OPTIONS_ADDED_LATER` of the method that owns ``method``'s top-level options: ``X`` of
+    ``adakv-X``, the merger of ``X+keepkv`` (the selector's options are nested under ``selector``)."""
+    return OPTIONS_ADDED_LATER.get(method.split("+")[-1].removeprefix("adakv-"), {})
 
 
 SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight", "agnostic_last_query_weight",
@@ -190,14 +197,15 @@ SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight
 def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, group: str) -> str:
     """The identity of one unit of work (a resumable step): every hyper-parameter of the configuration, defaults
     included (:meth:`MethodConfig.resolved_options`), is part of it, so a run after a default changed redoes the
-    work instead of skipping it as done; an option of :data:`OPTIONS_ADDED_LATER` is not when it is at its
+    work instead of skipping it as done; an option of :func:`options_added_later` is not when it is at its
     earlier behaviour, nor, in a composition ``X+keepkv``, when it is one of KeepKV's selection options (never
     read there: :data:`SELECTION_ONLY_OPTIONS`). Integral option values are written as integers
     (:func:`canonical_unit`)."""
     key: list[Any] = [task, model, config.method, config.variant, budget, group]
     unread = set(SELECTION_ONLY_OPTIONS) if config.method.endswith("+keepkv") else set()
+    later = options_added_later(config.method)
     resolved = {name: value for name, value in config.resolved_options().items()
-                if name not in OPTIONS_ADDED_LATER or (value != OPTIONS_ADDED_LATER[name] and name not in unread)}
+                if name not in later or (value != later[name] and name not in unread)}
     if resolved:
         key.append(sorted(resolved.items()))
     return canonical_unit(json.dumps(key))

@@ -183,17 +183,41 @@ def test_a_row_written_before_an_option_existed_is_labelled_with_its_earlier_beh
     resolved = MethodConfig.parse("keepkv:minnorm").row_fields()["resolved_options"]
     before = {k: v for k, v in resolved.items() if k != "value_norm_power"}
     row = _row(method="keepkv", variant="minnorm", resolved_options=before)
-    earlier = results.OPTIONS_ADDED_LATER["value_norm_power"]
+    earlier = results.OPTIONS_ADDED_LATER["keepkv"]["value_norm_power"]
     assert earlier != resolved["value_norm_power"]  # today's default weighs by value norms
     assert report.label(row) == f"keepkv:minnorm@value_norm_power={earlier}"
     written_as_int = _row(method="keepkv", variant="minnorm", resolved_options={**before, "value_norm_power": 0})
     assert report.label(written_as_int) == report.label(row)  # one label for 0 and 0.0 of a float option
-    monkeypatch.setitem(results.OPTIONS_ADDED_LATER, "value_norm_power", resolved["value_norm_power"])
+    monkeypatch.setitem(results.OPTIONS_ADDED_LATER["keepkv"], "value_norm_power", resolved["value_norm_power"])
     assert report.label(row) == "keepkv:minnorm"
-    monkeypatch.setitem(results.OPTIONS_ADDED_LATER, "value_norm_power", 2.5)
+    monkeypatch.setitem(results.OPTIONS_ADDED_LATER["keepkv"], "value_norm_power", 2.5)
     assert report.label(row) == "keepkv:minnorm@value_norm_power=2.5"
     snapkv = MethodConfig("snapkv").row_fields()["resolved_options"]
     assert report.label(_row(method="snapkv", resolved_options=snapkv)) == "snapkv"  # not an option of SnapKV
+
+
+def test_an_option_added_later_belongs_to_its_method():
+    """KeepKV's ``recent_fraction`` (added later, earlier behaviour 0) leaves KeepKV's unit keys and labels alone at
+    0 and names itself otherwise; H2O's own ``recent_fraction`` (there from the start, default 0.5) stays in H2O's
+    keys at every value, 0 included."""
+    from keepkv.eval import report
+
+    plain = unit_key("tasks", "M", MethodConfig.parse("keepkv"), 0.2, "g")
+    assert unit_key("tasks", "M", MethodConfig.parse("keepkv@recent_fraction=0"), 0.2, "g") == plain
+    assert unit_key("tasks", "M", MethodConfig.parse("keepkv@recent_fraction=0.5"), 0.2, "g") != plain
+    composed = unit_key("tasks", "M", MethodConfig.parse("snapkv+keepkv"), 0.2, "g")
+    assert unit_key("tasks", "M", MethodConfig.parse("snapkv+keepkv@recent_fraction=0.5"), 0.2, "g") == composed
+    h2o_keys = {unit_key("tasks", "M", MethodConfig.parse(f"h2o@recent_fraction={v}"), 0.2, "g") for v in (0, 0.5)}
+    assert len(h2o_keys) == 2 and all("recent_fraction" in key for key in h2o_keys)
+    resolved = MethodConfig.parse("keepkv").row_fields()["resolved_options"]
+    stored = _row(method="keepkv", variant="minnorm",
+                  resolved_options={k: v for k, v in resolved.items() if k != "recent_fraction"})
+    assert report.label(stored) == "keepkv:minnorm"
+    recent = MethodConfig.parse("keepkv@recent_fraction=0.5").row_fields()["resolved_options"]
+    assert report.label(_row(method="keepkv", variant="minnorm", resolved_options=recent)) == \
+        "keepkv:minnorm@recent_fraction=0.5"
+    h2o = MethodConfig.parse("h2o@recent_fraction=0").row_fields()["resolved_options"]
+    assert report.label(_row(method="h2o", resolved_options=h2o)) == "h2o@recent_fraction=0.0"
 
 
 def test_a_configuration_that_merges_nothing_is_labelled_without_the_merge_options():

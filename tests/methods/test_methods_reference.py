@@ -691,29 +691,31 @@ def test_keepkv_value_norm_power_refuses_what_is_not_an_exponent_in_range(bad):
         make_method("keepkv", value_norm_power=bad)
 
 
-@pytest.mark.parametrize("budget", [14, 20])
-def test_keepkv_recent_fraction_protects_the_newest_share_of_the_budget(budget):
-    """``recent_fraction = rho``: the newest ``max(window, floor(rho * budget))`` positions are kept like the window,
-    and the rest of the budget is the top of the scores the method would rank by anyway; ``rho = 0`` is the window
-    alone, and a share larger than the window changes the kept set (the option is not idle)."""
+@pytest.mark.parametrize("budget,rho", [(14, 0.5), (20, 0.5), (14, 0.95), (14, 1.0)])
+def test_keepkv_recent_fraction_protects_the_newest_share_of_the_budget(budget, rho):
+    """``recent_fraction = rho``: the newest ``floor(rho * budget)`` positions, at least the window and at most
+    ``budget - sinks`` (so the sinks and the newest token always fit), are kept like the window, and the rest of
+    the budget is the top of the scores the method would rank by anyway; ``rho = 0`` is the window alone, and a
+    share larger than the window changes the kept set (the option is not idle)."""
     kept = {}
-    for rho in (0.0, 0.5):
+    for share in (0.0, rho):
         method = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, kernel_size=1,
-                             recent_fraction=rho)
+                             recent_fraction=share)
         cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=40, seed=4)
-        recent = max(6, int(rho * budget))
+        recent = max(6, min(math.floor(share * budget + 1e-9), budget - 2))
         protected = {0, 1, *range(40 - recent, 40)}
         assert method.recent_window(budget) == recent and method.recent_window(None) == 6
         scores = method.scores(cache, 0)  # layer selection: one ranking for every head
         candidates = {pos: float(scores[0, 0, pos]) for pos in range(40) if pos not in protected}
         method.compress(cache, 0, budget)
-        kept[rho] = [kept_positions(cache, 0, h) for h in range(3)]
+        kept[share] = [kept_positions(cache, 0, h) for h in range(3)]
         for h in range(3):
-            assert kept[rho][h] == protected | top_positions(candidates, budget - len(protected)), (rho, h)
-    assert kept[0.0] != kept[0.5]
+            assert 39 in kept[share][h] and len(kept[share][h]) == budget, (share, h)
+            assert kept[share][h] == protected | top_positions(candidates, budget - len(protected)), (share, h)
+    assert kept[0.0] != kept[rho]
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan"), "half"])
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "half"])
 def test_keepkv_recent_fraction_refuses_a_share_outside_zero_to_one(bad):
     with pytest.raises(KeepKVError, match="recent_fraction must"):
         make_method("keepkv", recent_fraction=bad)

@@ -25,23 +25,14 @@ PyramidKV layer budgets) apply: accumulated attention is comparable across heads
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from keepkv.cache.budgets import BudgetOptions
 from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.cache.policy import recent_entries
 from keepkv.errors import KeepKVError
-
-
-def recent_entries(budget: int | None, recent_fraction: float, window: int, sinks: int) -> int:
-    """Newest entries protected at a compression to ``budget``: ``floor(recent_fraction * budget)``, at least
-    ``window`` (and 1), at most ``budget - sinks``."""
-    least = max(window, 1)
-    if budget is None:
-        return least
-    return max(least, min(math.floor(recent_fraction * budget + 1e-9), budget - sinks))
 
 
 def accumulated_attention(cache: CompressedLayerCache, method_name: str) -> Tensor:

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from keepkv.cache.budgets import check_layer_budget_options, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.policy import CompressionMethod
+from keepkv.cache.policy import CompressionMethod, recent_entries
 from keepkv.checks import is_real
 from keepkv.distributed.heads import head_mean
 from keepkv.errors import KeepKVError
@@ -104,10 +104,11 @@ class KeepKV(CompressionMethod):
       weights, this reads only the cache. The norms are not normalised per head, so in the layer mean a head
       counts in proportion to the size of what its values write (a head writing twice as much weighs
       ``2 ** gamma`` times as much): a choice, the one measured (``docs/keepkv-quality.md``).
-    - ``recent_fraction`` (``rho`` in [0, 1), 0 = only ``window``): the newest ``floor(rho * budget)`` positions
-      of a compression to ``budget`` are protected like the window (StreamingLLM's recency inside a score-ranked
-      budget: the rest of the budget is ranked as above). Unprotected slots' pooling neighbours are those of
-      the window alone.
+    - ``recent_fraction`` (``rho`` in [0, 1], 0 = only ``window``): the newest ``floor(rho * budget)`` positions
+      of a compression to ``budget`` (at most ``budget - sinks``) are protected like the window, H2O's recent
+      share (:func:`keepkv.cache.policy.recent_entries`): StreamingLLM's recency inside a score-ranked budget,
+      the rest of the budget ranked as above. The pooling of ``kernel_size`` zeroes the window's slots only, so
+      a protected recent slot beyond the window may lend its score to an older neighbour.
 
     Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
@@ -168,19 +169,17 @@ class KeepKV(CompressionMethod):
         if not 0.0 <= float(self.value_norm_power) <= 4.0:
             raise KeepKVError(f"keepkv: value_norm_power must lie in [0, 4] (0 = attention only, 1 = VATP's ||v||_1 "
                               f"weighting), got {self.value_norm_power}")
-        if not 0.0 <= float(self.recent_fraction) < 1.0:
-            raise KeepKVError(f"keepkv: recent_fraction must lie in [0, 1) (0 = the window only), "
+        if not 0.0 <= float(self.recent_fraction) <= 1.0:
+            raise KeepKVError(f"keepkv: recent_fraction must lie in [0, 1] (0 = the window only), "
                               f"got {self.recent_fraction}")
         check_layer_budget_options(self.name, self.layer_budgets, self.cosine_decay, self.pyramid_beta)
         self.stats = MergeStats()
 
     def recent_window(self, budget: int | None) -> int:
-        """``max(window, floor(recent_fraction * budget))`` newest positions protected at a compression to
-        ``budget`` (the window alone without a budget)."""
-        window = super().recent_window(budget)
-        if budget is None:
-            return window
-        return max(window, int(float(self.recent_fraction) * budget))
+        """Newest positions protected at a compression to ``budget``: ``floor(recent_fraction * budget)``, at least
+        the window, at most ``budget - sinks`` (:func:`~keepkv.cache.policy.recent_entries`; the window alone
+        without a budget)."""
+        return recent_entries(budget, float(self.recent_fraction), self.window, self.sinks)
 
     def for_query_agnostic(self) -> CompressionMethod:
         """A copy ranking with ``last_query_weight = agnostic_last_query_weight`` (``self`` when the two weights
