@@ -35,13 +35,16 @@ def needle_depths(record: dict) -> list[tuple[str, float]]:
 
 
 def found_by_depth(rows, records: dict[str, dict], model: str, budget: float, labels: list[str],
-                   edges: list[float]) -> dict[tuple[str, str, int], list[int]]:
-    """``(protocol, label, bucket) -> [found, needles]`` over the newest row of each (label, protocol, cell)."""
+                   edges: list[float], source: str) -> dict[tuple[str, str, int], list[int]]:
+    """``(protocol, label, bucket) -> [found, needles]`` over the newest row of each (label, protocol, cell) of
+    ``source`` (the rows' ``seed<S>-<haystack>``: cell names do not say which haystack built them)."""
     newest: dict[tuple[str, str, str], dict] = {}
     for row in rows:
         if row.get("task") != "tasks" or row.get("model") != model or row.get("cell") not in records:
             continue
-        if row.get("engine", "keepkv") != "keepkv" or "answer" not in row or row["metric"].endswith("exact_match"):
+        if row.get("engine", "keepkv") != "keepkv" or row.get("source") != source or "answer" not in row:
+            continue
+        if row.get("scoring") != "match":
             continue
         name = label(row)
         if name not in labels or (name != "full" and float(row["budget"]) != budget):
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, required=True)
     parser.add_argument("--label", action="append", required=True, help="repeatable")
     parser.add_argument("--edges", default="0.8", help="comma-separated depth bucket edges in (0, 1)")
+    parser.add_argument("--source", default="seed0-essays", help="the rows' source (seed and haystack of the export)")
     args = parser.parse_args(argv)
     edges = sorted(float(e) for e in args.edges.split(","))
     if not all(0.0 < e < 1.0 for e in edges):
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         record = json.loads(line)
         if scoring_of(record["task"]) == "match":
             records[record["cell"]] = record
-    counts = found_by_depth(read_rows(args.results), records, args.model, args.budget, args.label, edges)
+    counts = found_by_depth(read_rows(args.results), records, args.model, args.budget, args.label, edges, args.source)
     print(table(counts, args.label, edges))
 
 

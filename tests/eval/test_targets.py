@@ -199,3 +199,29 @@ def test_headline_tables_pair_each_row_with_the_baseline_and_bold_the_best(tmp_p
     # TOVA on the shared passages 0-1: mean 0.2 (its passage 2 is left out), -0.1 on each: a point interval; bold
     assert lines[3] == "| TOVA | **0.200** (-0.100 [-0.100, -0.100]) | – |"
     assert lines[4] == "| H2O | – | – |"  # no baseline at 20%, no run at 10%
+
+
+def test_needle_depths_counts_each_reference_by_its_place_in_the_context():
+    """``tools/needle_depths.py``: each reference of a string-match row counts once, in the bucket of its first
+    place in the context; the newest row of a (label, protocol, cell) wins; rows of another source, another
+    budget or a QA family are left out; ``full`` is taken at its own budget."""
+    _tools()
+    import needle_depths
+
+    context = "a" * 50 + "111" + "b" * 40 + "222" + "c" * 4  # 111 at 0.5, 222 at 0.93
+    records = {"multivalue/len100/s0": {"task": "multivalue", "context": context, "answers": ["111", "222"]}}
+
+    def row(method, answer, budget=0.2, protocol="aware", source="seed0-essays", scoring="match"):
+        return {"task": "tasks", "model": "m", "cell": "multivalue/len100/s0", "method": method, "variant": "",
+                "budget": budget, "metric": "task_accuracy_aware", "protocol": protocol, "answer": answer,
+                "source": source, "scoring": scoring}
+
+    rows = [row("streamingllm", "111"), row("streamingllm", "only 222"),  # the newest row counts
+            row("streamingllm", "111 222", budget=0.5), row("streamingllm", "111", source="seed1-essays"),
+            row("full", "111 and 222", budget=1.0), row("full", "222", protocol="agnostic", budget=1.0)]
+    counts = needle_depths.found_by_depth(rows, records, "m", 0.2, ["full", "streamingllm"], [0.8], "seed0-essays")
+    assert counts == {("aware", "streamingllm", 0): [0, 1], ("aware", "streamingllm", 1): [1, 1],
+                      ("aware", "full", 0): [1, 1], ("aware", "full", 1): [1, 1],
+                      ("agnostic", "full", 0): [0, 1], ("agnostic", "full", 1): [1, 1]}
+    text = needle_depths.table(counts, ["full", "streamingllm"], [0.8])
+    assert "| streamingllm | – | – | 0/1 | 1/1 |" in text and "aware [0.8, 1]" in text
