@@ -46,8 +46,7 @@ from torch import Tensor
 from keepkv.cache.budgets import largest_remainder
 from keepkv.cache.compressed import CompressedLayerCache
 from keepkv.cache.methods.h2o import accumulated_attention
-from keepkv.cache.policy import recent_entries
-from keepkv.cache.policy import CompressionMethod
+from keepkv.cache.policy import CompressionMethod, recent_entries
 from keepkv.distributed.heads import head_mean
 from keepkv.errors import KeepKVError
 from keepkv.ops.scores import cosine_best_match
