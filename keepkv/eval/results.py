@@ -199,16 +199,21 @@ def unit_key(task: str, model: str, config: MethodConfig, budget: float | int, g
     included (:meth:`MethodConfig.resolved_options`), is part of it, so a run after a default changed redoes the
     work instead of skipping it as done; an option of :func:`options_added_later` is not when it is at its
     earlier behaviour, nor, in a composition ``X+keepkv``, when it is one of KeepKV's selection options (never
-    read there: :data:`SELECTION_ONLY_OPTIONS`). Integral option values are written as integers
-    (:func:`canonical_unit`)."""
+    read there: :data:`SELECTION_ONLY_OPTIONS`). Integral option values are written as integers, the form
+    :func:`canonical_unit` reads stored keys in."""
     key: list[Any] = [task, model, config.method, config.variant, budget, group]
     unread = set(SELECTION_ONLY_OPTIONS) if config.method.endswith("+keepkv") else set()
     later = options_added_later(config.method)
     resolved = {name: value for name, value in config.resolved_options().items()
                 if name not in later or (value != later[name] and name not in unread)}
     if resolved:
-        key.append(sorted(resolved.items()))
-    return canonical_unit(json.dumps(key))
+        key.append([[name, _integral_as_int(value)] for name, value in sorted(resolved.items())])
+    return json.dumps(key)
+
+
+def _integral_as_int(value: Any) -> Any:
+    """An integral float as an int (``1.0`` -> ``1``); anything else (bools included) unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def canonical_unit(unit: str) -> str:
@@ -223,8 +228,7 @@ def canonical_unit(unit: str) -> str:
         return unit
     if not isinstance(key, list) or len(key) < 7 or not isinstance(key[6], list):
         return unit
-    key[6] = [[name, int(value) if isinstance(value, float) and value.is_integer() else value]
-              for name, value in key[6]]
+    key[6] = [[name, _integral_as_int(value)] for name, value in key[6]]
     return json.dumps(key)
 
 
