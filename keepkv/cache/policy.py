@@ -225,6 +225,12 @@ class CompressionMethod:
         """``[batch, kv_heads, capacity]`` float32 importance of each slot (higher = keep)."""
         raise KeepKVError(f"method {self.name!r} defines no scores")
 
+    def ranking_scores(self, cache: CompressedLayerCache, layer: int, protected: Tensor) -> Tensor:
+        """The scores :meth:`select` ranks by at a compression whose protected slots are ``protected``
+        (:meth:`protected_mask` for its budget). Default: :meth:`scores`; a method whose scores depend on which
+        slots a compression protects (KeepKV's pooling skips them) overrides this."""
+        return self.scores(cache, layer)
+
     def merge(self, cache: CompressedLayerCache, layer: int, kept_slots: Tensor, kept_valid: Tensor,
               evicted_slots: Tensor, evicted_valid: Tensor, compiled: bool = False) -> None:
         """Fold evicted entries into kept ones, in place (default: nothing, i.e. plain eviction); ``compiled``: use
@@ -254,7 +260,7 @@ class CompressionMethod:
                       live: Tensor) -> Tensor:
         """``[batch, kv_heads, capacity]`` float32 ranking: ``+inf`` protected, ``-inf`` empty, else the scores
         (NaN and infinities of the scores clamped to finite values)."""
-        ranking = self.scores(cache, layer).float().nan_to_num(nan=-torch.finfo(torch.float32).max)
+        ranking = self.ranking_scores(cache, layer, protected).float().nan_to_num(nan=-torch.finfo(torch.float32).max)
         ranking = ranking.clamp(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
         ranking = torch.where(protected, float("inf"), ranking)
         return torch.where(live, ranking, -float("inf"))

@@ -715,6 +715,41 @@ def test_keepkv_recent_fraction_protects_the_newest_share_of_the_budget(budget, 
     assert kept[0.0] != kept[rho]
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_keepkv_pooling_skips_the_recent_share_a_compression_protects(compiled):
+    """With ``kernel_size > 1`` and ``recent_fraction > 0`` the max-pooling runs over the slots the compression
+    leaves to the ranking: sinks, window and the recent share of its budget are zeroed before pooling, so no
+    protected slot lends its score to an older neighbour. Reference: the unpooled per-head scores, protected slots
+    zeroed, max over the ``kernel_size`` neighbourhood in Python; the kept set is the protected slots plus the top
+    of that. The case is chosen so the window-only mask would rank differently (the test can fail)."""
+    budget, kernel, half = 20, 7, 3
+    options = dict(similarity_threshold=1.0, sinks=2, window=4, recent_fraction=0.5, selection="head",
+                   value_norm_power=0.0)
+    method = make_method("keepkv", kernel_size=kernel, **options)
+    cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=40, seed=4)
+    raw = make_method("keepkv", kernel_size=1, **options).scores(cache, 0)
+    recent = method.recent_window(budget)
+    assert recent == 10 > options["window"]
+
+    def pooled(protected_positions):
+        return [{pos: max(0.0 if p in protected_positions else float(raw[0, h, p])
+                          for p in range(max(pos - half, 0), min(pos + half + 1, 40)))
+                 for pos in range(40) if pos not in protected_positions} for h in range(3)]
+
+    protected = {0, 1, *range(40 - recent, 40)}
+    expected = pooled(protected)
+    window_only = pooled({0, 1, *range(40 - options["window"], 40)})
+    assert any(expected[h][pos] != window_only[h][pos] for h in range(3) for pos in expected[h])
+    live = torch.isfinite(cache.log_votes)
+    ranking = method.keep_priority(cache, 0, budget, method.protected_mask(cache, budget), live)
+    for h in range(3):
+        for pos, score in expected[h].items():
+            assert float(ranking[0, h, pos]) == pytest.approx(score, rel=1e-6, abs=1e-9), (h, pos)
+    method.compress(cache, 0, budget, compiled=compiled)
+    for h in range(3):
+        assert kept_positions(cache, 0, h) == protected | top_positions(expected[h], budget - len(protected)), h
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), "half"])
 def test_keepkv_recent_fraction_refuses_a_share_outside_zero_to_one(bad):
     with pytest.raises(KeepKVError, match="recent_fraction must"):

@@ -107,8 +107,8 @@ class KeepKV(CompressionMethod):
     - ``recent_fraction`` (``rho`` in [0, 1], 0 = only ``window``): the newest ``floor(rho * budget)`` positions
       of a compression to ``budget`` (at most ``budget - sinks``) are protected like the window, H2O's recent
       share (:func:`keepkv.cache.policy.recent_entries`): StreamingLLM's recency inside a score-ranked budget,
-      the rest of the budget ranked as above. The pooling of ``kernel_size`` zeroes the window's slots only, so
-      a protected recent slot beyond the window may lend its score to an older neighbour.
+      the rest of the budget ranked as above. The pooling of ``kernel_size`` zeroes every slot the compression
+      protects (the recent share included), so a protected slot never lends its score to an older neighbour.
 
     Defaults: the measured best configuration (module docstring, ``docs/keepkv-quality.md``)."""
 
@@ -199,13 +199,19 @@ class KeepKV(CompressionMethod):
         return layer_budget_schedule(self.layer_budgets, budget, num_layers, self.protected_entries,
                                      pyramid_beta=self.pyramid_beta, cosine_decay=float(self.cosine_decay))
 
-    def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
+    def ranking_scores(self, cache: CompressedLayerCache, layer: int, protected: Tensor) -> Tensor:
+        """:meth:`scores` pooled over the slots this compression does not protect (``protected``: its budget's
+        sinks, window and recent share)."""
+        return self.scores(cache, layer, protected)
+
+    def scores(self, cache: CompressedLayerCache, layer: int, protected: Tensor | None = None) -> Tensor:
         """``[batch, kv_heads, capacity]`` float32, in the order computed: the mean vote-weighted attention of the
         window queries and the group's query heads, mixed with the newest query's attention by
         ``last_query_weight``; divided by the entry's votes with ``score_normalization="per-token"``; max-pooled
-        along the cache over the selectable slots with ``kernel_size > 1``; times ``||v_i||_1 ** value_norm_power``
-        (each head's own values; empty slots score 0) when that power is not 0; then, with ``selection="layer"``,
-        the mean over the layer's KV heads (the same for every head)."""
+        along the cache with ``kernel_size > 1`` over the live slots outside ``protected`` (default: the sinks and
+        the window, :meth:`protected_mask` without a budget; a compression passes its own); times
+        ``||v_i||_1 ** value_norm_power`` (each head's own values; empty slots score 0) when that power is not 0;
+        then, with ``selection="layer"``, the mean over the layer's KV heads (the same for every head)."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
         present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
         scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
@@ -218,7 +224,9 @@ class KeepKV(CompressionMethod):
         if self.score_normalization == "per-token":
             scores = torch.where(live, scores * torch.exp(-cache.log_votes.masked_fill(~live, 0.0)), 0.0)
         if self.kernel_size > 1:
-            scores = pool_along_slots(scores * (live & ~self.protected_mask(cache)), self.kernel_size, "maxpool")
+            if protected is None:
+                protected = self.protected_mask(cache)
+            scores = pool_along_slots(scores * (live & ~protected), self.kernel_size, "maxpool")
         if self.value_norm_power:
             value_norms = torch.linalg.vector_norm(cache.values, 1, dim=-1, dtype=torch.float32)  # [B, Hkv, C]
             # an empty slot scores 0 whatever its stale value holds
