@@ -86,6 +86,9 @@ class Selected(CompressionMethod):
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
         return self.selector.scores(cache, layer)
 
+    def ranking_scores(self, cache: CompressedLayerCache, layer: int, protected: Tensor) -> Tensor:
+        return self.selector.ranking_scores(cache, layer, protected)
+
     def protected_mask(self, cache: CompressedLayerCache, budget: int | None = None) -> Tensor:
         return self.selector.protected_mask(cache, budget)
 

@@ -18,7 +18,8 @@ A method is a dataclass whose fields are its hyper-parameters (with the paper's 
   :meth:`~CompressionMethod.options` (every hyper-parameter, for result rows).
 
 What a method writes: usually only :meth:`~CompressionMethod.scores` (``[batch, kv_heads, capacity]`` float32,
-higher = keep). The shared :meth:`~CompressionMethod.select` protects attention sinks (``position < sinks``) and
+higher = keep; :meth:`~CompressionMethod.ranking_scores` when the scores depend on which slots a compression
+protects). The shared :meth:`~CompressionMethod.select` protects attention sinks (``position < sinks``) and
 the recent window (:meth:`~CompressionMethod.recent_window` newest positions, the newest token included), then
 keeps the highest scores up to the budget (per head, or :meth:`~CompressionMethod.plan_head_budgets` entries),
 ties broken by slot = position order (a stable sort), so selection is deterministic. Merging methods also write
