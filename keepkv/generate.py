@@ -54,7 +54,8 @@ where no long chunk applies (H2O, a batch too large for the activation bound).""
 
 def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Estimated bytes one prompt token holds at the peak of a decoder layer's prefill forward: the MLP's gate,
-    up, activation and product rows (``4 * intermediate``), the query / key / value / attention-output rows
+    up, activation and product rows (``4 * intermediate``; an upper bound: an engine's eager prefill computes the
+    SwiGLU in place in two reused buffers, ``MLP.forward``), the query / key / value / attention-output rows
     (``(2 * heads + 2 * kv_heads) * head_dim``) and four hidden-state rows (residual, normed, float32 norm
     statistics counted as two), at the activations' ``dtype``. The attention kernels of a compiled prefill are
     fused (no ``T x S`` score matrix), so nothing grows with the cache."""
@@ -64,12 +65,14 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def automatic_long_chunk(config: ModelConfig, dtype: torch.dtype, batch_size: int, chunk: int,
-                         runtime: RuntimeOptions) -> int:
+                         runtime: RuntimeOptions, *, uncompressed: bool = False) -> int:
     """The long prefill chunk of an automatic engine: the largest multiple of ``chunk`` that is at most
-    ``runtime.prefill_long_chunk`` tokens and whose activations (``batch_size`` rows of
+    ``runtime.prefill_long_chunk`` tokens (``runtime.prefill_uncompressed_long_chunk`` for a prefill that
+    compresses nothing before its end, ``uncompressed=True``) and whose activations (``batch_size`` rows of
     :func:`activation_bytes_per_token`) stay within ``runtime.prefill_activation_bytes``; at least ``chunk``."""
     fits = runtime.prefill_activation_bytes // max(1, batch_size * activation_bytes_per_token(config, dtype))
-    return max(chunk, min(runtime.prefill_long_chunk, fits) // chunk * chunk)
+    longest = runtime.prefill_uncompressed_long_chunk if uncompressed else runtime.prefill_long_chunk
+    return max(chunk, min(longest, fits) // chunk * chunk)
 
 
 def chunk_widths(tokens: int, chunk: int, long_chunk: int) -> list[int]:
@@ -256,7 +259,8 @@ class GenerationEngine:
             return self.prefill_room(valid.shape[0])
         if not self.automatic_chunks:
             return chunk
-        long_chunk = automatic_long_chunk(self.config, self.dtype, valid.shape[0], chunk, self.runtime)
+        long_chunk = automatic_long_chunk(self.config, self.dtype, valid.shape[0], chunk, self.runtime,
+                                          uncompressed=True)
         if long_chunk <= chunk or valid.shape[1] < long_chunk or self._split_prefill_past(valid) is None:
             return chunk
         return long_chunk
@@ -294,19 +298,20 @@ class GenerationEngine:
         if widths is None:
             widths = chunk_widths(input_ids.shape[1], self.prefill_chunk_size, self.prefill_chunk_size)
         start = 0
-        for chunk in widths:
-            # fresh standard strides: a view of the prompt would trip the compiled kernel's stride guards
-            ids, pos, ok = (
-                t[:, start : start + chunk].clone(memory_format=torch.contiguous_format)
-                for t in (input_ids, positions, valid)
-            )
-            width = ids.shape[1]
-            if self.compile and width < chunk:
-                pad = (0, chunk - width)
-                ids, pos = F.pad(ids, pad), F.pad(pos, pad)
-                ok = F.pad(ok, pad, value=False)
-            yield start, width, self._forward_chunk(ids, pos, ok)
-            start += chunk
+        with self.network.scratch_buffers():  # the MLP activations of every chunk in one reused pair of buffers
+            for chunk in widths:
+                # fresh standard strides: a view of the prompt would trip the compiled kernel's stride guards
+                ids, pos, ok = (
+                    t[:, start : start + chunk].clone(memory_format=torch.contiguous_format)
+                    for t in (input_ids, positions, valid)
+                )
+                width = ids.shape[1]
+                if self.compile and width < chunk:
+                    pad = (0, chunk - width)
+                    ids, pos = F.pad(ids, pad), F.pad(pos, pad)
+                    ok = F.pad(ok, pad, value=False)
+                yield start, width, self._forward_chunk(ids, pos, ok)
+                start += chunk
 
     def prefill(self, input_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Run the prompt; return ``(logits of each row's last real token [B, vocab], next positions [B])``."""

@@ -53,7 +53,11 @@ class RuntimeOptions:
     - ``prefill_long_chunk`` (>= 1) and ``prefill_activation_bytes`` (>= 1): the automatic prefill chunks
       (``load(prefill_chunk_size=None)``): prompt pieces of up to ``prefill_long_chunk`` tokens, fewer when one
       chunk's activations would pass ``prefill_activation_bytes`` (:func:`keepkv.generate.automatic_long_chunk`);
-      a cache compressed during prefill also gets that many slots of room (its prefill buffer).
+      a cache compressed during prefill also gets that many slots of room (its prefill buffer);
+    - ``prefill_uncompressed_long_chunk`` (>= 1): the same bound, instead of ``prefill_long_chunk``, for a
+      prefill that compresses nothing before its end (the full cache, ``prefill_compression="once"``), whose
+      results do not depend on its chunks: wider forwards re-read the weights less often and run longer GEMMs
+      (``docs/profile.md``, section 22).
     """
 
     decode_kernel: str = "auto"
@@ -66,6 +70,7 @@ class RuntimeOptions:
     capacity_quantum: int = 256
     graphs_per_function: int = GRAPHS_PER_FUNCTION
     prefill_long_chunk: int = 2048
+    prefill_uncompressed_long_chunk: int = 4096
     prefill_activation_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
@@ -76,7 +81,8 @@ class RuntimeOptions:
                               f"{', '.join(PREFILL_KERNELS)}")
         for name, least in (("sdpa_decode_max_slots", 0), ("decode_pieces", 1), ("capacity_quantum", 1),
                             ("graphs_per_function", 8),
-                            ("prefill_long_chunk", 1), ("prefill_activation_bytes", 1)):
+                            ("prefill_long_chunk", 1), ("prefill_uncompressed_long_chunk", 1),
+                            ("prefill_activation_bytes", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise KeepKVError(f"{name} must be an integer >= {least}, got {value!r}")

@@ -18,6 +18,8 @@ checkpoint loads without renaming. The only state besides weights is each attent
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,8 @@ from keepkv.cache import LayerKVCache
 from keepkv.compile_limits import repeated_region
 from keepkv.models.config import ModelConfig
 from keepkv.ops.attention import vote_attention, vote_attention_chunk
-from keepkv.ops.linear import Linear
+from keepkv.ops.linear import Linear, linear_into
+from keepkv.ops.workspace import Workspace
 from keepkv.runtime import DEFAULT_RUNTIME, RuntimeOptions
 
 
@@ -134,9 +137,26 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # scratch buffers of the current eager prefill (Transformer.scratch_buffers), None otherwise
+        self.workspace: Workspace | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """``down(silu(gate(x)) * up(x))``. In an eager forward without autograd while the network lends its
+        layers a :class:`~keepkv.ops.workspace.Workspace` (prefill chunks), ``gate(x)`` and ``up(x)`` are
+        written into its two buffers, shared by every layer and chunk, and the SwiGLU runs in place
+        (``silu_``, ``mul_``): the same GEMMs and values, no fresh ``[tokens, intermediate]`` tensors. Compiled
+        graphs (decode) and every other call take the plain form, which inductor fuses."""
+        workspace = self.workspace
+        if workspace is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        rows = x.shape[:-1].numel()
+        flat = x.reshape(rows, x.shape[-1])
+        gate_proj, up_proj = self.gate_proj, self.up_proj
+        gate = linear_into(flat, gate_proj.weight, gate_proj.bias,
+                           workspace.buffer("mlp_gate", (rows, gate_proj.weight.shape[0]), x.dtype, x.device))
+        up = linear_into(flat, up_proj.weight, up_proj.bias,
+                         workspace.buffer("mlp_up", (rows, up_proj.weight.shape[0]), x.dtype, x.device))
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up)).view(*x.shape[:-1], -1)
 
 
 class Block(nn.Module):
@@ -206,6 +226,25 @@ class Transformer(nn.Module):
         preconditions the caller has checked); ``None`` restores the general kernel."""
         for layer, attention in enumerate(self.attention_layers):
             attention.prefill_past_slots = None if past_slots is None else past_slots[layer]
+
+    @contextmanager
+    def scratch_buffers(self) -> Iterator[Workspace]:
+        """Within the block, every MLP computes its eager no-grad forwards in one shared
+        :class:`~keepkv.ops.workspace.Workspace` (``MLP.forward``); on exit the buffers are freed. The engine
+        opens one per prefill (and per ``extend``). Nested: the outer workspace stays in use."""
+        mlps = [block.mlp for block in self.model.layers]
+        if mlps[0].workspace is not None:
+            yield mlps[0].workspace
+            return
+        workspace = Workspace()
+        for mlp in mlps:
+            mlp.workspace = workspace
+        try:
+            yield workspace
+        finally:
+            for mlp in mlps:
+                mlp.workspace = None
+            workspace.clear()
 
     def forward(self, input_ids: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """Hidden states ``[batch, T, hidden]`` after the final norm.

@@ -47,6 +47,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def linear_into(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """``x W^T + b`` for a 2-D ``x [rows, in]`` written into ``out [rows, out_features]`` (returned): the same
+    GEMM ``F.linear`` runs for a contiguous input (``mm``, or ``addmm`` with a bias), in a buffer the caller
+    reuses (:class:`keepkv.ops.workspace.Workspace`)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and names, so checkpoints load unchanged) computing through :func:`linear`.
     ``reduction_dtypes``: the model's ``RuntimeOptions.reduction_dtypes`` (set by

@@ -24,7 +24,7 @@ from keepkv.sampling import SamplingConfig
 from tests.conftest import tiny_config, tiny_network
 
 SMALL_CHUNK, LONG_CHUNK = 16, 64  # a short prompt then takes long chunks (the defaults: 512 and 2048)
-RUNTIME = RuntimeOptions(prefill_long_chunk=LONG_CHUNK)
+RUNTIME = RuntimeOptions(prefill_long_chunk=LONG_CHUNK, prefill_uncompressed_long_chunk=LONG_CHUNK)
 
 
 def automatic_engine(network, *, compile=True, manager=None) -> GenerationEngine:
@@ -98,6 +98,34 @@ def test_automatic_long_chunk_respects_the_activation_bound():
         previous = long_chunk
     assert automatic_long_chunk(config, torch.float32, 1, 128, runtime) == 896  # 1000 rows -> 7 chunks
     assert automatic_long_chunk(config, torch.bfloat16, 1, 128, runtime) == 1920  # half the bytes per row
+
+
+def test_a_prefill_compressing_nothing_before_its_end_takes_the_wider_uncompressed_chunk(network):
+    """``prefill_uncompressed_long_chunk`` bounds the long chunk of the full cache and of
+    ``prefill_compression="once"`` (their results do not depend on it), ``prefill_long_chunk`` that of a cache
+    compressed during prefill (its chunks decide what it keeps); both within the activation bound."""
+    runtime = RuntimeOptions(prefill_long_chunk=LONG_CHUNK, prefill_uncompressed_long_chunk=2 * LONG_CHUNK)
+    valid = torch.ones(1, 300, dtype=torch.bool)
+    _, keepkv = resolve_method("keepkv", 0.25, {})
+    managers = {kind: CacheManager(network.config, torch.float32, torch.device("cpu"), keepkv, 0.25,
+                                   prefill_compression=kind, runtime=runtime) for kind in ("once", "chunked")}
+    for kind, manager in (("full", None), *managers.items()):
+        engine = GenerationEngine(network, compile=True, prefill_chunk_size=None, cache_manager=manager,
+                                  runtime=runtime)
+        engine.prefill_chunk_size = SMALL_CHUNK
+        engine.prepare_caches(1, valid.shape[1], 4)
+        expected = LONG_CHUNK if kind == "chunked" else 2 * LONG_CHUNK
+        assert engine.long_chunk(valid) == expected, kind
+        assert max(engine.prefill_widths(valid)) == expected, kind
+    config = tiny_config(hidden_size=256, intermediate_size=1024, num_heads=8, num_kv_heads=2)
+    per_token = activation_bytes_per_token(config, torch.float32)
+    bounded = RuntimeOptions(prefill_long_chunk=512, prefill_uncompressed_long_chunk=4096,
+                             prefill_activation_bytes=per_token * 1000)
+    assert automatic_long_chunk(config, torch.float32, 1, 128, bounded) == 512
+    assert automatic_long_chunk(config, torch.float32, 1, 128, bounded, uncompressed=True) == 896  # the bound
+    assert RuntimeOptions().prefill_uncompressed_long_chunk == 4096
+    with pytest.raises(Exception, match="prefill_uncompressed_long_chunk"):
+        RuntimeOptions(prefill_uncompressed_long_chunk=0)
 
 
 def chunked_manager(network, method="keepkv", budget=0.25) -> CacheManager:

@@ -1,0 +1,108 @@
+"""keepkv.ops.workspace and the MLP's prefill scratch buffers: one storage per name reused across layers and
+chunks, the same values as the plain MLP bit for bit, opened per prefill by the engine and freed after it (also
+when the prefill fails)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keepkv.generate import GenerationEngine
+from keepkv.ops.linear import linear_into
+from keepkv.ops.workspace import Workspace
+from tests.conftest import tiny_network
+
+
+def test_a_name_reuses_one_storage_grown_only_when_a_larger_shape_is_asked_for():
+    workspace = Workspace()
+    first = workspace.buffer("a", (4, 8), torch.float32, torch.device("cpu"))
+    smaller = workspace.buffer("a", (2, 3), torch.float32, "cpu")
+    assert smaller.shape == (2, 3) and smaller.is_contiguous()
+    assert smaller.data_ptr() == first.data_ptr()
+    other_name = workspace.buffer("b", (4, 8), torch.float32, "cpu")
+    other_dtype = workspace.buffer("a", (4, 8), torch.bfloat16, "cpu")
+    assert len({first.data_ptr(), other_name.data_ptr(), other_dtype.data_ptr()}) == 3
+    assert workspace.resident_bytes() == 32 * 4 + 32 * 4 + 32 * 2
+    larger = workspace.buffer("a", (5, 8), torch.float32, "cpu")
+    assert larger.shape == (5, 8)
+    assert workspace.resident_bytes() == 40 * 4 + 32 * 4 + 32 * 2  # the smaller one was dropped
+    workspace.clear()
+    assert workspace.resident_bytes() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_into_writes_exactly_f_linear_into_the_given_buffer(dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 80, generator=g).to(dtype)
+    w = torch.randn(96, 80, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype) if bias else None
+    out = torch.empty(37, 96, dtype=dtype)
+    result = linear_into(x, w, b, out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(result, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mlp_in_scratch_buffers_gives_the_plain_mlps_values_bit_for_bit(dtype):
+    network = tiny_network(dtype=dtype)
+    x = torch.randn(2, 9, network.config.hidden_size).to(dtype)
+    mlps = [block.mlp for block in network.model.layers]
+    with torch.inference_mode():
+        plain = [mlp(x) for mlp in mlps]
+        with network.scratch_buffers() as workspace:
+            assert all(mlp.workspace is workspace for mlp in mlps)
+            pointers = set()
+            for mlp, expected in zip(mlps, plain):
+                out = mlp(x)
+                assert torch.equal(out, expected) and out.shape == x.shape
+                pointers.add(workspace.buffer("mlp_gate", (1,), dtype, x.device).data_ptr())
+            assert len(pointers) == 1  # every layer wrote into the same gate buffer
+            with network.scratch_buffers() as inner:  # nested: the outer workspace stays
+                assert inner is workspace
+            assert mlps[0].workspace is workspace
+            assert workspace.resident_bytes() == 2 * 18 * network.config.intermediate_size * x.element_size()
+        assert all(mlp.workspace is None for mlp in mlps) and workspace.resident_bytes() == 0
+    # with autograd on, the buffers are not used (an in-place SwiGLU would break the backward pass)
+    x.requires_grad_(dtype == torch.float32)
+    with network.scratch_buffers() as workspace:
+        assert torch.equal(mlps[0](x).detach(), plain[0])
+        assert workspace.resident_bytes() == 0
+
+
+def test_a_prefill_opens_one_workspace_and_frees_it_even_when_it_fails():
+    network = tiny_network()
+    engine = GenerationEngine(network, compile=False, prefill_chunk_size=8)
+    seen = []
+    original = network.model.layers[0].mlp.forward
+
+    def spy(x):
+        seen.append(network.model.layers[0].mlp.workspace)
+        return original(x)
+
+    network.model.layers[0].mlp.forward = spy
+    ids = torch.randint(3, 100, (1, 20))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    engine.prepare_caches(1, 20, 1)
+    with torch.inference_mode():
+        with_buffers, _ = engine.prefill(ids, valid)
+    assert len(seen) == 3 and seen[0] is not None and all(w is seen[0] for w in seen)  # one per prefill
+    assert network.model.layers[0].mlp.workspace is None and seen[0].resident_bytes() == 0
+    del network.model.layers[0].mlp.forward
+    # the values do not depend on the buffers: a prefill whose workspace is never opened gives the same logits
+    engine.network.scratch_buffers = lambda: __import__("contextlib").nullcontext()
+    engine.prepare_caches(1, 20, 1)
+    with torch.inference_mode():
+        without, _ = engine.prefill(ids, valid)
+    del engine.network.scratch_buffers
+    assert torch.equal(with_buffers, without)
+
+    def broken(x):
+        raise RuntimeError("boom")
+
+    network.model.layers[1].mlp.forward = broken
+    engine.prepare_caches(1, 20, 1)
+    with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
+        engine.prefill(ids, valid)
+    assert all(block.mlp.workspace is None for block in network.model.layers)
