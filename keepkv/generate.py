@@ -64,15 +64,31 @@ def activation_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return rows * torch.empty((), dtype=dtype).element_size()
 
 
+def _tokens_within_activation_bound(config: ModelConfig, dtype: torch.dtype, batch_size: int,
+                                    runtime: RuntimeOptions) -> int:
+    return runtime.prefill_activation_bytes // max(1, batch_size * activation_bytes_per_token(config, dtype))
+
+
 def automatic_long_chunk(config: ModelConfig, dtype: torch.dtype, batch_size: int, chunk: int,
-                         runtime: RuntimeOptions, *, uncompressed: bool = False) -> int:
+                         runtime: RuntimeOptions) -> int:
     """The long prefill chunk of an automatic engine: the largest multiple of ``chunk`` that is at most
-    ``runtime.prefill_long_chunk`` tokens (``runtime.prefill_uncompressed_long_chunk`` for a prefill that
-    compresses nothing before its end, ``uncompressed=True``) and whose activations (``batch_size`` rows of
+    ``runtime.prefill_long_chunk`` tokens and whose activations (``batch_size`` rows of
     :func:`activation_bytes_per_token`) stay within ``runtime.prefill_activation_bytes``; at least ``chunk``."""
-    fits = runtime.prefill_activation_bytes // max(1, batch_size * activation_bytes_per_token(config, dtype))
-    longest = runtime.prefill_uncompressed_long_chunk if uncompressed else runtime.prefill_long_chunk
-    return max(chunk, min(longest, fits) // chunk * chunk)
+    fits = _tokens_within_activation_bound(config, dtype, batch_size, runtime)
+    return max(chunk, min(runtime.prefill_long_chunk, fits) // chunk * chunk)
+
+
+def uncompressed_long_chunk(config: ModelConfig, dtype: torch.dtype, batch_size: int, chunk: int,
+                            runtime: RuntimeOptions, tokens: int) -> int:
+    """The long chunk of an automatic prefill that compresses nothing before its end (the full cache,
+    ``prefill_compression="once"``) for a ``tokens``-token prompt: ``runtime.prefill_uncompressed_long_chunk``
+    (rounded down to a multiple of ``chunk``) when the prompt holds one whole and its activations stay within
+    ``runtime.prefill_activation_bytes``; otherwise :func:`automatic_long_chunk`. Only these two widths, never one
+    in between, so a process compiles at most one merge graph per width."""
+    wide = runtime.prefill_uncompressed_long_chunk // chunk * chunk
+    if wide > chunk and tokens >= wide and wide <= _tokens_within_activation_bound(config, dtype, batch_size, runtime):
+        return wide
+    return automatic_long_chunk(config, dtype, batch_size, chunk, runtime)
 
 
 def chunk_widths(tokens: int, chunk: int, long_chunk: int) -> list[int]:
@@ -249,7 +265,7 @@ class GenerationEngine:
         """The widest prefill forward for the prompt whose validity mask is ``valid [B, T]``.
 
         A cache compressed during prefill: :meth:`prefill_room` (kernel-independent, so compiled and eager engines
-        keep the same entries). Otherwise the long chunk of an automatic engine (:func:`automatic_long_chunk`) when
+        keep the same entries). Otherwise the long chunk of an automatic engine (:func:`uncompressed_long_chunk`) when
         the long chunk runs the fused split kernel, else :attr:`prefill_chunk_size`. Conditions:
         ``prefill_chunk_size=None``, the prompt at least one long chunk long, and the split kernel for every chunk
         of it (:meth:`_split_prefill_past`'s conditions over the whole prompt: FlexAttention and the eager
@@ -259,8 +275,8 @@ class GenerationEngine:
             return self.prefill_room(valid.shape[0])
         if not self.automatic_chunks:
             return chunk
-        long_chunk = automatic_long_chunk(self.config, self.dtype, valid.shape[0], chunk, self.runtime,
-                                          uncompressed=True)
+        long_chunk = uncompressed_long_chunk(self.config, self.dtype, valid.shape[0], chunk, self.runtime,
+                                             valid.shape[1])
         if long_chunk <= chunk or valid.shape[1] < long_chunk or self._split_prefill_past(valid) is None:
             return chunk
         return long_chunk
@@ -298,20 +314,19 @@ class GenerationEngine:
         if widths is None:
             widths = chunk_widths(input_ids.shape[1], self.prefill_chunk_size, self.prefill_chunk_size)
         start = 0
-        with self.network.scratch_buffers():  # the MLP activations of every chunk in one reused pair of buffers
-            for chunk in widths:
-                # fresh standard strides: a view of the prompt would trip the compiled kernel's stride guards
-                ids, pos, ok = (
-                    t[:, start : start + chunk].clone(memory_format=torch.contiguous_format)
-                    for t in (input_ids, positions, valid)
-                )
-                width = ids.shape[1]
-                if self.compile and width < chunk:
-                    pad = (0, chunk - width)
-                    ids, pos = F.pad(ids, pad), F.pad(pos, pad)
-                    ok = F.pad(ok, pad, value=False)
-                yield start, width, self._forward_chunk(ids, pos, ok)
-                start += chunk
+        for chunk in widths:
+            # fresh standard strides: a view of the prompt would trip the compiled kernel's stride guards
+            ids, pos, ok = (
+                t[:, start : start + chunk].clone(memory_format=torch.contiguous_format)
+                for t in (input_ids, positions, valid)
+            )
+            width = ids.shape[1]
+            if self.compile and width < chunk:
+                pad = (0, chunk - width)
+                ids, pos = F.pad(ids, pad), F.pad(pos, pad)
+                ok = F.pad(ok, pad, value=False)
+            yield start, width, self._forward_chunk(ids, pos, ok)
+            start += chunk
 
     def prefill(self, input_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Run the prompt; return ``(logits of each row's last real token [B, vocab], next positions [B])``."""
@@ -323,10 +338,11 @@ class GenerationEngine:
         widths = self.prefill_widths(valid)
         chunks = progress(self._run_chunks(input_ids, positions, valid, widths), desc="prefill", unit="chunk",
                           total=len(widths), min_total=PREFILL_PROGRESS_MIN_CHUNKS)
-        for start, width, hidden in chunks:  # a tqdm bar for long prompts on a terminal (keepkv.logs; host side)
-            in_chunk = (last_index >= start) & (last_index < start + width)
-            picked = hidden[torch.arange(batch, device=self.device), (last_index - start).clamp(0, width - 1)]
-            last_hidden = torch.where(in_chunk[:, None], picked, last_hidden)
+        with self.network.scratch_buffers():  # the MLP activations of every chunk in one reused pair of buffers
+            for start, width, hidden in chunks:  # a tqdm bar for long prompts on a terminal (keepkv.logs; host side)
+                in_chunk = (last_index >= start) & (last_index < start + width)
+                picked = hidden[torch.arange(batch, device=self.device), (last_index - start).clamp(0, width - 1)]
+                last_hidden = torch.where(in_chunk[:, None], picked, last_hidden)
         return self.network.project(last_hidden), lengths
 
     def _decode(self, tokens: Tensor, positions: Tensor) -> Tensor:
@@ -362,7 +378,7 @@ class GenerationEngine:
         """Teacher-forced logits ``[B, T, vocab]`` (float32) of ``input_ids [B, T]`` at ``positions [B, T]``
         appended to the current caches (no reset), in chunks of ``prefill_chunk_size``; the cache manager
         compresses whenever a chunk would not fit, as in prefill. Used to feed a question after a compression."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self.network.scratch_buffers():
             pieces = [
                 self.network.project(hidden[:, :width])
                 for _, width, hidden in self._run_chunks(input_ids, positions, valid)
@@ -421,7 +437,7 @@ class GenerationEngine:
         self.prepare_caches(batch, length, 0)
         positions = positions_from_valid(valid)
         widths = self.prefill_widths(valid)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.network.scratch_buffers():
             pieces = [
                 self.network.project(hidden[:, :width])
                 for _, width, hidden in self._run_chunks(input_ids, positions, valid, widths)

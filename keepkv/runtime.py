@@ -54,10 +54,10 @@ class RuntimeOptions:
       (``load(prefill_chunk_size=None)``): prompt pieces of up to ``prefill_long_chunk`` tokens, fewer when one
       chunk's activations would pass ``prefill_activation_bytes`` (:func:`keepkv.generate.automatic_long_chunk`);
       a cache compressed during prefill also gets that many slots of room (its prefill buffer);
-    - ``prefill_uncompressed_long_chunk`` (>= 1): the same bound, instead of ``prefill_long_chunk``, for a
-      prefill that compresses nothing before its end (the full cache, ``prefill_compression="once"``), whose
-      results do not depend on its chunks: wider forwards re-read the weights less often and run longer GEMMs
-      (``docs/profile.md``, section 22).
+    - ``prefill_uncompressed_long_chunk`` (>= 1): a wider long chunk for a prefill that compresses nothing before
+      its end (the full cache, ``prefill_compression="once"``), whose results do not depend on its chunks: used
+      where the prompt holds one whole and its activations fit ``prefill_activation_bytes``, else the chunk of
+      ``prefill_long_chunk`` (:func:`keepkv.generate.uncompressed_long_chunk`; ``docs/profile.md``, section 22).
     """
 
     decode_kernel: str = "auto"

@@ -290,7 +290,7 @@ def cmd_chunks(args) -> None:
     import statistics
 
     from bench_peers import prompt_ids
-    from keepkv.generate import GenerationEngine, activation_bytes_per_token, automatic_long_chunk
+    from keepkv.generate import GenerationEngine, activation_bytes_per_token, uncompressed_long_chunk
     from keepkv.models import load
 
     chunks = [None if c == "auto" else int(c) for c in args.chunks]
@@ -342,7 +342,8 @@ def cmd_chunks(args) -> None:
             "prefill_seconds_all": seconds, "tokens_per_second": len(ids) / statistics.median(seconds),
             "peak_rss_above_before_bytes": max(peaks) if peaks else None,
             "estimated_activation_bytes": per_token * long_chunk,
-            "automatic_long_chunk": automatic_long_chunk(engine.config, engine.dtype, 1, 512, engine.runtime),
+            "automatic_long_chunk": uncompressed_long_chunk(engine.config, engine.dtype, 1, 512, engine.runtime,
+                                                            len(ids)),
             "activation_bound_bytes": engine.runtime.prefill_activation_bytes,
             "last_logits_max_abs_diff_vs_first": (logits[dtype, label] - reference).abs().max().item(),
             "last_logits_argmax_same": int(logits[dtype, label].argmax()) == int(reference.argmax()),

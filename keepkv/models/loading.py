@@ -133,9 +133,10 @@ def load(
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: cuda if available).
         compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
         prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory). ``None`` (default):
-            automatic, long chunks of up to ``runtime.prefill_long_chunk`` (2048) tokens, or
-            ``runtime.prefill_uncompressed_long_chunk`` (4096) for the full cache and ``prefill_compression="once"``,
-            within ``runtime.prefill_activation_bytes`` of activations, the rest in 512-token chunks
+            automatic, long chunks of up to ``runtime.prefill_long_chunk`` (2048) tokens within
+            ``runtime.prefill_activation_bytes`` of activations (the full cache and ``prefill_compression="once"``:
+            ``runtime.prefill_uncompressed_long_chunk``, 4096, where the prompt and that bound allow), the rest in
+            512-token chunks
             (:data:`keepkv.generate.DEFAULT_PREFILL_CHUNK`). The full cache and ``prefill_compression="once"`` get
             the same results as with any chunk (up to float rounding; long chunks only where the fused kernel runs
             them, the remainder of the prompt first in one forward); a cache compressed during prefill gets a

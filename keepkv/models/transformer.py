@@ -131,6 +131,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, self.num_heads * self.head_dim))
 
 
+def _plain_projection(module: nn.Module) -> bool:
+    """Whether calling ``module`` is exactly ``linear(x, weight, bias)``: a :class:`Linear` (not a subclass)
+    with no forward hooks or pre-hooks of its own and none registered globally."""
+    return (type(module) is Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -141,13 +148,16 @@ class MLP(nn.Module):
         self.workspace: Workspace | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """``down(silu(gate(x)) * up(x))``. In an eager forward without autograd while the network lends its
-        layers a :class:`~keepkv.ops.workspace.Workspace` (prefill chunks), ``gate(x)`` and ``up(x)`` are
-        written into its two buffers, shared by every layer and chunk, and the SwiGLU runs in place
-        (``silu_``, ``mul_``): the same GEMMs and values, no fresh ``[tokens, intermediate]`` tensors. Compiled
-        graphs (decode) and every other call take the plain form, which inductor fuses."""
+        """``down(silu(gate(x)) * up(x))``. In an eager forward under ``torch.inference_mode`` while the network
+        lends its layers a :class:`~keepkv.ops.workspace.Workspace` (prefill chunks), ``gate(x)`` and ``up(x)``
+        are written into its two buffers, shared by every layer and chunk, and the SwiGLU runs in place
+        (``silu_``, ``mul_``): the same GEMMs and values, no fresh ``[tokens, intermediate]`` tensors. The
+        buffers are written by ``torch.mm``, not through ``gate_proj`` / ``up_proj``'s ``__call__``, so that path
+        is taken only for plain :class:`~keepkv.ops.linear.Linear` projections without hooks. Compiled graphs
+        (decode) and every other call take the plain form, which inductor fuses."""
         workspace = self.workspace
-        if workspace is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (workspace is None or not torch.is_inference_mode_enabled() or torch.compiler.is_compiling()
+                or not (_plain_projection(self.gate_proj) and _plain_projection(self.up_proj))):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         rows = x.shape[:-1].numel()
         flat = x.reshape(rows, x.shape[-1])

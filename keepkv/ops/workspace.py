@@ -7,8 +7,9 @@ glibc ``malloc``, blocks that large go back to the kernel when freed (heap trimm
 the first touch of every returned page is a page fault, which made the MLP of a long prefill markedly slower than
 with warm memory (``docs/profile.md``, section 22). A :class:`Workspace` hands out the same storage to every layer
 and chunk of one prefill instead and frees it at the end (the engine opens one per prefill:
-``Transformer.scratch_buffers``). On a GPU the caching allocator already recycles such blocks; the workspace then
-changes nothing but the peak (two activations alive instead of four).
+``Transformer.scratch_buffers``). The two buffers stay allocated for the whole prefill (through each layer's
+attention too), where the plain MLP holds at most three such tensors for the length of the MLP. On a GPU the
+caching allocator already recycles such blocks; there the workspace saves no faults.
 
 Contract: a buffer is valid until the next :meth:`Workspace.buffer` call with the same name (the caller finishes
 with it first: layers run one after another) and holds garbage when handed out.
@@ -37,6 +38,7 @@ class Workspace:
         flat = self._buffers.get(key)
         if flat is None or flat.numel() < numel:
             self._buffers.pop(key, None)  # the smaller buffer goes before the larger one is allocated
+            flat = None
             flat = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return flat[:numel].view(shape)
 

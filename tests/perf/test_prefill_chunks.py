@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from keepkv.cache.manager import CacheManager
+from keepkv.errors import KeepKVError
 from keepkv.generate import (
     DEFAULT_PREFILL_CHUNK,
     GenerationEngine,
@@ -17,13 +18,14 @@ from keepkv.generate import (
     automatic_long_chunk,
     chunk_widths,
     remainder_first_widths,
+    uncompressed_long_chunk,
 )
 from keepkv.models.loading import resolve_method
 from keepkv.runtime import RuntimeOptions
 from keepkv.sampling import SamplingConfig
 from tests.conftest import tiny_config, tiny_network
 
-SMALL_CHUNK, LONG_CHUNK = 16, 64  # a short prompt then takes long chunks (the defaults: 512 and 2048)
+SMALL_CHUNK, LONG_CHUNK = 16, 64  # a short prompt then takes long chunks (the defaults: 512, 2048 and 4096)
 RUNTIME = RuntimeOptions(prefill_long_chunk=LONG_CHUNK, prefill_uncompressed_long_chunk=LONG_CHUNK)
 
 
@@ -117,14 +119,23 @@ def test_a_prefill_compressing_nothing_before_its_end_takes_the_wider_uncompress
         expected = LONG_CHUNK if kind == "chunked" else 2 * LONG_CHUNK
         assert engine.long_chunk(valid) == expected, kind
         assert max(engine.prefill_widths(valid)) == expected, kind
+        if kind != "chunked":  # a prompt shorter than the wide chunk keeps the ordinary long chunk, not 16s
+            assert engine.prefill_widths(valid[:, :100]) == [36, 64], kind
+            assert engine.prefill_widths(valid[:, :128]) == [128], kind
     config = tiny_config(hidden_size=256, intermediate_size=1024, num_heads=8, num_kv_heads=2)
     per_token = activation_bytes_per_token(config, torch.float32)
     bounded = RuntimeOptions(prefill_long_chunk=512, prefill_uncompressed_long_chunk=4096,
                              prefill_activation_bytes=per_token * 1000)
     assert automatic_long_chunk(config, torch.float32, 1, 128, bounded) == 512
-    assert automatic_long_chunk(config, torch.float32, 1, 128, bounded, uncompressed=True) == 896  # the bound
+    # the wide chunk does not fit the activation bound: the ordinary long chunk, never a width in between
+    assert uncompressed_long_chunk(config, torch.float32, 1, 128, bounded, 10_000) == 512
+    roomy = RuntimeOptions(prefill_long_chunk=512, prefill_uncompressed_long_chunk=1024,
+                           prefill_activation_bytes=per_token * 1000)
+    assert uncompressed_long_chunk(config, torch.bfloat16, 1, 128, roomy, 10_000) == 1024
+    assert uncompressed_long_chunk(config, torch.bfloat16, 1, 128, roomy, 1000) == 512  # the prompt is shorter
+    assert uncompressed_long_chunk(config, torch.float32, 1, 128, roomy, 10_000) == 512  # 1024 rows do not fit
     assert RuntimeOptions().prefill_uncompressed_long_chunk == 4096
-    with pytest.raises(Exception, match="prefill_uncompressed_long_chunk"):
+    with pytest.raises(KeepKVError, match="prefill_uncompressed_long_chunk"):
         RuntimeOptions(prefill_uncompressed_long_chunk=0)
 
 

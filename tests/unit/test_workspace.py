@@ -64,11 +64,21 @@ def test_the_mlp_in_scratch_buffers_gives_the_plain_mlps_values_bit_for_bit(dtyp
             assert mlps[0].workspace is workspace
             assert workspace.resident_bytes() == 2 * 18 * network.config.intermediate_size * x.element_size()
         assert all(mlp.workspace is None for mlp in mlps) and workspace.resident_bytes() == 0
-    # with autograd on, the buffers are not used (an in-place SwiGLU would break the backward pass)
-    x.requires_grad_(dtype == torch.float32)
+    # outside inference mode (autograd, or no_grad with tensors that are not inference tensors) the buffers are
+    # not used: an in-place SwiGLU would break a backward pass
+    x = x.clone().requires_grad_(dtype == torch.float32)
     with network.scratch_buffers() as workspace:
         assert torch.equal(mlps[0](x).detach(), plain[0])
+        with torch.no_grad():
+            assert torch.equal(mlps[0](x), plain[0])
         assert workspace.resident_bytes() == 0
+    # a projection with a hook (or a Linear subclass) is called as a module, so the hook still runs
+    calls = []
+    handle = mlps[0].up_proj.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    with torch.inference_mode(), network.scratch_buffers() as workspace:
+        assert torch.equal(mlps[0](x.detach()), plain[0])
+        assert calls and workspace.resident_bytes() == 0
+    handle.remove()
 
 
 def test_a_prefill_opens_one_workspace_and_frees_it_even_when_it_fails():
@@ -103,6 +113,14 @@ def test_a_prefill_opens_one_workspace_and_frees_it_even_when_it_fails():
 
     network.model.layers[1].mlp.forward = broken
     engine.prepare_caches(1, 20, 1)
-    with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
+    with pytest.raises(RuntimeError, match="boom") as raised, torch.inference_mode():
         engine.prefill(ids, valid)
+    assert all(block.mlp.workspace is None for block in network.model.layers)
+    del network.model.layers[1].mlp.forward
+    # the consumer of the chunks fails, with the traceback kept alive: the workspace is still released
+    network.project = broken
+    engine.prepare_caches(1, 20, 1)
+    with pytest.raises(RuntimeError, match="boom") as raised:
+        engine.extend(ids, torch.arange(20)[None], valid)
+    assert raised.value is not None
     assert all(block.mlp.workspace is None for block in network.model.layers)
