@@ -239,9 +239,10 @@ class Transformer(nn.Module):
 
     @contextmanager
     def scratch_buffers(self) -> Iterator[Workspace]:
-        """Within the block, every MLP computes its eager no-grad forwards in one shared
+        """Within the block, every MLP computes its eager ``torch.inference_mode`` forwards in one shared
         :class:`~keepkv.ops.workspace.Workspace` (``MLP.forward``); on exit the buffers are freed. The engine
-        opens one per prefill (and per ``extend``). Nested: the outer workspace stays in use."""
+        opens one per prefill (and per ``extend`` / ``teacher_forced_logits``) around its chunk loop. Nested: the
+        outer workspace stays in use."""
         mlps = [block.mlp for block in self.model.layers]
         if mlps[0].workspace is not None:
             yield mlps[0].workspace
