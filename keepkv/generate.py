@@ -10,7 +10,8 @@ and two code paths:
   prompt goes in *long* chunks of :func:`automatic_long_chunk` tokens first, then the rest in ordinary chunks
   (:func:`chunk_widths`): two compiled chunk shapes at most, so nothing compiles per prompt length. A cache whose
   results do not depend on the chunk (the full cache, ``prefill_compression="once"``) takes long chunks where the
-  fused split kernel runs them, the remainder first and unpadded (:func:`remainder_first_widths`: that forward
+  fused split kernel runs them, of :func:`uncompressed_long_chunk` tokens (one of two widths, so at most one more
+  compiled merge shape per process), the remainder first and unpadded (:func:`remainder_first_widths`: that forward
   attends to itself only, so nothing in it is compiled per width); a cache compressed during prefill takes them on
   every kernel (its chunks decide when it compresses, so compiled and eager engines must feed the same widths) and
   its prefill buffer holds ``budget + long chunk`` slots (:meth:`GenerationEngine.prefill_room`);
@@ -82,10 +83,11 @@ def uncompressed_long_chunk(config: ModelConfig, dtype: torch.dtype, batch_size:
                             runtime: RuntimeOptions, tokens: int) -> int:
     """The long chunk of an automatic prefill that compresses nothing before its end (the full cache,
     ``prefill_compression="once"``) for a ``tokens``-token prompt: ``runtime.prefill_uncompressed_long_chunk``
-    (rounded down to a multiple of ``chunk``) when the prompt holds one whole and its activations stay within
-    ``runtime.prefill_activation_bytes``; otherwise :func:`automatic_long_chunk`. Only these two widths, never one
-    in between, so a process compiles at most one merge graph per width."""
-    wide = runtime.prefill_uncompressed_long_chunk // chunk * chunk
+    (or ``runtime.prefill_long_chunk`` if that is larger; rounded down to a multiple of ``chunk``) when the prompt
+    holds one whole and its activations stay within ``runtime.prefill_activation_bytes``; otherwise
+    :func:`automatic_long_chunk`. Only these two widths, never one in between, so a process compiles at most one
+    merge graph per width."""
+    wide = max(runtime.prefill_uncompressed_long_chunk, runtime.prefill_long_chunk) // chunk * chunk
     if wide > chunk and tokens >= wide and wide <= _tokens_within_activation_bound(config, dtype, batch_size, runtime):
         return wide
     return automatic_long_chunk(config, dtype, batch_size, chunk, runtime)
@@ -329,7 +331,9 @@ class GenerationEngine:
             start += chunk
 
     def prefill(self, input_ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the prompt; return ``(logits of each row's last real token [B, vocab], next positions [B])``."""
+        """Run the prompt; return ``(logits of each row's last real token [B, vocab], next positions [B])``. Call it
+        under ``torch.inference_mode`` (as :meth:`generate_tokens` does): only there do the MLPs reuse the
+        prefill's scratch buffers (``Transformer.scratch_buffers``)."""
         batch = input_ids.shape[0]
         positions = positions_from_valid(valid)
         lengths = valid.sum(dim=1)

@@ -57,7 +57,8 @@ class RuntimeOptions:
     - ``prefill_uncompressed_long_chunk`` (>= 1): a wider long chunk for a prefill that compresses nothing before
       its end (the full cache, ``prefill_compression="once"``), whose results do not depend on its chunks: used
       where the prompt holds one whole and its activations fit ``prefill_activation_bytes``, else the chunk of
-      ``prefill_long_chunk`` (:func:`keepkv.generate.uncompressed_long_chunk`; ``docs/profile.md``, section 22).
+      ``prefill_long_chunk`` (:func:`keepkv.generate.uncompressed_long_chunk`; ``docs/profile.md``, section 22);
+      below ``prefill_long_chunk``, that one applies (a full cache is never fed narrower chunks than a compressed one);
     """
 
     decode_kernel: str = "auto"

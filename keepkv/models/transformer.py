@@ -132,9 +132,11 @@ class Attention(nn.Module):
 
 
 def _plain_projection(module: nn.Module) -> bool:
-    """Whether calling ``module`` is exactly ``linear(x, weight, bias)``: a :class:`Linear` (not a subclass)
-    with no forward hooks or pre-hooks of its own and none registered globally."""
-    return (type(module) is Linear and not module._forward_hooks and not module._forward_pre_hooks
+    """Whether calling ``module`` is exactly ``linear(x, weight, bias)``: a :class:`Linear` (not a subclass), its
+    ``forward`` not replaced on the instance, with no forward hooks or pre-hooks of its own and none registered
+    globally."""
+    return (type(module) is Linear and "forward" not in vars(module)
+            and not module._forward_hooks and not module._forward_pre_hooks
             and not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks)
 
 

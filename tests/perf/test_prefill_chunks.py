@@ -134,6 +134,10 @@ def test_a_prefill_compressing_nothing_before_its_end_takes_the_wider_uncompress
     assert uncompressed_long_chunk(config, torch.bfloat16, 1, 128, roomy, 10_000) == 1024
     assert uncompressed_long_chunk(config, torch.bfloat16, 1, 128, roomy, 1000) == 512  # the prompt is shorter
     assert uncompressed_long_chunk(config, torch.float32, 1, 128, roomy, 10_000) == 512  # 1024 rows do not fit
+    # a long chunk set above the uncompressed one applies to the full cache too
+    narrower = RuntimeOptions(prefill_long_chunk=1024, prefill_uncompressed_long_chunk=256,
+                              prefill_activation_bytes=per_token * 1000)
+    assert uncompressed_long_chunk(config, torch.bfloat16, 1, 128, narrower, 10_000) == 1024
     assert RuntimeOptions().prefill_uncompressed_long_chunk == 4096
     with pytest.raises(KeepKVError, match="prefill_uncompressed_long_chunk"):
         RuntimeOptions(prefill_uncompressed_long_chunk=0)

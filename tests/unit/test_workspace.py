@@ -72,7 +72,8 @@ def test_the_mlp_in_scratch_buffers_gives_the_plain_mlps_values_bit_for_bit(dtyp
         with torch.no_grad():
             assert torch.equal(mlps[0](x), plain[0])
         assert workspace.resident_bytes() == 0
-    # a projection with a hook (or a Linear subclass) is called as a module, so the hook still runs
+    # a projection with a hook is called as a module, so the hook still runs (so are a Linear subclass and a
+    # forward replaced on the instance: _plain_projection)
     calls = []
     handle = mlps[0].up_proj.register_forward_hook(lambda module, args, out: calls.append(out.shape))
     with torch.inference_mode(), network.scratch_buffers() as workspace:
