@@ -125,3 +125,43 @@ def test_a_prefill_opens_one_workspace_and_frees_it_even_when_it_fails():
         engine.extend(ids, torch.arange(20)[None], valid)
     assert raised.value is not None
     assert all(block.mlp.workspace is None for block in network.model.layers)
+
+
+@pytest.mark.compile
+def test_a_compiled_engine_prefills_in_the_workspace_and_decodes_without_it():
+    """``load()``'s path: a compiled engine (split prefill kernel, compiled decode step). The prefill's MLPs use
+    the workspace and give the logits of a prefill without it bit for bit; the compiled decode step never sees a
+    workspace, and greedy tokens match the engine run without buffers."""
+    from keepkv.sampling import SamplingConfig
+
+    network = tiny_network()
+    engine = GenerationEngine(network, compile=True, prefill_chunk_size=8)
+    mlp = network.model.layers[0].mlp
+    seen = []
+    original = mlp.forward
+
+    def spy(x):
+        seen.append((x.shape[1], mlp.workspace is not None, torch.compiler.is_compiling()))
+        return original(x)
+
+    mlp.forward = spy
+    ids = torch.randint(3, 100, (1, 20))
+    valid = torch.ones_like(ids, dtype=torch.bool)
+
+    def run():
+        engine.prepare_caches(1, 20, 1)
+        with torch.inference_mode():
+            logits, _ = engine.prefill(ids, valid)
+            engine.end_prefill()
+        tokens = [t.clone() for t in engine.generate_tokens(ids, valid, 4, SamplingConfig(temperature=0.0))]
+        return logits, torch.stack(tokens)
+
+    with_buffers = run()
+    prefill_calls = [s for s in seen if s[0] > 1]
+    assert prefill_calls and all(used and not compiling for _, used, compiling in prefill_calls)
+    assert all(not used for width, used, _ in seen if width == 1)  # decode (traced or eager): no workspace
+    network.scratch_buffers = lambda: __import__("contextlib").nullcontext()
+    without = run()
+    del network.scratch_buffers
+    assert torch.equal(with_buffers[0], without[0]) and torch.equal(with_buffers[1], without[1])
+    assert mlp.workspace is None

@@ -3,6 +3,8 @@ vs the compiled reduction form (keepkv.ops.linear; the default since), decode st
 synthetic context (keepkv.bench), full cache and KeepKV 10%, 3 rounds alternating. One JSON line per run on stdout.
 
     python results/bench/amd_epyc_2026-12-06/gemv_ab.py SmolLM2-135M-Instruct 8192 > gemv_ab_SmolLM2-135M-Instruct.jsonl
+    python results/bench/amd_epyc_2026-12-06/gemv_ab.py Qwen2.5-Coder-0.5B-Instruct 4096 bfloat16   # a third argument:
+        # the weights' dtype; "F.linear" then routes that dtype through F.linear
 """
 import json
 import sys
@@ -15,13 +17,15 @@ from keepkv.runtime import RuntimeOptions
 
 model_name = sys.argv[1] if len(sys.argv) > 1 else "SmolLM2-135M-Instruct"
 ctx = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-forms = {"F.linear": RuntimeOptions(reduction_dtypes=(torch.bfloat16, torch.float16)),  # float32 through the BLAS GEMV
-         "reduction": RuntimeOptions(reduction_dtypes=(torch.bfloat16, torch.float16, torch.float32))}
+dtype = sys.argv[3] if len(sys.argv) > 3 else "float32"  # the weights' dtype (added 2026-12-07)
+every = (torch.bfloat16, torch.float16, torch.float32)
+forms = {"F.linear": RuntimeOptions(reduction_dtypes=tuple(d for d in every if d != getattr(torch, dtype))),
+         "reduction": RuntimeOptions(reduction_dtypes=every)}
 models = {}
 for name, rt in forms.items():
     for budget in (None, 0.1):
         kw = {} if budget is None else {"kv_budget": budget}
-        models[name, budget] = load(model_name, dtype="float32", runtime=rt, **kw)
+        models[name, budget] = load(model_name, dtype=dtype, runtime=rt, **kw)
 rows = []
 for rnd in range(3):
     for (name, budget), m in models.items():

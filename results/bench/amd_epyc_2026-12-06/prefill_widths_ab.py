@@ -5,6 +5,9 @@ difference against ``old`` and the medians.
 
     python results/bench/amd_epyc_2026-12-06/prefill_widths_ab.py MODEL DTYPE PROMPT_TOKENS ROUNDS [VARIANTS]
 
+Since 2026-12-07 the full cache's long chunk is ``prefill_uncompressed_long_chunk`` (section 22); the variants
+set it (before, they set ``prefill_long_chunk``, which then bounded the full cache too: the same widths).
+
 ``VARIANTS``: a comma-separated subset (e.g. ``new2048,new4096``); the first is the one the others are compared with.
 
 The run logged in ``prefill_widths_ab.txt`` had one more knob in ``new4096``: the MLP in row blocks of at most
@@ -34,9 +37,9 @@ def old_widths(self, valid):
     return G.chunk_widths(valid.shape[1], self.prefill_chunk_size, self.long_chunk(valid))
 
 
-V = {"old": (RuntimeOptions(prefill_long_chunk=2048), old_widths),
-     "new2048": (RuntimeOptions(prefill_long_chunk=2048), new_widths),
-     "new4096": (RuntimeOptions(prefill_long_chunk=4096), new_widths)}
+V = {"old": (RuntimeOptions(prefill_long_chunk=2048, prefill_uncompressed_long_chunk=2048), old_widths),
+     "new2048": (RuntimeOptions(prefill_long_chunk=2048, prefill_uncompressed_long_chunk=2048), new_widths),
+     "new4096": (RuntimeOptions(prefill_long_chunk=2048, prefill_uncompressed_long_chunk=4096), new_widths)}
 if len(sys.argv) > 5:
     V = {k: V[k] for k in sys.argv[5].split(",")}
 base = next(iter(V))
