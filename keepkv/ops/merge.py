@@ -82,7 +82,8 @@ logit targets of ``ref_queries`` reached by the smallest key change, so a single
 
 **Cost.** Vectorised over batch, heads and merges, ``O(M log M + M (G + D))`` in the number ``M`` of evicted
 entries and independent of the capacity ``C``: groups come from sorting the targets, group reductions are
-``torch.segment_reduce`` over the members sorted by group, only member rows are read and cast, and each buffer is
+one ``index_add_`` / ``scatter_reduce_`` each over the members sorted by group (:mod:`keepkv.ops.group_reduce`),
+only member rows are read and cast, and each buffer is
 written by index assignment (``keys[b, h, slot] = rows``). No host sync: :data:`merge_into_kept_compiled` traces
 to one graph with ``fullgraph=True``.
 """
@@ -95,6 +96,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from keepkv.ops.group_reduce import group_amax, group_sum
 from keepkv.ops.scores import compute_dtype, log_mean_exp
 
 MERGE_VARIANTS = ("zip", "convex", "keep-key", "minnorm")
@@ -144,32 +146,27 @@ class MergeStats:
 
 @dataclass(frozen=True)
 class _Segments:
-    """Members sorted by group: group ``j`` owns a contiguous run of ``lengths[..., j]`` rows (dim 2), the last
-    segment ``M`` collects the non-members. ``group [B, H, L]`` is each row's group clamped to ``[0, M)`` (for
-    gathers; non-member rows must be masked by ``is_member``).
+    """Members sorted by group (non-members last): ``key [B, H, L]`` is each row's group in ``[0, M]`` (``M`` for a
+    non-member), ``group [B, H, L]`` the same clamped to ``[0, M)`` (for gathers; non-member rows must be masked
+    by ``is_member``).
 
-    Group reductions are ``torch.segment_reduce`` calls, which return new tensors: in-place scatter reductions
-    could be reordered against their readers by inductor (``docs/profile.md``, "Measurements behind the code's
-    choices").
+    Group reductions are the custom ops of :mod:`keepkv.ops.group_reduce`, which return new tensors: in-place
+    scatter reductions could be reordered against their readers by inductor (``docs/profile.md``, "Measurements
+    behind the code's choices"). Rows are sorted by group, so each group's sum adds its members in slot order.
     """
 
-    lengths: Tensor  # [B, H, M + 1]
+    key: Tensor  # [B, H, L]
     group: Tensor  # [B, H, L]
     is_member: Tensor  # [B, H, L]
     groups: int
 
     def sum(self, values: Tensor) -> Tensor:
         """``[B, H, L, *rest]`` -> ``[B, H, M, *rest]``: per-group sums (0 for an empty group)."""
-        total = torch.segment_reduce(values.contiguous(), "sum", lengths=self.lengths, axis=2, unsafe=True,
-                                     initial=0.0)
-        return total[:, :, : self.groups]
+        return group_sum(values.contiguous(), self.key, self.groups)[:, :, : self.groups]
 
     def amax(self, values: Tensor) -> Tensor:
         """Per-group maxima over members (``-inf`` for an empty group)."""
-        member = self.is_member.reshape(*self.is_member.shape, *([1] * (values.dim() - 3)))
-        masked = values.masked_fill(~member, -float("inf")).contiguous()
-        peak = torch.segment_reduce(masked, "max", lengths=self.lengths, axis=2, unsafe=True, initial=-float("inf"))
-        return peak[:, :, : self.groups]
+        return group_amax(values.contiguous(), self.key, self.groups)[:, :, : self.groups]
 
     def spread(self, per_group: Tensor) -> Tensor:
         """``[B, H, M, *rest]`` -> ``[B, H, L, *rest]``: each row gets its group's value."""
@@ -210,10 +207,7 @@ def _segments(member_group: Tensor, is_member: Tensor, groups: int) -> tuple[Ten
     every per-member tensor before using ``segments``."""
     key = torch.where(is_member, member_group, torch.full_like(member_group, groups))
     sorted_key, order = torch.sort(key, dim=-1, stable=True)
-    edges = torch.arange(groups + 2, device=key.device).expand(*key.shape[:2], groups + 2).contiguous()
-    bounds = torch.searchsorted(sorted_key.contiguous(), edges)
-    lengths = bounds[..., 1:] - bounds[..., :-1]
-    segments = _Segments(lengths, sorted_key.clamp(max=groups - 1), is_member.gather(2, order), groups)
+    segments = _Segments(sorted_key, sorted_key.clamp(max=groups - 1), is_member.gather(2, order), groups)
     return order, segments
 
 

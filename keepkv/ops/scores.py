@@ -97,9 +97,17 @@ def cosine_best_match(evicted_keys: Tensor, kept_keys: Tensor, kept_valid: Tenso
     dtype = compute_dtype(evicted_keys, kept_keys)
     evicted = F.normalize(evicted_keys.to(dtype), dim=-1)
     kept = F.normalize(kept_keys.to(dtype), dim=-1)
-    similarity = torch.matmul(evicted, kept.transpose(-1, -2))  # [B, H, E, K]
-    if kept_valid is not None:
-        similarity = similarity.masked_fill(~kept_valid[:, :, None, :], -float("inf"))
+    if kept_valid is None:
+        similarity = torch.matmul(evicted, kept.transpose(-1, -2))  # [B, H, E, K]
+    else:
+        # the mask as the matmul's additive input (0 or -inf per kept key): computed once per kept key, where a
+        # masked_fill after the matmul is fused by inductor into the max and recomputed for every evicted row
+        batch, heads, count, dim = evicted.shape
+        kept_count = kept.shape[2]
+        bias = torch.where(kept_valid, 0.0, -float("inf")).to(dtype).reshape(batch * heads, 1, kept_count)
+        similarity = torch.baddbmm(bias, evicted.reshape(batch * heads, count, dim),
+                                   kept.reshape(batch * heads, kept_count, dim).transpose(-1, -2))
+        similarity = similarity.reshape(batch, heads, count, kept_count)
     best_similarity, best = similarity.max(dim=-1)
     return best, best_similarity
 
