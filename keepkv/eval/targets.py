@@ -18,6 +18,10 @@ compared on fewer families than it has (a peer engine that ran only the single n
   at most +-0.10, about 100 samples per family).
 - **>= 90% of the full cache** at 50% query-aware on Qwen2.5-Coder-1.5B: KeepKV's mean over tasks divided by the
   full cache's on the same samples, with the stratified bootstrap interval of that ratio.
+- **Intervals of at most +-0.10** (:data:`MAX_HALF_WIDTH`) on a headline accuracy: the half-width of each ranked
+  configuration's own (unpaired) interval of its mean over tasks, the interval the tables print, per (model,
+  protocol, budget); the ranked configurations are KeepKV and every competitor of the ranking that answered
+  every family KeepKV answered.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ RANKED_BUDGETS = (0.2, 0.5)
 FULL_SHARE_MODEL = "Qwen2.5-Coder-1.5B-Instruct"
 FULL_SHARE = 0.9
 MIN_SAMPLES = 5
+MAX_HALF_WIDTH = 0.10
+"""The issue's bound on the 95% interval of a headline accuracy: ``(high - low) / 2 <= 0.10``."""
 """Fewest samples of a family for its interval to decide a verdict: a family's bootstrap has at most
 ``C(2n - 1, n)`` distinct resample means (3 for ``n = 2``, 1 for ``n = 1``), so below this the interval reflects the
 resampling grid, not the sampling noise. Verdicts resting on thinner families are printed as undecided, with the
@@ -220,12 +226,43 @@ def full_share_rows(data: dict[tuple, Cells]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def interval_rows(data: dict[tuple, Cells]) -> list[str]:
+    """Table lines: per (model, protocol, budget) of the ranking, the widest interval half-width of a ranked
+    configuration's mean over tasks, and every configuration above :data:`MAX_HALF_WIDTH`."""
+    from keepkv.eval.report import is_full, is_keepkv
+    from keepkv.eval.tasks_report import stratified_interval
+
+    lines = ["| model | protocol | budget | configurations (samples per family) | widest +- | above +-0.10 |",
+             "|---|---|---|---|---|---|"]
+    for (model, protocol, lab, budget) in sorted(data):
+        if lab != KEEPKV or budget not in RANKED_BUDGETS:
+            continue
+        families = set(data[(model, protocol, lab, budget)])
+        ranked = {lab: data[(model, protocol, lab, budget)]}
+        for (m, p, other, b), cells in data.items():
+            if (m, p, b) == (model, protocol, budget) and not is_full(other) and not is_keepkv(other) \
+                    and families <= set(cells):
+                ranked[other] = cells
+        widths = {}
+        for name, cells in ranked.items():
+            low, high = stratified_interval({f: list(v.values()) for f, v in cells.items() if f in families})
+            widths[name] = (high - low) / 2
+        sizes = sorted({len(cells[f]) for cells in ranked.values() for f in families})
+        widest = max(widths, key=widths.get)
+        above = [f"`{n}` {w:.3f}" for n, w in sorted(widths.items(), key=lambda item: -item[1]) if w > MAX_HALF_WIDTH]
+        lines.append(f"| {model} | {protocol} | {_budget_text(budget)} | {len(ranked)} "
+                     f"({'-'.join(str(n) for n in (sizes[0], sizes[-1])) if sizes[0] != sizes[-1] else sizes[0]}) | "
+                     f"{widths[widest]:.3f} (`{widest}`) | {', '.join(above) if above else 'none'} |")
+    return lines if len(lines) > 2 else []
+
+
 def targets_section(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown lines of the three verdict tables; empty when there are no task rows."""
     data = cells_by_config(rows)
     if not data:
         return []
     merging, ranking, share = merging_rows(data), ranking_rows(data), full_share_rows(data)
+    widths = interval_rows(data)
     none = ["(no pairs of rows to compare yet)"]
     return ["### Issue 13's targets, read from these rows", "",
             "Paired comparisons on the samples both configurations answered (`keepkv/eval/targets.py`); intervals "
@@ -237,4 +274,7 @@ def targets_section(rows: list[dict[str, Any]]) -> list[str]:
             "**Best mean accuracy over tasks** (KeepKV vs every non-KeepKV configuration, keepkv's and peers', at "
             "20% and 50%): the competitor with the largest paired advantage over KeepKV is shown.", "",
             *(ranking or none), "",
-            "**Share of the full cache kept** (KeepKV / full, 50% query-aware).", "", *(share or none), ""]
+            "**Share of the full cache kept** (KeepKV / full, 50% query-aware).", "", *(share or none), "",
+            f"**Interval widths** (the issue asks for at most +-{MAX_HALF_WIDTH:.2f} on a headline accuracy): the "
+            "95% interval of each ranked configuration's own mean over tasks, as the tables print it.", "",
+            *(widths or none), ""]

@@ -3,7 +3,16 @@ stratified intervals, and verdicts that can fail."""
 
 from __future__ import annotations
 
-from keepkv.eval.targets import cells_by_config, difference, full_share_rows, merging_rows, paired, ranking_rows, ratio
+from keepkv.eval.targets import (
+    cells_by_config,
+    difference,
+    full_share_rows,
+    interval_rows,
+    merging_rows,
+    paired,
+    ranking_rows,
+    ratio,
+)
 
 MODEL = "Qwen2.5-Coder-1.5B-Instruct"
 
@@ -77,6 +86,22 @@ def test_ranking_includes_peer_engines_on_their_shared_samples():
     rows = keepkv({"a": [0] * 16, "b": [1] * 16}) + rows_for("tova", {"a": [1] * 16}, engine="kvpress")
     (line,) = ranking_rows(cells_by_config(rows))[2:]
     assert "`tova [kvpress]`" in line and "| a 16 |" in line and "-1.00" in line
+
+
+def test_interval_widths_name_every_ranked_configuration_above_the_bound():
+    """Two coin-flip families of 8 samples give an interval near +-0.25; 100 samples each bring it under +-0.10.
+    Competitors that answered fewer families than KeepKV (side studies) are not ranked."""
+    coin = [1, 0] * 4
+    rows = (keepkv({"a": [1] * 8, "b": [0] * 8}) + rows_for("tova", {"a": coin, "b": coin})
+            + rows_for("snapkv", {"a": [1] * 8, "b": [1] * 8}) + rows_for("h2o", {"a": coin})
+            + rows_for("full", {"a": coin, "b": coin}, budget=1.0))
+    (line,) = interval_rows(cells_by_config(rows))[2:]
+    assert "| 3 (8) |" in line and "(`tova`)" in line and "`h2o`" not in line
+    widest = float(line.split("| ")[5].split()[0])
+    assert 0.2 < widest < 0.4 and line.rstrip("| ").endswith(f"`tova` {widest:.3f}")
+    rows = keepkv({"a": [1] * 100, "b": [0] * 100}) + rows_for("tova", {"a": [1, 0] * 50, "b": [1, 0] * 50})
+    (line,) = interval_rows(cells_by_config(rows))[2:]
+    assert line.endswith("| none |") and float(line.split("| ")[5].split()[0]) <= 0.10
 
 
 def test_full_share_is_a_ratio_of_paired_means():
