@@ -7,6 +7,9 @@ value ``G`` itself marks a row that belongs to no group and is dropped)::
     group_amax(values, group, G)[b, h, j] = max_{i : group[b, h, i] = j} values[b, h, i]      (-inf for an empty group)
 
 Both return ``[B, H, G + 1, *rest]``, the last group holding the dropped rows; callers slice ``[:, :, :G]``.
+Group ids are not checked against ``[0, G]`` (that would be a host sync): an id above ``G`` lands in the next
+``(b, h)``'s groups. ``group_amax`` needs floating-point values. No autograd formula (the merge runs under
+``torch.inference_mode``).
 
 **Why custom ops.** Each is a ``torch.library.custom_op`` (``keepkv::group_sum``, ``keepkv::group_amax``):
 inductor calls it as one extern kernel that returns a new tensor, so it can neither fuse a reader of the merge's
@@ -15,10 +18,11 @@ readers (``docs/profile.md`` section 11, ``keepkv/ops/merge.py``). Inside: ``ind
 ``scatter_reduce_("amax")`` into a fresh buffer over flattened ``(b, h, group)`` rows.
 
 **Summation order.** ``index_add_`` adds rows in index order: with rows sorted by group (as the merge sorts its
-members) the sums are bit-identical on the CPU to ``torch.segment_reduce(..., "sum", initial=0)`` over the same
-rows, and several times faster for ``[*, 64]`` rows (``docs/profile.md`` section 23). On CUDA ``index_add_`` is
-atomic (the order of a sum is not fixed) unless ``torch.use_deterministic_algorithms(True)``. The maximum does
-not depend on the order.
+members) float32 / float64 sums are bit-identical on the CPU to ``torch.segment_reduce(..., "sum", initial=0)``
+over the same rows, and about 7.5x faster for ``[*, 64]`` rows (``docs/profile.md`` section 23). 16-bit values
+round after every add where ``segment_reduce`` accumulates wider: the merge passes float32 / float64 only. On
+CUDA ``index_add_`` is atomic (the order of a sum is not fixed) unless ``torch.use_deterministic_algorithms(True)``.
+A maximum does not depend on the order (up to the sign of a zero).
 
 Device-agnostic: plain tensor ops on the inputs' device.
 """
@@ -58,6 +62,7 @@ def group_sum(values: Tensor, group: Tensor, groups: int) -> Tensor:
 
 @group_sum.register_fake
 def _group_sum_fake(values: Tensor, group: Tensor, groups: int) -> Tensor:
+    _check(values, group, groups)
     return values.new_empty((group.shape[0], group.shape[1], groups + 1, *values.shape[3:]))
 
 
@@ -75,4 +80,5 @@ def group_amax(values: Tensor, group: Tensor, groups: int) -> Tensor:
 
 @group_amax.register_fake
 def _group_amax_fake(values: Tensor, group: Tensor, groups: int) -> Tensor:
+    _check(values, group, groups)
     return values.new_empty((group.shape[0], group.shape[1], groups + 1, *values.shape[3:]))

@@ -83,9 +83,8 @@ logit targets of ``ref_queries`` reached by the smallest key change, so a single
 **Cost.** Vectorised over batch, heads and merges, ``O(M log M + M (G + D))`` in the number ``M`` of evicted
 entries and independent of the capacity ``C``: groups come from sorting the targets, group reductions are
 one ``index_add_`` / ``scatter_reduce_`` each over the members sorted by group (:mod:`keepkv.ops.group_reduce`),
-only member rows are read and cast, and each buffer is
-written by index assignment (``keys[b, h, slot] = rows``). No host sync: :data:`merge_into_kept_compiled` traces
-to one graph with ``fullgraph=True``.
+only member rows are read and cast, and each buffer is written by index assignment (``keys[b, h, slot] =
+rows``). No host sync: :data:`merge_into_kept_compiled` traces to one graph with ``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -152,7 +151,8 @@ class _Segments:
 
     Group reductions are the custom ops of :mod:`keepkv.ops.group_reduce`, which return new tensors: in-place
     scatter reductions could be reordered against their readers by inductor (``docs/profile.md``, "Measurements
-    behind the code's choices"). Rows are sorted by group, so each group's sum adds its members in slot order.
+    behind the code's choices"). Rows are sorted by group (stably: a group's evicted
+    members in their listed order, its target last), and each group's sum adds them in that order.
     """
 
     key: Tensor  # [B, H, L]

@@ -89,7 +89,8 @@ def cosine_best_match(evicted_keys: Tensor, kept_keys: Tensor, kept_valid: Tenso
     index among exact ties) and that similarity. A zero key has cosine 0 with every key.
 
     Args:
-        evicted_keys: ``[B, H_kv, E, D]``; kept_keys: ``[B, H_kv, K, D]``; kept_valid: ``[B, H_kv, K]`` bool.
+        evicted_keys: ``[B, H_kv, E, D]``; kept_keys: ``[B, H_kv, K, D]``; kept_valid: ``[B, H_kv, K]`` bool (full
+            shapes, not broadcast). An invalid kept key never wins, whatever it holds (even non-finite).
     Returns:
         ``(best [B, H_kv, E] int64 index into the kept axis, similarity [B, H_kv, E])``; with no valid kept key
         ``best`` is 0 and ``similarity`` is ``-inf``.
@@ -104,6 +105,7 @@ def cosine_best_match(evicted_keys: Tensor, kept_keys: Tensor, kept_valid: Tenso
         # masked_fill after the matmul is fused by inductor into the max and recomputed for every evicted row
         batch, heads, count, dim = evicted.shape
         kept_count = kept.shape[2]
+        kept = torch.where(kept_valid[..., None], kept, 0.0)  # -inf + a non-finite product would be NaN
         bias = torch.where(kept_valid, 0.0, -float("inf")).to(dtype).reshape(batch * heads, 1, kept_count)
         similarity = torch.baddbmm(bias, evicted.reshape(batch * heads, count, dim),
                                    kept.reshape(batch * heads, kept_count, dim).transpose(-1, -2))

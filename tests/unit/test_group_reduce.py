@@ -47,7 +47,7 @@ def test_group_sum_and_amax_equal_a_loop_reference(seed, batch, heads, length, g
     assert (got_sums[empty] == 0).all() and torch.isneginf(got_peaks[empty]).all()
 
 
-@pytest.mark.parametrize("rest", [(), (64,)])
+@pytest.mark.parametrize("rest", [(), (3,), (64,)])
 def test_group_sum_is_bit_identical_to_segment_reduce_over_rows_sorted_by_group(rest):
     """The merge sorts its members by group; there the new op must give the old sums bit for bit."""
     g = torch.Generator().manual_seed(0)
@@ -65,6 +65,7 @@ def test_group_sum_is_bit_identical_to_segment_reduce_over_rows_sorted_by_group(
     assert torch.equal(group_amax(values, key, groups), old_max)
 
 
+@pytest.mark.compile
 def test_the_ops_pass_opcheck_and_compile_into_one_graph_equal_to_eager():
     g = torch.Generator().manual_seed(1)
     values = torch.randn(2, 3, 10, 5, generator=g)

@@ -115,6 +115,30 @@ def test_cosine_match_equals_a_loop_reference(seed, batch, heads, dim, evicted_c
     assert torch.equal(merge, ref_merge)
 
 
+def test_cosine_best_match_gives_the_masked_fill_form_bit_for_bit_and_ignores_whatever_invalid_keys_hold():
+    """The mask is the matmul's additive input (one pass per kept key); the earlier form filled the similarity
+    matrix after the matmul. Same bits at a merge-sized problem; an invalid kept key holding inf / NaN never wins
+    and no NaN comes out; an empty evicted set gives empty results."""
+    g = generator(11)
+    kept = torch.randn(2, 3, 410, 64, generator=g)
+    evicted = torch.randn(2, 3, 300, 64, generator=g)
+    kept_valid = torch.rand(2, 3, 410, generator=g) < 0.9
+    kept_valid[1, 2] = False  # a head without any valid kept key
+    similarity = torch.matmul(torch.nn.functional.normalize(evicted, dim=-1),
+                              torch.nn.functional.normalize(kept, dim=-1).transpose(-1, -2))
+    old_similarity, old_best = similarity.masked_fill(~kept_valid[:, :, None, :], -math.inf).max(dim=-1)
+    best, best_similarity = cosine_best_match(evicted, kept, kept_valid)
+    assert torch.equal(best, old_best) and torch.equal(best_similarity, old_similarity)
+    assert torch.isneginf(best_similarity[1, 2]).all() and (best[1, 2] == 0).all()
+    poisoned = kept.clone()
+    poisoned[~kept_valid] = math.nan
+    poisoned[0, 0, ~kept_valid[0, 0]] = math.inf
+    best, best_similarity = cosine_best_match(evicted, poisoned, kept_valid)
+    assert torch.equal(best, old_best) and torch.equal(best_similarity, old_similarity)
+    best, best_similarity = cosine_best_match(evicted[:, :, :0], kept, kept_valid)
+    assert best.shape == (2, 3, 0) and best_similarity.shape == (2, 3, 0)
+
+
 def test_cosine_match_threshold_is_strict_and_accepts_a_tensor():
     kept = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     evicted = torch.tensor([[[[2.0, 0.0], [1.0, 1.0]]]])

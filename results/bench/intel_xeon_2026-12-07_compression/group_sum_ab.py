@@ -1,7 +1,7 @@
 """segment_reduce against scatter_add_ / index_add_ for the merge's group sums (issue 15, docs/profile.md section 23).
 
-Rows sorted by group as the merge sorts them (the order of SmolLM2's shapes at 4k, 10%: 3 KV heads, 2458 rows into
-410 distinct groups of 2048; the merge itself reduces 2 x 2048 member rows),
+Rows sorted by group as the merge sorts them: 3 KV heads, 2458 float32 rows with random group ids in [0, 410)
+(10% of them dropped) and an output of 2048 groups; the merge itself reduces 4096 member rows at SmolLM2's 4k, 10%;
 scalar rows and 64-wide rows; median of 50 calls, eager, 2 threads. Run: OMP_NUM_THREADS=2 python group_sum_ab.py
 
 Output on the Intel Xeon host (AMX), 2026-12-07:
