@@ -145,9 +145,9 @@ class MergeStats:
 
 @dataclass(frozen=True)
 class _Segments:
-    """Members sorted by group (non-members last): ``key [B, H, L]`` is each row's group in ``[0, M]`` (``M`` for a
-    non-member), ``group [B, H, L]`` the same clamped to ``[0, M)`` (for gathers; non-member rows must be masked
-    by ``is_member``).
+    """Members sorted by group (non-members last): ``sort_key [B, H, L]`` is each row's group in ``[0, M]`` (``M``
+    for a non-member), ``group [B, H, L]`` the same clamped to ``[0, M)`` (for gathers; non-member rows must be
+    masked by ``is_member``).
 
     Group reductions are the custom ops of :mod:`keepkv.ops.group_reduce`, which return new tensors: in-place
     scatter reductions could be reordered against their readers by inductor (``docs/profile.md``, "Measurements
@@ -155,18 +155,18 @@ class _Segments:
     members in their listed order, its target last), and each group's sum adds them in that order.
     """
 
-    key: Tensor  # [B, H, L]
+    sort_key: Tensor  # [B, H, L]
     group: Tensor  # [B, H, L]
     is_member: Tensor  # [B, H, L]
     groups: int
 
     def sum(self, values: Tensor) -> Tensor:
         """``[B, H, L, *rest]`` -> ``[B, H, M, *rest]``: per-group sums (0 for an empty group)."""
-        return group_sum(values.contiguous(), self.key, self.groups)[:, :, : self.groups]
+        return group_sum(values.contiguous(), self.sort_key, self.groups)[:, :, : self.groups]
 
     def amax(self, values: Tensor) -> Tensor:
         """Per-group maxima over members (``-inf`` for an empty group)."""
-        return group_amax(values.contiguous(), self.key, self.groups)[:, :, : self.groups]
+        return group_amax(values.contiguous(), self.sort_key, self.groups)[:, :, : self.groups]
 
     def spread(self, per_group: Tensor) -> Tensor:
         """``[B, H, M, *rest]`` -> ``[B, H, L, *rest]``: each row gets its group's value."""
