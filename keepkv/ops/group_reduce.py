@@ -8,8 +8,8 @@ value ``G`` itself marks a row that belongs to no group and is dropped)::
 
 Both return ``[B, H, G + 1, *rest]``, the last group holding the dropped rows; callers slice ``[:, :, :G]``.
 Group ids are not checked against ``[0, G]`` (that would be a host sync): an id above ``G`` lands in the next
-``(b, h)``'s groups. ``group_amax`` needs floating-point values. No autograd formula (the merge runs under
-``torch.inference_mode``).
+``(b, h)``'s groups (past the last one, an index error), a negative id in the previous one's. ``group_amax`` needs
+floating-point values. No autograd formula (the merge runs under ``torch.inference_mode``).
 
 **Why custom ops.** Each is a ``torch.library.custom_op`` (``keepkv::group_sum``, ``keepkv::group_amax``):
 inductor calls it as one extern kernel that returns a new tensor, so it can neither fuse a reader of the merge's
