@@ -251,8 +251,8 @@ def interval_rows(data: dict[tuple, Cells]) -> list[str]:
         sizes = sorted({len(cells[f]) for cells in ranked.values() for f in families})
         widest = max(widths, key=widths.get)
         above = [f"`{n}` {w:.3f}" for n, w in sorted(widths.items(), key=lambda item: -item[1]) if w > MAX_HALF_WIDTH]
-        lines.append(f"| {model} | {protocol} | {_budget_text(budget)} | {len(ranked)} "
-                     f"({'-'.join(str(n) for n in (sizes[0], sizes[-1])) if sizes[0] != sizes[-1] else sizes[0]}) | "
+        samples = f"{sizes[0]}-{sizes[-1]}" if sizes[0] != sizes[-1] else f"{sizes[0]}"
+        lines.append(f"| {model} | {protocol} | {_budget_text(budget)} | {len(ranked)} ({samples}) | "
                      f"{widths[widest]:.3f} (`{widest}`) | {', '.join(above) if above else 'none'} |")
     return lines if len(lines) > 2 else []
 

@@ -37,7 +37,8 @@ class Workspace:
         key = (name, dtype, torch.device(device))
         flat = self._buffers.get(key)
         if flat is None or flat.numel() < numel:
-            self._buffers.pop(key, None)  # the smaller buffer goes before the larger one is allocated
+            # the smaller buffer goes before the larger one is allocated: drop the dict's reference and this one
+            self._buffers.pop(key, None)
             flat = None
             flat = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return flat[:numel].view(shape)

@@ -3,6 +3,7 @@ separate amax / argmax (v2), eager and compiled, then inductor's kernels of v0 a
 section 23). SmolLM2's shapes at 4k, 10%: 3 KV heads, 2048 evicted x 410 kept keys. 2 threads.
 Run: TORCHINDUCTOR_CACHE_DIR=/tmp/ind OMP_NUM_THREADS=2 python cosine_match_ab.py
 
+(The shared gathers were folded into ``operands`` / ``masked_similarity`` after the run below; the same ops.)
 Output on the Intel Xeon host (AMX), 2026-12-07 ("identical" compares with eager v0; compiled graphs round
 differently from eager, so the second block compares compiled v1 with compiled v0):
     v0 eager     13.733 ms  identical=True
@@ -26,29 +27,29 @@ lv = torch.randn(B,H,C); lv[..., ::7] = -float("inf")
 perm = torch.argsort(torch.rand(B,H,C), -1)
 kept, ev = perm[..., :K].contiguous(), perm[..., K:K+E].contiguous()
 
-def v0(keys, lv, kept, ev):
+def operands(keys, lv, kept, ev):
+    """(kept validity [B,H,K], normalised evicted keys [B,H,E,D], normalised kept keys [B,H,K,D]) in float32."""
     kv = torch.isfinite(lv.gather(2, kept))
     kk = keys.gather(2, kept[...,None].expand(-1,-1,-1,D)); ek = keys.gather(2, ev[...,None].expand(-1,-1,-1,D))
-    e = F.normalize(ek.float(), dim=-1); k = F.normalize(kk.float(), dim=-1)
-    s = torch.matmul(e, k.transpose(-1,-2))
-    s = s.masked_fill(~kv[:, :, None, :], -float("inf"))
-    return s.max(dim=-1)
+    return kv, F.normalize(ek.float(), dim=-1), F.normalize(kk.float(), dim=-1)
+
+def masked_similarity(keys, lv, kept, ev):
+    """The matmul, then the mask filled in (the form before the change)."""
+    kv, e, k = operands(keys, lv, kept, ev)
+    return torch.matmul(e, k.transpose(-1,-2)).masked_fill(~kv[:, :, None, :], -float("inf"))
+
+def v0(keys, lv, kept, ev):
+    return masked_similarity(keys, lv, kept, ev).max(dim=-1)
 
 def v1(keys, lv, kept, ev):
-    kv = torch.isfinite(lv.gather(2, kept))
-    kk = keys.gather(2, kept[...,None].expand(-1,-1,-1,D)); ek = keys.gather(2, ev[...,None].expand(-1,-1,-1,D))
-    e = F.normalize(ek.float(), dim=-1); k = F.normalize(kk.float(), dim=-1)
+    kv, e, k = operands(keys, lv, kept, ev)
     bias = torch.where(kv, 0.0, -float("inf"))[:, :, None, :].expand(B,H,E,K).reshape(B*H,E,K)
     s = torch.baddbmm(bias, e.reshape(B*H,E,D), k.reshape(B*H,K,D).transpose(-1,-2)).reshape(B,H,E,K)
     return s.max(dim=-1)
 
 def v2(keys, lv, kept, ev):
     # max and argmax as two reductions
-    kv = torch.isfinite(lv.gather(2, kept))
-    kk = keys.gather(2, kept[...,None].expand(-1,-1,-1,D)); ek = keys.gather(2, ev[...,None].expand(-1,-1,-1,D))
-    e = F.normalize(ek.float(), dim=-1); k = F.normalize(kk.float(), dim=-1)
-    s = torch.matmul(e, k.transpose(-1,-2))
-    s = s.masked_fill(~kv[:, :, None, :], -float("inf"))
+    s = masked_similarity(keys, lv, kept, ev)
     return s.amax(dim=-1), s.argmax(dim=-1)
 
 with torch.inference_mode():
