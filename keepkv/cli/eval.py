@@ -36,7 +36,8 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     if task == "all":
         parser.add_argument("--models", default=None, help="comma list: only these models of the grid")
-        parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of tasks (default: {','.join(TASKS)})")
+        parser.add_argument("--tasks", default=",".join(TASKS),
+                            help=f"comma list of tasks (default: {','.join(TASKS)})")
         parser.add_argument("--readme", default=None, help="README to rewrite the eval block of (after the report)")
         return
     if task in ("tasks", "export-tasks"):
@@ -74,6 +75,9 @@ def _common(parser: argparse.ArgumentParser, task: str | None) -> None:
                             help="target lengths in tokens (prompt + answer), e.g. 2048,4096; lengths above the "
                             "model's context are skipped")
         parser.add_argument("--samples", type=int, default=None, help="samples per task family and length")
+        parser.add_argument("--first-sample", type=int, default=0,
+                            help="generate only samples FIRST_SAMPLE .. SAMPLES-1 (default 0): extends a stored run "
+                            "in new shared-prefill batches instead of regrouping (and rerunning) its old ones")
         parser.add_argument("--haystack", default=None, choices=["essays", "jargon", "licenses"],
                             help="haystack text of the needle tasks (default: essays)")
     if task == "tasks":
@@ -163,8 +167,9 @@ def run_one(task: str, model, g, store, *, seed: int = 0, progress: bool = True,
     if task == "fidelity":
         from keepkv.eval.fidelity import run_fidelity
 
-        run_fidelity(model, configs, budgets, pick("context_tokens", g.fidelity_context), pick("steps", g.fidelity_steps),
-                     pick("contexts", g.fidelity_contexts), store, seed=seed, progress=progress)
+        run_fidelity(model, configs, budgets, pick("context_tokens", g.fidelity_context),
+                     pick("steps", g.fidelity_steps), pick("contexts", g.fidelity_contexts), store, seed=seed,
+                     progress=progress)
     elif task == "ppl":
         from keepkv.eval.ppl import run_ppl
 
@@ -184,7 +189,8 @@ def run_one(task: str, model, g, store, *, seed: int = 0, progress: bool = True,
         run_tasks(model, configs, budgets, store, families=_families(pick("families", None), g),
                   lengths=pick("lengths", g.task_lengths), samples=pick("samples", g.task_samples), records=records,
                   source=source, seed=seed, haystack_name=pick("haystack", "essays"), batch=pick("batch", g.task_batch),
-                  protocols=_protocols(pick("protocols", ",".join(g.task_protocols))), progress=progress)
+                  protocols=_protocols(pick("protocols", ",".join(g.task_protocols))), progress=progress,
+                  first_sample=pick("first_sample", 0))
     elif task == "qa":
         from keepkv.eval.qa import run_qa
 
@@ -228,6 +234,7 @@ def _check_task_args(args, g) -> None:
         return
     from keepkv.errors import KeepKVError
 
+    _check_first_sample(args, g)
     task_records(args)
     _families(args.families, g)
     _protocols(args.protocols or ",".join(g.task_protocols))
@@ -239,6 +246,16 @@ def _check_task_args(args, g) -> None:
         raise KeepKVError(f"--lengths must be token counts >= 128, got {args.lengths}")
 
 
+def _check_first_sample(args, g) -> None:
+    from keepkv.errors import KeepKVError
+
+    samples = args.samples or g.task_samples
+    if getattr(args, "dataset", None) and args.first_sample:
+        raise KeepKVError("--first-sample picks generated samples; it cannot be used with --dataset")
+    if not 0 <= args.first_sample < samples:
+        raise KeepKVError(f"--first-sample must be in [0, --samples) = [0, {samples}), got {args.first_sample}")
+
+
 def run_export_tasks(args) -> int:
     from keepkv.eval.dataset import dataset_format, write_dataset
     from keepkv.eval.tasks import generate_tasks, load_tokenizer, usable_lengths
@@ -248,8 +265,9 @@ def run_export_tasks(args) -> int:
     families = _families(args.families, g)
     tokenizer, context_limit = load_tokenizer(g.model)
     lengths = usable_lengths(args.lengths or g.task_lengths, context_limit)
+    _check_first_sample(args, g)
     records = generate_tasks(tokenizer, families, lengths, args.samples or g.task_samples, args.seed,
-                             args.haystack or "essays", progress=not args.no_progress)
+                             args.haystack or "essays", progress=not args.no_progress, first_sample=args.first_sample)
     path = write_dataset(records, args.out)
     print(f"[keepkv eval] export-tasks {g.model}: {len(records)} records -> {path}", file=sys.stderr)
     return 0

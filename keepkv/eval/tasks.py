@@ -399,11 +399,16 @@ def generate_sample(tokenizer, family: str, length: int, sample: int, seed: int 
 
 
 def generate_tasks(tokenizer, families: list[str], lengths: list[int], samples: int, seed: int = 0,
-                   haystack_name: str = "essays", progress: bool = False) -> list[dict[str, Any]]:
-    """Every (family, length, sample) record, family-major."""
+                   haystack_name: str = "essays", progress: bool = False,
+                   first_sample: int = 0) -> list[dict[str, Any]]:
+    """Every (family, length, sample) record for samples ``first_sample .. samples - 1``, family-major. A sample
+    depends only on (family, length, sample index, seed, haystack), so samples 5-7 generated alone are the samples
+    5-7 of a run of 8: ``first_sample`` extends a stored run with new batches instead of regrouping its old ones."""
     from tqdm import tqdm
 
-    jobs = [(f, n, k) for f in check_families(families) for n in lengths for k in range(samples)]
+    if not 0 <= first_sample < samples:
+        raise KeepKVError(f"first sample must be in [0, samples) = [0, {samples}), got {first_sample}")
+    jobs = [(f, n, k) for f in check_families(families) for n in lengths for k in range(first_sample, samples)]
     return [generate_sample(tokenizer, f, n, k, seed, haystack_name)
             for f, n, k in tqdm(jobs, desc="generating tasks", unit="sample", disable=not progress)]
 
@@ -507,16 +512,17 @@ def usable_lengths(lengths: list[int], context_limit: int) -> list[int]:
 def run_tasks(model, configs, budgets: list[float], store, *, families: list[str] | None = None,
               lengths: list[int] | None = None, samples: int = 0, records: list[dict[str, Any]] | None = None,
               source: str | None = None, seed: int = 0, haystack_name: str = "essays", batch: int = 4,
-              protocols: tuple[str, ...] = ("aware", "agnostic"), progress: bool = True) -> int:
+              protocols: tuple[str, ...] = ("aware", "agnostic"), progress: bool = True, first_sample: int = 0) -> int:
     """Generate (or take ``records`` of a dataset) and run every cell under each protocol with
     :func:`keepkv.eval.prompted.run_prompted` (one shared full prefill per batch, then every configuration and
-    budget). Rows go to ``<results>/tasks.jsonl``. Returns the number of cells."""
+    budget). Rows go to ``<results>/tasks.jsonl``. Returns the number of cells. ``first_sample`` generates only
+    samples ``first_sample ..`` (see :func:`generate_tasks`)."""
     from keepkv.eval.prompted import run_prompted
 
     if records is None:
         lengths = usable_lengths(list(lengths or []), model.config.max_position_embeddings)
         records = generate_tasks(model.tokenizer, families or list(FAMILIES), lengths, samples, seed, haystack_name,
-                                 progress=progress)
+                                 progress=progress, first_sample=first_sample)
         source = f"seed{seed}-{haystack_name}"
     cells = [record_cell(model.tokenizer, r, source or "dataset", i) for i, r in enumerate(check_unique_cells(records))]
     groups = task_groups(cells, batch)

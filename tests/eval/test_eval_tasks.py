@@ -160,6 +160,30 @@ def test_task_groups_mix_families_and_name_their_content():
         assert set(other) != set(groups)
 
 
+def test_first_sample_extends_a_run_with_the_same_samples_in_new_batches(tokenizer, eval_data, capsys):
+    """``first_sample``: samples 2..3 generated alone equal samples 2..3 of a 4-sample run; their batches have names
+    of their own (a stored run's batches are neither regrouped nor rerun); a start outside [0, samples) and
+    ``--first-sample`` with ``--dataset`` are refused before any model loads."""
+    from keepkv.cli import main
+
+    families = ["niah_single", "vt"]
+    whole = tasks.generate_tasks(tokenizer, families, [512], 4)
+    tail = tasks.generate_tasks(tokenizer, families, [512], 4, first_sample=2)
+    assert [r["sample"] for r in tail] == [2, 3, 2, 3] and tail == [r for r in whole if r["sample"] >= 2]
+    head = tasks.generate_tasks(tokenizer, families, [512], 2)
+    names = [set(tasks.task_groups([tasks.record_cell(tokenizer, r, "src", i) for i, r in enumerate(part)], 3))
+             for part in (head, tail)]
+    assert names[0] and names[1] and not names[0] & names[1]
+    for bad in (-1, 4, 9):
+        with pytest.raises(KeepKVError, match=r"first sample must be in \[0, samples\) = \[0, 4\)"):
+            tasks.generate_tasks(tokenizer, families, [512], 4, first_sample=bad)
+    for args, message in ((["--samples", "3", "--first-sample", "3"], r"--first-sample must be in \[0, --samples\)"),
+                          (["--first-sample", "1", "--dataset", "x.jsonl"], "cannot be used with --dataset")):
+        assert main(["eval", "tasks", "no-such-model", "--tasks", "vt", "--lengths", "512", *args,
+                     "--no-progress"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+
+
 def test_stratified_interval_weighs_families_equally():
     from keepkv.eval.tasks_report import stratified_interval
 
