@@ -14,10 +14,14 @@ today's defaults); the first row is the baseline unless ``--baseline`` names ano
 match, SQuAD F1 for the QA families) or ``budget`` for ``--metric kl`` (``fidelity.jsonl``: mean next-token KL over
 passages). Each cell is the configuration's mean **on the samples it shares with the baseline** (so a configuration
 run on more samples than the baseline stays comparable; the baseline's own cell is its mean over all its samples,
-so a row that ran on fewer samples is compared, and bolded, on its own subset: read its bracket) and, in
-brackets, the paired difference *row - baseline* with its 95% stratified bootstrap interval
-(:mod:`keepkv.eval.targets`: :func:`~keepkv.eval.targets.paired`, :func:`~keepkv.eval.targets.difference`). The best mean of each column is bold (highest accuracy, lowest KL; full
-caches excluded); ``–``: not run. A markdown table on stdout.
+so a row that ran on fewer samples is compared on its own subset: read its bracket) and, in brackets, the paired
+difference *row - baseline* with its 95% stratified bootstrap interval (:mod:`keepkv.eval.targets`:
+:func:`~keepkv.eval.targets.paired`, :func:`~keepkv.eval.targets.difference`).
+
+Bold marks each column's best configuration **by the paired difference** (the baseline's is 0; highest for accuracy,
+lowest for KL; full caches excluded; ties at the printed digits all bold), not by the printed means: those are taken
+on different samples when rows ran on different subsets, and a row's higher mean on an easier subset must not outrank
+the baseline it trails on those same samples. ``–``: not run. A markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def parse_column(text: str, metric: str) -> tuple[str, float]:
 def table(data: dict[tuple, Cells], model: str, rows: list[tuple[str, str]], baseline: str,
           columns: list[tuple[str, float]], metric: str) -> list[str]:
     digits = 3 if metric == "kl" else 2
-    cells: dict[tuple[int, int], tuple[float, str]] = {}
+    cells: dict[tuple[int, int], tuple[float, str]] = {}  # (row, column) -> (paired difference to the baseline, text)
     for c, (protocol, budget) in enumerate(columns):
         base = data.get((model, protocol, baseline, budget))
         for r, (_, lab) in enumerate(rows):
@@ -63,23 +67,23 @@ def table(data: dict[tuple, Cells], model: str, rows: list[tuple[str, str]], bas
                 continue
             if lab == baseline:
                 value = family_mean(own)
-                cells[r, c] = (value, f"{value:.{digits}f}")
+                cells[r, c] = (0.0, f"{value:.{digits}f}")
                 continue
             pairs = paired(own, base)
             if not pairs:
                 continue
             value = mean(mean(a for a, _ in v) for v in pairs.values())
             diff, low, high = difference(pairs)
-            cells[r, c] = (value, f"{value:.{digits}f} ({diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}])")
+            cells[r, c] = (diff, f"{value:.{digits}f} ({diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}])")
     for c in range(len(columns)):
-        ranked = [(value, r) for (r, cc), (value, _) in cells.items() if cc == c and not is_full(rows[r][1])]
+        ranked = [(diff, r) for (r, cc), (diff, _) in cells.items() if cc == c and not is_full(rows[r][1])]
         if ranked:
-            best = (min if metric == "kl" else max)(value for value, _ in ranked)
-            for value, r in ranked:
-                if round(value, digits) == round(best, digits):
+            best = (min if metric == "kl" else max)(diff for diff, _ in ranked)
+            for diff, r in ranked:
+                if round(diff, digits) == round(best, digits):
                     text = cells[r, c][1]
                     head, _, rest = text.partition(" ")
-                    cells[r, c] = (value, f"**{head}**" + (f" {rest}" if rest else ""))
+                    cells[r, c] = (diff, f"**{head}**" + (f" {rest}" if rest else ""))
     header = ["method", *[(f"{p} " if p else "") + (f"KL {b:.0%}" if metric == "kl" else f"{b:.0%}")
                           for p, b in columns]]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]

@@ -206,7 +206,8 @@ def test_compare_configs_pairs_kl_per_passage(tmp_path):
 
 def test_headline_tables_pair_each_row_with_the_baseline_and_bold_the_best(tmp_path):
     """``tools/headline_tables.py``: a row's mean is taken on the samples it shares with the baseline, its
-    bracket is the paired difference, the best column mean is bold (lowest for KL), a missing run is ``–``."""
+    bracket is the paired difference, the best paired difference is bold (lowest for KL; the baseline's is 0), a
+    missing run is ``–``."""
     import json
 
     _tools()
@@ -224,6 +225,14 @@ def test_headline_tables_pair_each_row_with_the_baseline_and_bold_the_best(tmp_p
     # TOVA on the shared passages 0-1: mean 0.2 (its passage 2 is left out), -0.1 on each: a point interval; bold
     assert lines[3] == "| TOVA | **0.200** (-0.100 [-0.100, -0.100]) | – |"
     assert lines[4] == "| H2O | – | – |"  # no baseline at 20%, no run at 10%
+    # bold goes by the paired difference, not the printed mean: TOVA's mean on its easy subset (0.4) is below the
+    # baseline's over all its passages (3.2), but TOVA is 0.1 worse on every passage it shares with it
+    rows = [_kl_row("snapkv", 0.5, 0, 0.2), _kl_row("snapkv", 0.5, 1, 0.4), _kl_row("snapkv", 0.5, 2, 9.0),
+            _kl_row("tova", 0.5, 0, 0.3), _kl_row("tova", 0.5, 1, 0.5)]
+    (tmp_path / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    lines = headline_tables.table(headline_tables.load(tmp_path, "kl"), "m", [("SnapKV", "snapkv"), ("TOVA", "tova")],
+                                  "snapkv", [("", 0.5)], "kl")
+    assert lines[2:] == ["| SnapKV | **3.200** |", "| TOVA | 0.400 (+0.100 [+0.100, +0.100]) |"]
 
 
 def test_needle_depths_counts_each_reference_by_its_place_in_the_context():
