@@ -21,7 +21,8 @@ difference *row - baseline* with its 95% stratified bootstrap interval (:mod:`ke
 Bold marks each column's best configuration **by the paired difference** (the baseline's is 0; highest for accuracy,
 lowest for KL; full caches excluded; ties at the printed digits all bold), not by the printed means: those are taken
 on different samples when rows ran on different subsets, and a row's higher mean on an easier subset must not outrank
-the baseline it trails on those same samples. ``–``: not run. A markdown table on stdout.
+the baseline it trails on those same samples. A row that shares only some of the baseline's task families is printed
+but never bold. ``–``: not run, no baseline in that column, or no sample shared with it. A markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def table(data: dict[tuple, Cells], model: str, rows: list[tuple[str, str]], bas
           columns: list[tuple[str, float]], metric: str) -> list[str]:
     digits = 3 if metric == "kl" else 2
     cells: dict[tuple[int, int], tuple[float, str]] = {}  # (row, column) -> (paired difference to the baseline, text)
+    partial: set[tuple[int, int]] = set()  # rows sharing only some of the baseline's families: never bold
     for c, (protocol, budget) in enumerate(columns):
         base = data.get((model, protocol, baseline, budget))
         for r, (_, lab) in enumerate(rows):
@@ -74,9 +76,12 @@ def table(data: dict[tuple, Cells], model: str, rows: list[tuple[str, str]], bas
                 continue
             value = mean(mean(a for a, _ in v) for v in pairs.values())
             diff, low, high = difference(pairs)
+            if set(pairs) != set(base):
+                partial.add((r, c))
             cells[r, c] = (diff, f"{value:.{digits}f} ({diff:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}])")
     for c in range(len(columns)):
-        ranked = [(diff, r) for (r, cc), (diff, _) in cells.items() if cc == c and not is_full(rows[r][1])]
+        ranked = [(diff, r) for (r, cc), (diff, _) in cells.items()
+                  if cc == c and not is_full(rows[r][1]) and (r, c) not in partial]
         if ranked:
             best = (min if metric == "kl" else max)(diff for diff, _ in ranked)
             for diff, r in ranked:

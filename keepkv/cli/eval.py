@@ -234,26 +234,30 @@ def _check_task_args(args, g) -> None:
         return
     from keepkv.errors import KeepKVError
 
-    _check_first_sample(args, g)
+    if args.batch is not None and args.batch < 1:
+        raise KeepKVError(f"--batch must be >= 1, got {args.batch}")
+    _check_first_sample(args, g)  # and --samples
     task_records(args)
     _families(args.families, g)
     _protocols(args.protocols or ",".join(g.task_protocols))
-    for name in ("samples", "batch"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise KeepKVError(f"--{name} must be >= 1, got {value}")
     if args.lengths is not None and (not args.lengths or min(args.lengths) < 128):
         raise KeepKVError(f"--lengths must be token counts >= 128, got {args.lengths}")
 
 
 def _check_first_sample(args, g) -> None:
+    """``--samples`` (if given) >= 1 and ``0 <= --first-sample < samples``; ``--first-sample`` only for generated
+    tasks, not ``--dataset``."""
     from keepkv.errors import KeepKVError
 
+    if args.samples is not None and args.samples < 1:
+        raise KeepKVError(f"--samples must be >= 1, got {args.samples}")
     samples = args.samples or g.task_samples
     if getattr(args, "dataset", None) and args.first_sample:
         raise KeepKVError("--first-sample picks generated samples; it cannot be used with --dataset")
     if not 0 <= args.first_sample < samples:
-        raise KeepKVError(f"--first-sample must be in [0, --samples) = [0, {samples}), got {args.first_sample}")
+        given = "--samples" if args.samples is not None else "the grid's default samples"
+        raise KeepKVError(f"--first-sample must be in [0, samples) = [0, {samples}) ({given}), "
+                          f"got {args.first_sample}")
 
 
 def run_export_tasks(args) -> int:
@@ -263,9 +267,9 @@ def run_export_tasks(args) -> int:
     g = _model_grid(args)
     dataset_format(args.out)
     families = _families(args.families, g)
+    _check_first_sample(args, g)
     tokenizer, context_limit = load_tokenizer(g.model)
     lengths = usable_lengths(args.lengths or g.task_lengths, context_limit)
-    _check_first_sample(args, g)
     records = generate_tasks(tokenizer, families, lengths, args.samples or g.task_samples, args.seed,
                              args.haystack or "essays", progress=not args.no_progress, first_sample=args.first_sample)
     path = write_dataset(records, args.out)

@@ -401,12 +401,13 @@ def generate_sample(tokenizer, family: str, length: int, sample: int, seed: int 
 def generate_tasks(tokenizer, families: list[str], lengths: list[int], samples: int, seed: int = 0,
                    haystack_name: str = "essays", progress: bool = False,
                    first_sample: int = 0) -> list[dict[str, Any]]:
-    """Every (family, length, sample) record for samples ``first_sample .. samples - 1``, family-major. A sample
-    depends only on (family, length, sample index, seed, haystack), so samples 5-7 generated alone are the samples
-    5-7 of a run of 8: ``first_sample`` extends a stored run with new batches instead of regrouping its old ones."""
+    """Every (family, length, sample) record for samples ``first_sample .. samples - 1``, family-major (none for
+    ``samples = 0``). A sample depends only on (family, length, sample index, seed, haystack) besides the tokenizer
+    and the data files, so samples 5-7 generated alone are the samples 5-7 of a run of 8: ``first_sample`` extends a
+    stored run with new batches instead of regrouping its old ones."""
     from tqdm import tqdm
 
-    if not 0 <= first_sample < samples:
+    if first_sample < 0 or (first_sample and first_sample >= samples):
         raise KeepKVError(f"first sample must be in [0, samples) = [0, {samples}), got {first_sample}")
     jobs = [(f, n, k) for f in check_families(families) for n in lengths for k in range(first_sample, samples)]
     return [generate_sample(tokenizer, f, n, k, seed, haystack_name)

@@ -171,17 +171,48 @@ def test_first_sample_extends_a_run_with_the_same_samples_in_new_batches(tokeniz
     tail = tasks.generate_tasks(tokenizer, families, [512], 4, first_sample=2)
     assert [r["sample"] for r in tail] == [2, 3, 2, 3] and tail == [r for r in whole if r["sample"] >= 2]
     head = tasks.generate_tasks(tokenizer, families, [512], 2)
-    names = [set(tasks.task_groups([tasks.record_cell(tokenizer, r, "src", i) for i, r in enumerate(part)], 3))
-             for part in (head, tail)]
-    assert names[0] and names[1] and not names[0] & names[1]
+
+    def groups(records):
+        return tasks.task_groups([tasks.record_cell(tokenizer, r, "src", i) for i, r in enumerate(records)], 3)
+
+    # a stored 2-sample run's batches: regrouping all 4 samples renames (reruns) its second batch; the head's
+    # batches plus the tail's own cover the 4 samples once, with the head's names unchanged
+    old, regrouped, extension = groups(head), groups(whole), groups(tail)
+    assert set(old) - set(regrouped)
+    cells = [c.cell for part in (*old.values(), *extension.values()) for c in part]
+    assert sorted(cells) == sorted(c.cell for part in regrouped.values() for c in part) and len(set(cells)) == 8
     for bad in (-1, 4, 9):
         with pytest.raises(KeepKVError, match=r"first sample must be in \[0, samples\) = \[0, 4\)"):
             tasks.generate_tasks(tokenizer, families, [512], 4, first_sample=bad)
-    for args, message in ((["--samples", "3", "--first-sample", "3"], r"--first-sample must be in \[0, --samples\)"),
-                          (["--first-sample", "1", "--dataset", "x.jsonl"], "cannot be used with --dataset")):
-        assert main(["eval", "tasks", "no-such-model", "--tasks", "vt", "--lengths", "512", *args,
-                     "--no-progress"]) == 2
-        assert re.search(message, capsys.readouterr().err)
+    cases = ((["--samples", "3", "--first-sample", "3"], r"--first-sample must be in \[0, samples\) = \[0, 3\) "
+              r"\(--samples\), got 3"),
+             (["--samples", "-2"], r"--samples must be >= 1, got -2"),
+             (["--first-sample", "1", "--dataset", "x.jsonl"], "cannot be used with --dataset"))
+    for command in ("tasks", "export-tasks"):  # refused before the (missing) model's tokenizer is read
+        for args, message in cases[:2]:
+            out = ["--out", "x.jsonl"] if command == "export-tasks" else []
+            assert main(["eval", command, "no-such-model", "--tasks", "vt", "--lengths", "512", *args, *out,
+                         "--no-progress"]) == 2
+            assert re.search(message, capsys.readouterr().err)
+    assert main(["eval", "tasks", "no-such-model", "--tasks", "vt", *cases[2][0], "--no-progress"]) == 2
+    assert re.search(cases[2][1], capsys.readouterr().err)
+
+
+def test_first_sample_reaches_the_task_runner(monkeypatch):
+    """``keepkv eval tasks --first-sample`` is handed to ``run_tasks`` (and ``keepkv eval all``'s call, which has no
+    arguments, gives 0)."""
+    import argparse
+
+    from keepkv.cli.eval import run_one
+    from keepkv.eval.grid import GRIDS
+
+    seen = []
+    monkeypatch.setattr(tasks, "run_tasks", lambda *a, **kw: seen.append(kw["first_sample"]) or 0)
+    g = GRIDS["quick"][0]
+    args = argparse.Namespace(first_sample=3, samples=5, methods="full", budgets=None, dataset=None)
+    run_one("tasks", object(), g, None, seed=0, progress=False, args=args)
+    run_one("tasks", object(), g, None, seed=0, progress=False, args=None)
+    assert seen == [3, 0]
 
 
 def test_stratified_interval_weighs_families_equally():

@@ -233,6 +233,16 @@ def test_headline_tables_pair_each_row_with_the_baseline_and_bold_the_best(tmp_p
     lines = headline_tables.table(headline_tables.load(tmp_path, "kl"), "m", [("SnapKV", "snapkv"), ("TOVA", "tova")],
                                   "snapkv", [("", 0.5)], "kl")
     assert lines[2:] == ["| SnapKV | **3.200** |", "| TOVA | 0.400 (+0.100 [+0.100, +0.100]) |"]
+    # accuracy: the highest paired difference; a tie at the printed digits bolds both; a row sharing one of the
+    # baseline's two families is never bold, however far ahead
+    cells = {("m", "aware", "keepkv", 0.2): {"a": {"a/s0": 0.5, "a/s1": 0.7}, "b": {"b/s0": 0.2, "b/s1": 0.4}},
+             ("m", "aware", "tova", 0.2): {"a": {"a/s0": 0.5, "a/s1": 0.7}, "b": {"b/s0": 0.2, "b/s1": 0.4}},
+             ("m", "aware", "h2o", 0.2): {"a": {"a/s0": 0.4, "a/s1": 0.6}, "b": {"b/s0": 0.1, "b/s1": 0.3}},
+             ("m", "aware", "snapkv", 0.2): {"a": {"a/s0": 1.0, "a/s1": 1.0}}}
+    lines = headline_tables.table(cells, "m", [("KeepKV", "keepkv"), ("TOVA", "tova"), ("H2O", "h2o"),
+                                               ("SnapKV", "snapkv")], "keepkv", [("aware", 0.2)], "task_accuracy")
+    assert lines[2:] == ["| KeepKV | **0.45** |", "| TOVA | **0.45** (+0.00 [+0.00, +0.00]) |",
+                         "| H2O | 0.35 (-0.10 [-0.10, -0.10]) |", "| SnapKV | 1.00 (+0.40 [+0.30, +0.50]) |"]
 
 
 def test_needle_depths_counts_each_reference_by_its_place_in_the_context():
