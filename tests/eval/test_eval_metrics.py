@@ -220,6 +220,23 @@ def test_an_option_added_later_belongs_to_its_method():
     assert report.label(_row(method="h2o", resolved_options=h2o)) == "h2o@recent_fraction=0.0"
 
 
+def test_keepkvs_value_weighting_added_later_keys_and_labels_only_when_not_the_value_norm():
+    """``value_weighting`` (added later, earlier behaviour ``"value"``): stored KeepKV rows without it keep their
+    unit keys and their label; ``"output"`` is a unit of its own and names itself."""
+    from keepkv.eval import report
+
+    plain = unit_key("tasks", "M", MethodConfig.parse("keepkv"), 0.2, "g")
+    assert unit_key("tasks", "M", MethodConfig.parse("keepkv@value_weighting=value"), 0.2, "g") == plain
+    output = MethodConfig.parse("keepkv@value_weighting=output")
+    assert unit_key("tasks", "M", output, 0.2, "g") != plain
+    resolved = MethodConfig.parse("keepkv").row_fields()["resolved_options"]
+    stored = _row(method="keepkv", variant="minnorm",
+                  resolved_options={k: v for k, v in resolved.items() if k != "value_weighting"})
+    assert report.label(stored) == "keepkv:minnorm"
+    assert report.label(_row(method="keepkv", variant="minnorm", resolved_options=output.row_fields()[
+        "resolved_options"])) == "keepkv:minnorm@value_weighting=output"
+
+
 def test_a_configuration_that_merges_nothing_is_labelled_without_the_merge_options():
     """Without merging (``similarity_threshold=1.0``) the merge reference, its EMA decay and the dominance guard
     are never read, so a run under the EMA reference and one under today's reference share one label (the

@@ -683,6 +683,80 @@ def test_keepkv_value_norm_power_scores_an_empty_slot_zero_whatever_its_stale_va
     assert kept[0] == kept[1] == kept[2]
 
 
+@pytest.mark.parametrize("selection", ["layer", "head"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_keepkv_output_value_weighting_weights_each_query_heads_score_by_what_it_writes(selection, kernel):
+    """``value_weighting="output"``: query head ``g``'s window-mean attention, max-pooled, times
+    ``||v_i W_O^g||_1 ** gamma`` (its slice of the layer's ``o_proj``), then the mean over the group (and over the
+    layer with ``selection="layer"``); the kept set is the top of that score, and it differs from the one weighted by
+    ``||v_i||_1`` (the option is not idle). The output projection's columns are scaled per query head so that
+    heads differ in what they write."""
+    group, dim, hidden, gamma = 2, 8, 5, 1.0
+    protected = {0, 1, *range(24, 30)}
+    kept = {}
+    for weighting in ("value", "output"):
+        method = make_method("keepkv", selection=selection, similarity_threshold=1.0, sinks=2, window=6,
+                             kernel_size=kernel, value_norm_power=gamma, value_weighting=weighting)
+        cache, queries = filled_cache(method, kv_heads=3, group=group, dim=dim, tokens=30, seed=4)
+        generator = torch.Generator().manual_seed(3)
+        head_scale = (torch.rand(3 * group, generator=generator) * 3.0 + 0.1).repeat_interleave(dim)
+        o_proj = torch.randn(hidden, 3 * group * dim, generator=generator) * head_scale
+        method.output_projections = [o_proj]
+        scores = []
+        for h in range(3):
+            keyed = entries(cache, 0, h)
+            per_query_head = []
+            for g in range(group):
+                head = h * group + g
+                attention = dict.fromkeys(keyed, 0.0)
+                for t in range(24, 30):
+                    visible = {pos: entry for pos, entry in keyed.items() if pos <= t}
+                    for pos, a in dense_attention(queries[0, head, t], visible).items():
+                        attention[pos] += a / 6
+                pooled = max_pooled(attention, protected, kernel)
+                w_o = o_proj[:, head * dim:(head + 1) * dim].double()
+                per_query_head.append({pos: s * float((keyed[pos][1] @ w_o.T).abs().sum()) ** gamma
+                                       for pos, s in pooled.items()})
+            scores.append({pos: sum(q[pos] for q in per_query_head) / group for pos in keyed})
+        if selection == "layer":
+            scores = [{pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}] * 3
+        if weighting == "output":
+            expected = torch.tensor([[[scores[h][pos] for pos in range(30)] for h in range(3)]], dtype=torch.float64)
+            selectable = [pos for pos in range(30) if pos not in protected]
+            computed = method.scores(cache, 0).double()
+            torch.testing.assert_close(computed[..., selectable], expected[..., selectable], rtol=1e-5, atol=1e-7)
+        budget = 14
+        method.compress(cache, 0, budget)
+        kept[weighting] = [kept_positions(cache, 0, h) for h in range(3)]
+        if weighting == "output":
+            for h in range(3):
+                candidates = {pos: s for pos, s in scores[h].items() if pos not in protected}
+                assert kept[weighting][h] == protected | top_positions(candidates, budget - len(protected)), h
+    assert kept["value"] != kept["output"]
+
+
+def test_keepkv_output_value_weighting_needs_the_layers_output_projection_and_a_known_name():
+    """Without bound ``o_proj`` weights (or for a layer beyond them) the selection refuses, saying what to call;
+    an unknown weighting is refused with the allowed names; with ``value_norm_power=0`` the weighting is idle
+    (attention only), it needs no weights, and the compression stays one compiled graph."""
+    method = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_weighting="output")
+    assert not method.compiles_whole_compression
+    cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
+    with pytest.raises(KeepKVError, match="needs the model's o_proj weights for layer 0"):
+        method.compress(cache, 0, 14)
+    method.output_projections = [torch.randn(5, 3 * 2 * 8)]
+    with pytest.raises(KeepKVError, match="for layer 1"):
+        method.scores(cache, 1)
+    with pytest.raises(KeepKVError, match="unknown value_weighting 'outputs'; allowed: value, output"):
+        make_method("keepkv", value_weighting="outputs")
+    idle = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_weighting="output",
+                       value_norm_power=0.0)
+    plain = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_norm_power=0.0)
+    assert idle.compiles_whole_compression
+    cache, _ = filled_cache(idle, kv_heads=3, group=2, tokens=30, seed=4)
+    assert torch.equal(idle.scores(cache, 0), plain.scores(cache, 0))
+
+
 @pytest.mark.parametrize("bad", [-0.5, 5.0, float("nan"), "one"])
 def test_keepkv_value_norm_power_refuses_what_is_not_an_exponent_in_range(bad):
     """Out of range, not finite or not a number: refused, naming the option (the generic option check refuses the

@@ -49,10 +49,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from keepkv.cache.budgets import check_layer_budget_options, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
+from keepkv.cache.methods.criticalkv import value_output_norms
 from keepkv.cache.policy import CompressionMethod, recent_entries
 from keepkv.checks import is_real
 from keepkv.distributed.heads import head_mean
@@ -63,6 +64,7 @@ from keepkv.ops.scores import cosine_match, ema_log_scores, log_mean_exp, pool_a
 REFERENCES = ("ema", "last")
 SELECTIONS = ("layer", "head")
 SCORE_NORMALIZATIONS = ("per-token", "total")
+VALUE_WEIGHTINGS = ("value", "output")
 
 
 @dataclass
@@ -104,6 +106,13 @@ class KeepKV(CompressionMethod):
       weights, this reads only the cache. The norms are not normalised per head, so in the layer mean a head
       counts in proportion to the size of what its values write (a head writing twice as much weighs
       ``2 ** gamma`` times as much): a choice, the one measured (``docs/keepkv-quality.md``).
+    - ``value_weighting`` (value | output): what ``value_norm_power`` weights by. ``value`` (default): the KV
+      head's ``||v_i||_1`` as above. ``output``: CriticalKV's ``||v_i W_O^g||_1``, what entry ``i`` writes into
+      the residual stream through query head ``g``'s slice of the layer's output projection
+      (:func:`keepkv.cache.methods.criticalkv.value_output_norms`), applied per query head before the group
+      mean: ``score_i = mean_g pool(A_g)[i] * ||v_i W_O^g||_1 ** gamma``. It reads the model's ``o_proj`` weights
+      (:meth:`bind_model`), so the selection runs per layer outside the compiled compression graph (the merge
+      keeps its compiled op); ``value_norm_power=0`` ignores it.
     - ``recent_fraction`` (``rho`` in [0, 1], 0 = only ``window``): the newest ``floor(rho * budget)`` positions
       of a compression to ``budget`` (at most ``budget - sinks``) are protected like the window, H2O's recent
       share (:func:`keepkv.cache.policy.recent_entries`): StreamingLLM's recency inside a score-ranked budget,
@@ -130,6 +139,7 @@ class KeepKV(CompressionMethod):
     cosine_decay: float = 0.8
     pyramid_beta: int = 20
     recent_fraction: float = 0.0
+    value_weighting: str = "value"
 
     def __setattr__(self, name: str, value) -> None:
         """Fields are set as usual; setting ``last_query_weight`` (``lambda``; in ``__init__`` too) also refreshes
@@ -172,8 +182,28 @@ class KeepKV(CompressionMethod):
         if not 0.0 <= float(self.recent_fraction) <= 1.0:
             raise KeepKVError(f"keepkv: recent_fraction must lie in [0, 1] (0 = the window only), "
                               f"got {self.recent_fraction}")
+        if self.value_weighting not in VALUE_WEIGHTINGS:
+            raise KeepKVError(f"keepkv: unknown value_weighting {self.value_weighting!r}; allowed: "
+                              f"{', '.join(VALUE_WEIGHTINGS)}")
         check_layer_budget_options(self.name, self.layer_budgets, self.cosine_decay, self.pyramid_beta)
         self.stats = MergeStats()
+        self.output_projections: list[Tensor] | None = None
+
+    @property
+    def weights_by_output(self) -> bool:
+        """Whether the selection weights scores by ``||v W_O^g||_1`` (``value_weighting="output"`` with a
+        non-zero ``value_norm_power``)."""
+        return self.value_weighting == "output" and float(self.value_norm_power) != 0.0
+
+    @property
+    def compiles_whole_compression(self) -> bool:
+        """One compiled graph per compression unless the selection reads the layer's ``o_proj``
+        (:attr:`weights_by_output`): that selection runs per layer, the merge through its compiled op."""
+        return self.layer_free and not self.weights_by_output
+
+    def bind_model(self, network: nn.Module) -> None:
+        """Keep references to every layer's ``o_proj.weight`` (read only with ``value_weighting="output"``)."""
+        self.output_projections = [attention.o_proj.weight for attention in network.attention_layers]
 
     def recent_window(self, budget: int | None) -> int:
         """Newest positions protected at a compression to ``budget``: ``floor(recent_fraction * budget)``, at least
@@ -189,6 +219,7 @@ class KeepKV(CompressionMethod):
             return self
         copy = dataclasses.replace(self, last_query_weight=self.agnostic_last_query_weight)
         copy.stats = self.stats
+        copy.output_projections = self.output_projections
         # the two differ only in last_query_mix (a graph input): one compiled compression serves both
         copy._compiled_entries = self.compiled_compression()
         return copy
@@ -211,23 +242,42 @@ class KeepKV(CompressionMethod):
         along the cache with ``kernel_size > 1`` over the live slots outside ``protected`` (default: the sinks and
         the window, :meth:`protected_mask` without a budget; a compression passes its own); times
         ``||v_i||_1 ** value_norm_power`` (each head's own values; empty slots score 0) when that power is not 0;
-        then, with ``selection="layer"``, the mean over the layer's KV heads (the same for every head)."""
+        then, with ``selection="layer"``, the mean over the layer's KV heads (the same for every head). With
+        ``value_weighting="output"`` every step up to the weighting is taken per query head of the group, the
+        weight is ``||v_i W_O^g||_1 ** value_norm_power`` (``layer``'s ``o_proj``) and the group mean comes after it."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
         present = (cache.window_positions >= 0).sum(dim=1).clamp_min(1)  # [B]
-        scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
+        by_output = self.weights_by_output
+        if by_output:  # per query head until the output weights: [B, Hkv, G, C]
+            scores = attention.sum(dim=3) / present[:, None, None, None]
+            newest = attention[:, :, :, -1]
+        else:  # the group mean at once: [B, Hkv, C]
+            scores = attention.sum(dim=(2, 3)) / (present[:, None, None] * attention.shape[2])
+            newest = attention[:, :, :, -1].mean(dim=2)
         # the newest query is the window's last row; the weights are a tensor (a graph input, not constants: the
         # method and its for_query_agnostic copy share one compiled graph). With lambda = 0 (or 1) the mix is
         # exactly the window mean (or the newest query's attention): the attentions are finite
         mix = self.last_query_mix.to(scores.device)
-        scores = mix[0] * scores + mix[1] * attention[:, :, :, -1].mean(dim=2)
+        scores = mix[0] * scores + mix[1] * newest
         live = torch.isfinite(cache.log_votes)  # empty slots hold -inf votes
+        slot_mask = live[:, :, None] if by_output else live  # broadcast over the group's query heads
         if self.score_normalization == "per-token":
-            scores = torch.where(live, scores * torch.exp(-cache.log_votes.masked_fill(~live, 0.0)), 0.0)
+            per_token = torch.exp(-cache.log_votes.masked_fill(~live, 0.0))
+            scores = torch.where(slot_mask, scores * (per_token[:, :, None] if by_output else per_token), 0.0)
         if self.kernel_size > 1:
             if protected is None:
                 protected = self.protected_mask(cache)
-            scores = pool_along_slots(scores * (live & ~protected), self.kernel_size, "maxpool")
-        if self.value_norm_power:
+            selectable = live & ~protected
+            scores = pool_along_slots(scores * (selectable[:, :, None] if by_output else selectable),
+                                      self.kernel_size, "maxpool")
+        if by_output:
+            if self.output_projections is None or not 0 <= layer < len(self.output_projections):
+                raise KeepKVError("keepkv: value_weighting='output' needs the model's o_proj weights for layer "
+                                  f"{layer}: call CacheManager.bind_network(network) (or KeepKV.bind_model) first")
+            norms = value_output_norms(cache.values, self.output_projections[layer], cache.group_size)
+            weighted = scores * norms.pow(float(self.value_norm_power))  # [B, Hkv, G, C]
+            scores = torch.where(live, weighted.mean(dim=2), 0.0)
+        elif self.value_norm_power:
             value_norms = torch.linalg.vector_norm(cache.values, 1, dim=-1, dtype=torch.float32)  # [B, Hkv, C]
             # an empty slot scores 0 whatever its stale value holds
             scores = torch.where(live, scores * value_norms.pow(float(self.value_norm_power)), 0.0)
