@@ -668,12 +668,16 @@ def test_keepkv_value_norm_power_weights_each_score_by_its_value(selection, kern
     assert kept[0.0] != kept[power]
 
 
-def test_keepkv_value_norm_power_scores_an_empty_slot_zero_whatever_its_stale_value():
+@pytest.mark.parametrize("weighting", ["value", "output"])
+def test_keepkv_value_norm_power_scores_an_empty_slot_zero_whatever_its_stale_value(weighting):
     """A cache with free slots whose values hold NaN / inf (stale memory): every score stays finite, the empty
-    slots score 0, and the kept set is the one of the same cache with zeros there."""
+    slots score 0, and the kept set is the one of the same cache with zeros there (``||v||_1`` and CriticalKV's
+    ``||v W_O||_1`` weighting alike)."""
     kept = []
     for stale in (0.0, float("nan"), float("inf")):
-        method = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_norm_power=1.0)
+        method = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_norm_power=1.0,
+                             value_weighting=weighting)
+        method.output_projections = [torch.randn(5, 3 * 2 * 8, generator=torch.Generator().manual_seed(3))]
         cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, capacity=40, seed=4)
         cache.values[:, :, 30:] = stale
         scores = method.scores(cache, 0)
@@ -685,8 +689,12 @@ def test_keepkv_value_norm_power_scores_an_empty_slot_zero_whatever_its_stale_va
 
 @pytest.mark.parametrize("selection", ["layer", "head"])
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_keepkv_output_value_weighting_weights_each_query_heads_score_by_what_it_writes(selection, kernel):
-    """``value_weighting="output"``: query head ``g``'s window-mean attention, max-pooled, times
+@pytest.mark.parametrize("normalization", ["total", "per-token"])
+@pytest.mark.parametrize("last_query_weight", [0.0, 0.6])
+def test_keepkv_output_value_weighting_weights_each_query_heads_score_by_what_it_writes(
+        selection, kernel, normalization, last_query_weight):
+    """``value_weighting="output"``: query head ``g``'s window-mean attention (mixed with its newest query's by
+    ``last_query_weight``, divided by the entry's votes with ``per-token``), max-pooled, times
     ``||v_i W_O^g||_1 ** gamma`` (its slice of the layer's ``o_proj``), then the mean over the group (and over the
     layer with ``selection="layer"``); the kept set is the top of that score, and it differs from the one weighted by
     ``||v_i||_1`` (the option is not idle). The output projection's columns are scaled per query head so that
@@ -696,8 +704,11 @@ def test_keepkv_output_value_weighting_weights_each_query_heads_score_by_what_it
     kept = {}
     for weighting in ("value", "output"):
         method = make_method("keepkv", selection=selection, similarity_threshold=1.0, sinks=2, window=6,
-                             kernel_size=kernel, value_norm_power=gamma, value_weighting=weighting)
+                             kernel_size=kernel, value_norm_power=gamma, value_weighting=weighting,
+                             score_normalization=normalization, last_query_weight=last_query_weight)
         cache, queries = filled_cache(method, kv_heads=3, group=group, dim=dim, tokens=30, seed=4)
+        votes = torch.randint(1, 6, cache.log_votes.shape, generator=torch.Generator().manual_seed(1)).float()
+        cache.log_votes.copy_(torch.log(votes))  # as if earlier merges had happened
         generator = torch.Generator().manual_seed(3)
         head_scale = (torch.rand(3 * group, generator=generator) * 3.0 + 0.1).repeat_interleave(dim)
         o_proj = torch.randn(hidden, 3 * group * dim, generator=generator) * head_scale
@@ -712,7 +723,11 @@ def test_keepkv_output_value_weighting_weights_each_query_heads_score_by_what_it
                 for t in range(24, 30):
                     visible = {pos: entry for pos, entry in keyed.items() if pos <= t}
                     for pos, a in dense_attention(queries[0, head, t], visible).items():
-                        attention[pos] += a / 6
+                        attention[pos] += (1.0 - last_query_weight) * a / 6
+                        if t == 29:
+                            attention[pos] += last_query_weight * a
+                if normalization == "per-token":
+                    attention = {pos: a / keyed[pos][2] for pos, a in attention.items()}
                 pooled = max_pooled(attention, protected, kernel)
                 w_o = o_proj[:, head * dim:(head + 1) * dim].double()
                 per_query_head.append({pos: s * float((keyed[pos][1] @ w_o.T).abs().sum()) ** gamma
@@ -742,10 +757,10 @@ def test_keepkv_output_value_weighting_needs_the_layers_output_projection_and_a_
     method = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_weighting="output")
     assert not method.compiles_whole_compression
     cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
-    with pytest.raises(KeepKVError, match="needs the model's o_proj weights for layer 0"):
+    with pytest.raises(KeepKVError, match="needs the model's o_proj weights: call CacheManager.bind_network"):
         method.compress(cache, 0, 14)
     method.output_projections = [torch.randn(5, 3 * 2 * 8)]
-    with pytest.raises(KeepKVError, match="for layer 1"):
+    with pytest.raises(KeepKVError, match="no o_proj weight bound for layer 1"):
         method.scores(cache, 1)
     with pytest.raises(KeepKVError, match="unknown value_weighting 'outputs'; allowed: value, output"):
         make_method("keepkv", value_weighting="outputs")

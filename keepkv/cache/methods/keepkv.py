@@ -102,17 +102,19 @@ class KeepKV(CompressionMethod):
       layer's heads: an entry matters by how much it writes into the output, not only by how much it is
       attended. This is VATP's ``||v_i||_1`` weighting (Guo et al., "Attention Score is not All You Need for
       Token Importance Indicator in KV Cache Reduction: Value Also Matters", EMNLP 2024: accumulated attention
-      times ``||v_i||_1``, per head) applied to KeepKV's score; CriticalKV's ``||v_i W_O||_1`` needs the layer's
-      weights, this reads only the cache. The norms are not normalised per head, so in the layer mean a head
-      counts in proportion to the size of what its values write (a head writing twice as much weighs
-      ``2 ** gamma`` times as much): a choice, the one measured (``docs/keepkv-quality.md``).
+      times ``||v_i||_1``, per head) applied to KeepKV's score; it reads only the cache (CriticalKV's
+      ``||v_i W_O||_1`` is ``value_weighting="output"`` below). The norms are not normalised per head, so in the
+      layer mean a head counts in proportion to the size of what its values write (a head writing twice as much
+      weighs ``2 ** gamma`` times as much): a choice, the one measured (``docs/keepkv-quality.md``).
     - ``value_weighting`` (value | output): what ``value_norm_power`` weights by. ``value`` (default): the KV
       head's ``||v_i||_1`` as above. ``output``: CriticalKV's ``||v_i W_O^g||_1``, what entry ``i`` writes into
       the residual stream through query head ``g``'s slice of the layer's output projection
       (:func:`keepkv.cache.methods.criticalkv.value_output_norms`), applied per query head before the group
       mean: ``score_i = mean_g pool(A_g)[i] * ||v_i W_O^g||_1 ** gamma``. It reads the model's ``o_proj`` weights
       (:meth:`bind_model`), so the selection runs per layer outside the compiled compression graph (the merge
-      keeps its compiled op); ``value_norm_power=0`` ignores it.
+      keeps its compiled op); ``value_norm_power=0`` ignores it. Cost: ``kv_heads * group * slots * head_dim *
+      hidden`` multiply-adds per layer at every compression (chunked prefill and every ``decode_slack`` decode
+      steps), where CriticalKV pays them once after prefill; as a merger (``X+keepkv``) the option is never read.
     - ``recent_fraction`` (``rho`` in [0, 1], 0 = only ``window``): the newest ``floor(rho * budget)`` positions
       of a compression to ``budget`` (at most ``budget - sinks``) are protected like the window, H2O's recent
       share (:func:`keepkv.cache.policy.recent_entries`): StreamingLLM's recency inside a score-ranked budget,
@@ -123,7 +125,8 @@ class KeepKV(CompressionMethod):
 
     name = "keepkv"
     is_eviction_selector = False  # KeepKV merges; as a selector for X+keepkv use a plain eviction scorer
-    layer_free = True  # scores, match and merge read only the cache: compiled, one graph serves every layer
+    layer_free = True  # scores, match and merge read only the cache (value_weighting="output" aside: see
+    # compiles_whole_compression): compiled, one graph serves every layer
     variant: str = "minnorm"
     similarity_threshold: float = 0.8
     reference: str = "last"
@@ -271,9 +274,12 @@ class KeepKV(CompressionMethod):
             scores = pool_along_slots(scores * (selectable[:, :, None] if by_output else selectable),
                                       self.kernel_size, "maxpool")
         if by_output:
-            if self.output_projections is None or not 0 <= layer < len(self.output_projections):
-                raise KeepKVError("keepkv: value_weighting='output' needs the model's o_proj weights for layer "
-                                  f"{layer}: call CacheManager.bind_network(network) (or KeepKV.bind_model) first")
+            if self.output_projections is None:
+                raise KeepKVError("keepkv: value_weighting='output' needs the model's o_proj weights: call "
+                                  "CacheManager.bind_network(network) (or KeepKV.bind_model) before compressing")
+            if not 0 <= layer < len(self.output_projections):
+                raise KeepKVError(f"keepkv: value_weighting='output': no o_proj weight bound for layer {layer} "
+                                  f"(bound: {len(self.output_projections)} layers)")
             norms = value_output_norms(cache.values, self.output_projections[layer], cache.group_size)
             weighted = scores * norms.pow(float(self.value_norm_power))  # [B, Hkv, G, C]
             scores = torch.where(live, weighted.mean(dim=2), 0.0)
