@@ -58,6 +58,17 @@ def value_output_norms(values: Tensor, output_projection: Tensor, group: int) ->
     return torch.cat(norms, dim=-1)
 
 
+def bound_output_projection(weights: list[Tensor] | None, layer: int, method: str) -> Tensor:
+    """``layer``'s ``o_proj.weight`` from the references a method bound (``bind_model``), or a :class:`KeepKVError`
+    saying which is missing: no weights bound at all, or none for that layer."""
+    if weights is None:
+        raise KeepKVError(f"{method} needs the model's o_proj weights: call CacheManager.bind_network(network) "
+                          f"(or the method's bind_model) before compressing")
+    if not 0 <= layer < len(weights):
+        raise KeepKVError(f"{method}: no o_proj weight bound for layer {layer} (bound: {len(weights)} layers)")
+    return weights[layer]
+
+
 @dataclass
 class CriticalKV(SnapKV):
     """Options: ``stage1_fraction`` (0.5), ``epsilon`` (1e-4), and SnapKV's (``window`` 32, ``kernel_size`` 7,
@@ -84,15 +95,9 @@ class CriticalKV(SnapKV):
 
     def critical_scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
         """``[batch, kv_heads, capacity]``: ``mean_g (A_g[i] + epsilon) * ||v_i W_O^g||_1`` (stage 2)."""
-        if self.output_projections is None:
-            raise KeepKVError(
-                "criticalkv needs the model's o_proj weights: call CacheManager.bind_network(network) "
-                "(or CriticalKV.bind_output_projections) before compressing"
-            )
-        if not 0 <= layer < len(self.output_projections):
-            raise KeepKVError(f"criticalkv: no o_proj weight bound for layer {layer}")
+        weight = bound_output_projection(self.output_projections, layer, self.name)
         attention = self.pooled_head_attention(cache)  # [B, Hkv, G, C]
-        norms = value_output_norms(cache.values, self.output_projections[layer], cache.group_size)
+        norms = value_output_norms(cache.values, weight, cache.group_size)
         return ((attention + float(self.epsilon)) * norms).mean(dim=2)
 
     def select(self, cache: CompressedLayerCache, layer: int, budget: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from keepkv.cache.budgets import check_layer_budget_options, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.methods.criticalkv import value_output_norms
+from keepkv.cache.methods.criticalkv import bound_output_projection, value_output_norms
 from keepkv.cache.policy import CompressionMethod, recent_entries
 from keepkv.checks import is_real
 from keepkv.distributed.heads import head_mean
@@ -263,24 +263,19 @@ class KeepKV(CompressionMethod):
         mix = self.last_query_mix.to(scores.device)
         scores = mix[0] * scores + mix[1] * newest
         live = torch.isfinite(cache.log_votes)  # empty slots hold -inf votes
-        slot_mask = live[:, :, None] if by_output else live  # broadcast over the group's query heads
+        def per_slot(slots: Tensor) -> Tensor:  # a [B, Hkv, C] slot tensor broadcast against the scores
+            return slots[:, :, None] if by_output else slots
+
         if self.score_normalization == "per-token":
             per_token = torch.exp(-cache.log_votes.masked_fill(~live, 0.0))
-            scores = torch.where(slot_mask, scores * (per_token[:, :, None] if by_output else per_token), 0.0)
+            scores = torch.where(per_slot(live), scores * per_slot(per_token), 0.0)
         if self.kernel_size > 1:
             if protected is None:
                 protected = self.protected_mask(cache)
-            selectable = live & ~protected
-            scores = pool_along_slots(scores * (selectable[:, :, None] if by_output else selectable),
-                                      self.kernel_size, "maxpool")
+            scores = pool_along_slots(scores * per_slot(live & ~protected), self.kernel_size, "maxpool")
         if by_output:
-            if self.output_projections is None:
-                raise KeepKVError("keepkv: value_weighting='output' needs the model's o_proj weights: call "
-                                  "CacheManager.bind_network(network) (or KeepKV.bind_model) before compressing")
-            if not 0 <= layer < len(self.output_projections):
-                raise KeepKVError(f"keepkv: value_weighting='output': no o_proj weight bound for layer {layer} "
-                                  f"(bound: {len(self.output_projections)} layers)")
-            norms = value_output_norms(cache.values, self.output_projections[layer], cache.group_size)
+            weight = bound_output_projection(self.output_projections, layer, "keepkv (value_weighting='output')")
+            norms = value_output_norms(cache.values, weight, cache.group_size)
             weighted = scores * norms.pow(float(self.value_norm_power))  # [B, Hkv, G, C]
             scores = torch.where(live, weighted.mean(dim=2), 0.0)
         elif self.value_norm_power:
