@@ -108,6 +108,10 @@ class Selected(CompressionMethod):
     def compiles_whole_compression(self) -> bool:
         return self.merger.layer_free and self.selector.layer_free
 
+    def output_projection_for(self, layer: int) -> Tensor | None:
+        """The selector's (CriticalKV reads the layer's ``o_proj``; a merger only merges, it never ranks)."""
+        return self.selector.output_projection_for(layer)
+
     def bind_model(self, network: nn.Module) -> None:
         self.selector.bind_model(network)
         self.merger.bind_model(network)

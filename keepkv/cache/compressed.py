@@ -43,6 +43,9 @@ class CompressedLayerCache(AttentionScores, LayerKVCache):
         # oracle mode (tests, fidelity studies): a callable compressing this cache inside the forward, after the
         # current queries joined the window and before they attend (eager only)
         self.inline_compression: Callable[[CompressedLayerCache], None] | None = None
+        # the layer's o_proj weight while a compression that reads it runs (CompressionMethod.compress sets and
+        # clears it): a tensor argument of the compiled compression, so one graph serves every layer
+        self.output_projection: Tensor | None = None
         self.register_buffer(
             "window_queries", torch.zeros(batch_size, num_heads, window, head_dim, dtype=dtype, device=device),
             persistent=False,

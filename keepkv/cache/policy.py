@@ -173,6 +173,11 @@ class CompressionMethod:
         """Called once with the model (a :class:`~keepkv.models.transformer.Transformer`) for methods that read
         its weights; default: nothing."""
 
+    def output_projection_for(self, layer: int) -> Tensor | None:
+        """``layer``'s bound ``o_proj.weight`` when this method's compression reads it (CriticalKV, KeepKV's
+        ``value_weighting="output"``), else ``None`` (default: the cache alone)."""
+        return None
+
     def reset_state(self) -> None:
         """Forget per-generation state; called when the manager allocates caches for a new generation."""
 
@@ -193,11 +198,20 @@ class CompressionMethod:
         true when the model runs compiled and the layers share one budget): with
         :attr:`compiles_whole_compression` the selection, the merge and the compaction run as one compiled graph
         (:meth:`compressed_entries` under ``torch.compile``: one graph per (method, cache shapes, budget) whatever
-        the layer, no host sync inside); otherwise the merge alone runs its compiled op."""
-        if compiled and self.compiles_whole_compression:
-            entries = self.compiled_compression()(self, cache, budget)
-        else:
-            entries = self.compressed_entries(cache, layer, budget, compiled=compiled)
+        the layer, no host sync inside); otherwise the merge alone runs its compiled op. A method that reads the
+        layer's ``o_proj`` weight (:meth:`output_projection_for`) finds it on ``cache.output_projection`` while the
+        compression runs: a tensor reached through an argument, not through the layer index, so the compiled
+        graph stays one for every layer."""
+        weight = self.output_projection_for(layer)
+        # a plain tensor view of the parameter (no copy): the cache is a module and would register a Parameter
+        cache.output_projection = None if weight is None else weight.detach()
+        try:
+            if compiled and self.compiles_whole_compression:
+                entries = self.compiled_compression()(self, cache, budget)
+            else:
+                entries = self.compressed_entries(cache, layer, budget, compiled=compiled)
+        finally:
+            cache.output_projection = None
         cache.store_packed(entries)
 
     def compressed_entries(self, cache: CompressedLayerCache, layer: int, budget: int,

@@ -49,7 +49,7 @@ SPECS: dict[str, tuple[str, dict]] = {
     "keepkv@attention_only": ("keepkv", dict(COMMON, value_norm_power=0.0)),  # the default before 2026-12-06
     "keepkv@once": ("keepkv", dict(COMMON, prefill_compression="once")),  # a manager option, not the method's
     "keepkv@recent": ("keepkv", dict(COMMON, recent_fraction=0.5)),
-    "keepkv@output": ("keepkv", dict(COMMON, value_weighting="output")),  # selection per layer, eager
+    "keepkv@output": ("keepkv", dict(COMMON, value_weighting="output")),  # reads each layer's o_proj
 }
 # the default run: every method and option spec (what users run is compiled); the bfloat16 run is marked slow.
 # Specs whose cache has the capacity and flags of an earlier spec reuse its decode graph (a few seconds each);

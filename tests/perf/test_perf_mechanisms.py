@@ -292,13 +292,23 @@ def test_bench_command_is_registered_and_checks_its_input():
     {"selection": "head", "reference": "ema", "score_normalization": "per-token", "kernel_size": 3,
      "max_evicted_weight": 0.5, "last_query_weight": 0.5, "value_norm_power": 0.0},  # every non-default option
     # of the quality study at once
+    {"selection": "head", "value_weighting": "output"},  # reads each layer's own o_proj weight
 ])
 def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(options):
     """KeepKV's compiled compression (select + merge + compact in one graph) gives the eager result on every
-    cache, and caches of the same shape (the layers) share one graph: no recompilation from layer to layer."""
+    cache, and caches of the same shape (the layers) share one graph: no recompilation from layer to layer, even
+    when the selection reads the layer's ``o_proj`` weight (``value_weighting="output"``: a different parameter
+    per layer, handed to the graph on the cache)."""
     eager_method, compiled_method = make_method("keepkv", **options), make_method("keepkv", **options)
+    generator = torch.Generator().manual_seed(21)
+    # nn.Parameters, as bind_model gives them; columns scaled per query head so that the heads write differently
+    o_proj = [torch.nn.Parameter(torch.randn(48, 9 * 64, generator=generator)
+                                 * (torch.rand(9, generator=generator) * 3 + 0.1).repeat_interleave(64),
+                                 requires_grad=False) for _ in range(8)]
+    for method in (eager_method, compiled_method):
+        method.output_projections = o_proj
     assert compiled_method.compiles_whole_compression
-    assert not make_method("criticalkv+keepkv").compiles_whole_compression  # per-layer W_O: stays eager
+    assert not make_method("criticalkv+keepkv").compiles_whole_compression  # SnapKV's selection is not layer-free
     with torch.inference_mode():
         first_eager, first_compiled = filled_cache(seed=4), filled_cache(seed=4)
         eager_method.compress(first_eager, 0, 64)
@@ -325,6 +335,13 @@ def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(option
     for name in ("keys", "values", "log_votes", "positions", "cursor"):
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-5)
     assert not torch.equal(compiled.positions, plain.positions)  # the weight reached the graph: other entries kept
+    if options.get("value_weighting") == "output":  # each layer's own o_proj reached the graph: layers 1 and 7
+        with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):  # keep other entries
+            by_layer = {layer: filled_cache(seed=9) for layer in (1, 7)}
+            for layer, cache in by_layer.items():
+                compiled_method.compress(cache, layer, 64, compiled=True)
+                assert cache.output_projection is None  # handed over for the compression only
+        assert not torch.equal(by_layer[1].positions, by_layer[7].positions)
 
 
 def test_packed_entries_leave_the_cache_alone_and_store_packed_writes_them():

@@ -69,6 +69,17 @@ def bound_output_projection(weights: list[Tensor] | None, layer: int, method: st
     return weights[layer]
 
 
+def layer_output_projection(cache: CompressedLayerCache, weights: list[Tensor] | None, layer: int,
+                            method: str) -> Tensor:
+    """The ``o_proj.weight`` of the layer ``cache`` holds: the one a running compression handed to the cache
+    (``cache.output_projection``, set by :meth:`~keepkv.cache.policy.CompressionMethod.compress`; inside a compiled
+    compression a graph input), else ``layer``'s bound reference (:func:`bound_output_projection`: a direct call
+    of a method's scores)."""
+    if cache.output_projection is not None:
+        return cache.output_projection
+    return bound_output_projection(weights, layer, method)
+
+
 @dataclass
 class CriticalKV(SnapKV):
     """Options: ``stage1_fraction`` (0.5), ``epsilon`` (1e-4), and SnapKV's (``window`` 32, ``kernel_size`` 7,
@@ -93,9 +104,12 @@ class CriticalKV(SnapKV):
         """One ``o_proj.weight [hidden, heads * head_dim]`` per layer (references, not copies)."""
         self.output_projections = list(weights)
 
+    def output_projection_for(self, layer: int) -> Tensor:
+        return bound_output_projection(self.output_projections, layer, self.name)
+
     def critical_scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:
         """``[batch, kv_heads, capacity]``: ``mean_g (A_g[i] + epsilon) * ||v_i W_O^g||_1`` (stage 2)."""
-        weight = bound_output_projection(self.output_projections, layer, self.name)
+        weight = layer_output_projection(cache, self.output_projections, layer, self.name)
         attention = self.pooled_head_attention(cache)  # [B, Hkv, G, C]
         norms = value_output_norms(cache.values, weight, cache.group_size)
         return ((attention + float(self.epsilon)) * norms).mean(dim=2)

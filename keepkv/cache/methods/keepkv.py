@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from keepkv.cache.budgets import check_layer_budget_options, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.methods.criticalkv import bound_output_projection, value_output_norms
+from keepkv.cache.methods.criticalkv import bound_output_projection, layer_output_projection, value_output_norms
 from keepkv.cache.policy import CompressionMethod, recent_entries
 from keepkv.checks import is_real
 from keepkv.distributed.heads import head_mean
@@ -111,8 +111,9 @@ class KeepKV(CompressionMethod):
       the residual stream through query head ``g``'s slice of the layer's output projection
       (:func:`keepkv.cache.methods.criticalkv.value_output_norms`), applied per query head before the group
       mean: ``score_i = mean_g pool(A_g)[i] * ||v_i W_O^g||_1 ** gamma``. It reads the model's ``o_proj`` weights
-      (:meth:`bind_model`), so the selection runs per layer outside the compiled compression graph (the merge
-      keeps its compiled op); ``value_norm_power=0`` ignores it. Cost: ``kv_heads * group * slots * head_dim *
+      (:meth:`bind_model`); the compression hands the layer's weight to the compiled graph as a tensor argument
+      through the cache (:meth:`~keepkv.cache.policy.CompressionMethod.compress`), so one graph still serves every
+      layer; ``value_norm_power=0`` ignores it. Cost: ``kv_heads * group * slots * head_dim *
       hidden`` multiply-adds per layer at every compression (chunked prefill and every ``decode_slack`` decode
       steps), where CriticalKV pays them once after prefill; as a merger (``X+keepkv``) the option is never read.
     - ``recent_fraction`` (``rho`` in [0, 1], 0 = only ``window``): the newest ``floor(rho * budget)`` positions
@@ -125,8 +126,8 @@ class KeepKV(CompressionMethod):
 
     name = "keepkv"
     is_eviction_selector = False  # KeepKV merges; as a selector for X+keepkv use a plain eviction scorer
-    layer_free = True  # scores, match and merge read only the cache (value_weighting="output" aside: see
-    # compiles_whole_compression): compiled, one graph serves every layer
+    layer_free = True  # scores, match and merge read only the cache (value_weighting="output": the layer's o_proj
+    # too, handed over on the cache): compiled, one graph serves every layer
     variant: str = "minnorm"
     similarity_threshold: float = 0.8
     reference: str = "last"
@@ -198,11 +199,11 @@ class KeepKV(CompressionMethod):
         non-zero ``value_norm_power``)."""
         return self.value_weighting == "output" and float(self.value_norm_power) != 0.0
 
-    @property
-    def compiles_whole_compression(self) -> bool:
-        """One compiled graph per compression unless the selection reads the layer's ``o_proj``
-        (:attr:`weights_by_output`): that selection runs per layer, the merge through its compiled op."""
-        return self.layer_free and not self.weights_by_output
+    def output_projection_for(self, layer: int) -> Tensor | None:
+        """``layer``'s bound ``o_proj.weight`` when the selection weights by it (:attr:`weights_by_output`)."""
+        if not self.weights_by_output:
+            return None
+        return bound_output_projection(self.output_projections, layer, "keepkv (value_weighting='output')")
 
     def bind_model(self, network: nn.Module) -> None:
         """Keep references to every layer's ``o_proj.weight`` (read only with ``value_weighting="output"``)."""
@@ -274,7 +275,8 @@ class KeepKV(CompressionMethod):
                 protected = self.protected_mask(cache)
             scores = pool_along_slots(scores * per_slot(live & ~protected), self.kernel_size, "maxpool")
         if by_output:
-            weight = bound_output_projection(self.output_projections, layer, "keepkv (value_weighting='output')")
+            weight = layer_output_projection(cache, self.output_projections, layer,
+                                             "keepkv (value_weighting='output')")
             norms = value_output_norms(cache.values, weight, cache.group_size)
             weighted = scores * norms.pow(float(self.value_norm_power))  # [B, Hkv, G, C]
             scores = torch.where(live, weighted.mean(dim=2), 0.0)
