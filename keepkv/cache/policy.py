@@ -117,8 +117,9 @@ class CompressionMethod:
     keeps_everything: ClassVar[bool] = False  # the full cache (keepkv.cache.methods.full): never compressed
     layer_free: ClassVar[bool] = False
     """True when the method's selection and merge depend on the layer only through the cache and the budget (no
-    per-layer state or weights, no layer-indexed budgets inside ``select``): its whole compression may then be
-    compiled once for every layer (see :attr:`compiles_whole_compression`)."""
+    per-layer state, no layer-indexed budgets inside ``select``; a layer's weights only through
+    :meth:`output_projection_for`, handed over on the cache): its whole compression may then be compiled once for
+    every layer (see :attr:`compiles_whole_compression`)."""
     sinks: int = 4
     window: int = 32
 
@@ -233,7 +234,9 @@ class CompressionMethod:
         return self._compiled_entries
 
     def _layer_free_entries(self, cache: CompressedLayerCache, budget: int) -> dict[str, Tensor]:
-        return self.compressed_entries(cache, 0, budget, compiled=True)  # layer-free: the index is never read
+        # layer-free: no layer index inside the graph. -1 is no layer, so a lookup by index (a weight the
+        # compression did not hand over on the cache) fails loudly instead of reading layer 0's
+        return self.compressed_entries(cache, -1, budget, compiled=True)
 
     # ---- what a method defines --------------------------------------------------------------------------------
     def scores(self, cache: CompressedLayerCache, layer: int) -> Tensor:

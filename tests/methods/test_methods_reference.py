@@ -753,7 +753,8 @@ def test_keepkv_output_value_weighting_weights_each_query_heads_score_by_what_it
 def test_keepkv_output_value_weighting_needs_the_layers_output_projection_and_a_known_name():
     """Without bound ``o_proj`` weights (or for a layer beyond them) the selection refuses, saying what to call;
     an unknown weighting is refused with the allowed names; with ``value_norm_power=0`` the weighting is idle
-    (attention only) and it needs no weights. Either way the compression is one compiled graph."""
+    (attention only) and it needs no weights. Either way the method compiles its whole compression (one graph
+    for every layer: ``tests/perf/test_perf_mechanisms.py``)."""
     method = make_method("keepkv", similarity_threshold=1.0, sinks=2, window=6, value_weighting="output")
     assert method.compiles_whole_compression
     cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)

@@ -300,13 +300,16 @@ def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(option
     when the selection reads the layer's ``o_proj`` weight (``value_weighting="output"``: a different parameter
     per layer, handed to the graph on the cache)."""
     eager_method, compiled_method = make_method("keepkv", **options), make_method("keepkv", **options)
-    generator = torch.Generator().manual_seed(21)
-    # nn.Parameters, as bind_model gives them; columns scaled per query head so that the heads write differently
-    o_proj = [torch.nn.Parameter(torch.randn(48, 9 * 64, generator=generator)
-                                 * (torch.rand(9, generator=generator) * 3 + 0.1).repeat_interleave(64),
-                                 requires_grad=False) for _ in range(8)]
-    for method in (eager_method, compiled_method):
-        method.output_projections = o_proj
+    by_output = options.get("value_weighting") == "output"
+    if by_output:
+        generator = torch.Generator().manual_seed(21)
+        # nn.Parameters that require grad, as a checkpoint's (bind_model gives references); columns scaled per query
+        # head so that the heads write differently
+        o_proj = [torch.nn.Parameter(torch.randn(48, 9 * 64, generator=generator)
+                                     * (torch.rand(9, generator=generator) * 3 + 0.1).repeat_interleave(64))
+                  for _ in range(8)]
+        for method in (eager_method, compiled_method):
+            method.output_projections = o_proj
     assert compiled_method.compiles_whole_compression
     assert not make_method("criticalkv+keepkv").compiles_whole_compression  # SnapKV's selection is not layer-free
     with torch.inference_mode():
@@ -334,13 +337,22 @@ def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(option
         compiled_method.compress(plain, 3, 64, compiled=True)
     for name in ("keys", "values", "log_votes", "positions", "cursor"):
         torch.testing.assert_close(getattr(compiled, name), getattr(eager, name), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(compiled.positions, plain.positions)  # the weight reached the graph: other entries kept
-    if options.get("value_weighting") == "output":  # each layer's own o_proj reached the graph: layers 1 and 7
-        with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):  # keep other entries
+    # the query-agnostic mix (a tensor input) reached the graph: other entries kept
+    assert not torch.equal(compiled.positions, plain.positions)
+    if by_output:  # each layer's own o_proj reached the graph: the compiled compression at layer 7 equals an eager
+        # one whose only bound weight is layer 7's (at index 0), and layers 1 and 7 keep different entries
+        only_seventh = make_method("keepkv", **options)
+        only_seventh.output_projections = [o_proj[7]]
+        with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
             by_layer = {layer: filled_cache(seed=9) for layer in (1, 7)}
             for layer, cache in by_layer.items():
                 compiled_method.compress(cache, layer, 64, compiled=True)
                 assert cache.output_projection is None  # handed over for the compression only
+                assert "output_projection" not in cache._parameters  # a plain attribute, not the module's parameter
+            reference = filled_cache(seed=9)
+            only_seventh.compress(reference, 0, 64)
+        for name in ("keys", "values", "log_votes", "positions", "cursor"):
+            torch.testing.assert_close(getattr(by_layer[7], name), getattr(reference, name), rtol=1e-5, atol=1e-5)
         assert not torch.equal(by_layer[1].positions, by_layer[7].positions)
 
 

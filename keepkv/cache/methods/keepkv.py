@@ -65,6 +65,7 @@ REFERENCES = ("ema", "last")
 SELECTIONS = ("layer", "head")
 SCORE_NORMALIZATIONS = ("per-token", "total")
 VALUE_WEIGHTINGS = ("value", "output")
+OUTPUT_WEIGHTING = "keepkv (value_weighting='output')"  # the name its refusals give
 
 
 @dataclass
@@ -203,7 +204,7 @@ class KeepKV(CompressionMethod):
         """``layer``'s bound ``o_proj.weight`` when the selection weights by it (:attr:`weights_by_output`)."""
         if not self.weights_by_output:
             return None
-        return bound_output_projection(self.output_projections, layer, "keepkv (value_weighting='output')")
+        return bound_output_projection(self.output_projections, layer, OUTPUT_WEIGHTING)
 
     def bind_model(self, network: nn.Module) -> None:
         """Keep references to every layer's ``o_proj.weight`` (read only with ``value_weighting="output"``)."""
@@ -275,8 +276,7 @@ class KeepKV(CompressionMethod):
                 protected = self.protected_mask(cache)
             scores = pool_along_slots(scores * per_slot(live & ~protected), self.kernel_size, "maxpool")
         if by_output:
-            weight = layer_output_projection(cache, self.output_projections, layer,
-                                             "keepkv (value_weighting='output')")
+            weight = layer_output_projection(cache, self.output_projections, layer, OUTPUT_WEIGHTING)
             norms = value_output_norms(cache.values, weight, cache.group_size)
             weighted = scores * norms.pow(float(self.value_norm_power))  # [B, Hkv, G, C]
             scores = torch.where(live, weighted.mean(dim=2), 0.0)
