@@ -69,6 +69,11 @@ def bound_output_projection(weights: list[Tensor] | None, layer: int, method: st
     return weights[layer]
 
 
+def network_output_projections(network: nn.Module) -> list[Tensor]:
+    """Every layer's ``o_proj.weight`` of ``network`` (references, not copies), in layer order."""
+    return [attention.o_proj.weight for attention in network.attention_layers]
+
+
 def layer_output_projection(cache: CompressedLayerCache, weights: list[Tensor] | None, layer: int,
                             method: str) -> Tensor:
     """The ``o_proj.weight`` of the layer ``cache`` holds: the one a running compression handed to the cache
@@ -98,7 +103,7 @@ class CriticalKV(SnapKV):
         self.output_projections: list[Tensor] | None = None
 
     def bind_model(self, network: nn.Module) -> None:
-        self.bind_output_projections([attention.o_proj.weight for attention in network.attention_layers])
+        self.bind_output_projections(network_output_projections(network))
 
     def bind_output_projections(self, weights: list[Tensor]) -> None:
         """One ``o_proj.weight [hidden, heads * head_dim]`` per layer (references, not copies)."""

@@ -53,7 +53,9 @@ from torch import Tensor, nn
 
 from keepkv.cache.budgets import check_layer_budget_options, layer_budget_schedule
 from keepkv.cache.compressed import CompressedLayerCache
-from keepkv.cache.methods.criticalkv import bound_output_projection, layer_output_projection, value_output_norms
+from keepkv.cache.methods.criticalkv import (
+    bound_output_projection, layer_output_projection, network_output_projections, value_output_norms,
+)
 from keepkv.cache.policy import CompressionMethod, recent_entries
 from keepkv.checks import is_real
 from keepkv.distributed.heads import head_mean
@@ -208,7 +210,7 @@ class KeepKV(CompressionMethod):
 
     def bind_model(self, network: nn.Module) -> None:
         """Keep references to every layer's ``o_proj.weight`` (read only with ``value_weighting="output"``)."""
-        self.output_projections = [attention.o_proj.weight for attention in network.attention_layers]
+        self.output_projections = network_output_projections(network)
 
     def recent_window(self, budget: int | None) -> int:
         """Newest positions protected at a compression to ``budget``: ``floor(recent_fraction * budget)``, at least
