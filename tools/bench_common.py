@@ -44,6 +44,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_vector_isa() -> dict:
+    """The vector instruction sets the kernels can use: torch's CPU capability (``AVX2``, ``AVX512``, ...) and the
+    AVX-512 / AMX flags of ``/proc/cpuinfo`` (empty where the file is absent): two hosts with one model name
+    (``AMD EPYC``) can differ here, and bf16 speed depends on it."""
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = sorted({f for f in line.split(":", 1)[1].split() if f.startswith(("avx512", "amx"))})
+                break
+    except OSError:
+        pass
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "avx512_amx_flags": flags}
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -59,6 +74,7 @@ def machine_facts() -> dict:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {
         "cpu": cpu_model(),
+        **cpu_vector_isa(),
         "logical_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

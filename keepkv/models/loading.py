@@ -43,6 +43,28 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     raise KeepKVError(f"unsupported dtype {dtype!r}; allowed: float32, bfloat16, float16")
 
 
+def slow_cpu_dtype_reason(dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why ``dtype`` will run slower than float32 on ``device``, or ``None`` (float32, not a CPU, a CPU with the
+    instructions, or a torch that cannot tell).
+
+    A CPU computes bfloat16 matrix products natively only with AVX-512 BF16 or AMX, and float16 ones only with
+    AMX-FP16; without them every product goes through conversions and is several times slower than float32 (the
+    measured case: docs/profile.md, the AVX2-only AMD EPYC of 2026-12-07). The cast still halves the weights'
+    memory, so a user may want it anyway: ``load()`` logs this, it does not refuse.
+    """
+    if device.type != "cpu" or dtype == torch.float32:
+        return None
+    probes = (("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == torch.bfloat16
+              else ("_is_amx_fp16_supported",))
+    found = [getattr(torch.cpu, probe, None) for probe in probes]
+    if any(probe is None for probe in found) or any(probe() for probe in found):
+        return None
+    needs = "AVX-512 BF16 or AMX" if dtype == torch.bfloat16 else "AMX-FP16"
+    return (f"{str(dtype).removeprefix('torch.')} on this CPU (torch capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, no {needs}) runs its matrix products through conversions, "
+            f"several times slower than float32; pass dtype='float32' unless the halved weight memory matters more")
+
+
 def parse_device(device: torch.device | str | None) -> torch.device:
     """A usable ``torch.device``; ``None`` picks ``cuda`` when available, else ``cpu``."""
     if device is None:
@@ -129,7 +151,8 @@ def load(
         kv_budget: fraction of the prompt kept in the KV cache, in (0, 1], or an absolute number of entries per
             KV head (int >= 1); ``None`` keeps everything.
         method: KV compression method; ``None`` means ``"keepkv"`` when a budget is given, else ``"full"``.
-        dtype: ``float32`` (default), ``bfloat16`` or ``float16``; weights are cast straight into it.
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``; weights are cast straight into it. On a CPU
+            without the reduced-precision instructions a warning is logged (:func:`slow_cpu_dtype_reason`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: cuda if available).
         compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
         prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory). ``None`` (default):
@@ -171,6 +194,8 @@ def load(
     if runtime is not None and not isinstance(runtime, RuntimeOptions):
         raise KeepKVError(f"runtime must be None or a keepkv.runtime.RuntimeOptions, got {shown(runtime)}")
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    if (slow_dtype := slow_cpu_dtype_reason(torch_dtype, torch_device)) is not None:
+        log.warning(slow_dtype)
     # -- tensor parallelism (keepkv.distributed): join the ranks first (a CUDA rank's device is its own)
     require_int(tp, "tp", 1)
     tensor_parallel = init_tensor_parallel(tp, torch_device) if tp > 1 else None

@@ -12,7 +12,7 @@ import torch
 from keepkv.cli import build_parser, main
 from keepkv.errors import KeepKVError
 from keepkv.models import load
-from keepkv.models.loading import parse_device, parse_dtype
+from keepkv.models.loading import parse_device, parse_dtype, slow_cpu_dtype_reason
 from tests.conftest import TINY_VOCAB, write_tiny_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -40,6 +40,41 @@ def test_dtypes(name, allowed):
 def test_bad_dtype_lists_the_allowed_ones(bad):
     with pytest.raises(KeepKVError, match="allowed: float32, bfloat16, float16"):
         parse_dtype(bad)
+
+
+@pytest.mark.parametrize("dtype,instructions,slow", [
+    (torch.bfloat16, {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, True),
+    (torch.bfloat16, {"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, False),
+    (torch.bfloat16, {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, False),
+    (torch.float16, {"_is_amx_fp16_supported": False}, True),
+    (torch.float16, {"_is_amx_fp16_supported": True}, False),
+    (torch.float32, {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False,
+                     "_is_amx_fp16_supported": False}, False),
+])
+def test_reduced_precision_on_a_cpu_without_its_instructions_is_flagged(monkeypatch, dtype, instructions, slow):
+    """bfloat16 needs AVX-512 BF16 or AMX, float16 AMX-FP16, else the reason names the dtype and float32; never a
+    reason for float32, another device, or a torch whose probe is missing."""
+    for probe, present in instructions.items():
+        monkeypatch.setattr(torch.cpu, probe, lambda present=present: present, raising=False)
+    reason = slow_cpu_dtype_reason(dtype, torch.device("cpu"))
+    assert (reason is not None) == slow
+    if slow:
+        assert str(dtype).removeprefix("torch.") in reason and "dtype='float32'" in reason
+    assert slow_cpu_dtype_reason(dtype, torch.device("meta")) is None
+    for probe in instructions:
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    assert slow_cpu_dtype_reason(dtype, torch.device("cpu")) is None
+
+
+def test_load_logs_the_slow_dtype_warning(tiny_folder, monkeypatch, caplog):
+    """load() keeps the asked dtype and logs the reason once, on the "keepkv" logger."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    with caplog.at_level("WARNING", logger="keepkv"):
+        model = load(str(tiny_folder), dtype="bfloat16", device="cpu", compile=False)
+    assert model.dtype == torch.bfloat16
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "bfloat16 on this CPU" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].name.startswith("keepkv")
 
 
 def test_unavailable_device_is_refused():
