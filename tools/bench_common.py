@@ -46,9 +46,9 @@ def cpu_model() -> str:
 
 def cpu_vector_isa() -> dict:
     """The vector instruction sets the kernels can use: torch's CPU capability (``AVX2``, ``AVX512``, ...) and the
-    AVX-512 / AMX flags of ``/proc/cpuinfo`` (empty where the file is absent): two hosts with one model name
-    (``AMD EPYC``) can differ here, and bf16 speed depends on it."""
-    flags: list[str] = []
+    AVX-512 / AMX flags of ``/proc/cpuinfo`` (``None`` where the file or its flags line cannot be read): two hosts
+    with one model name (``AMD EPYC``) can differ here, and bf16 speed depends on it."""
+    flags: list[str] | None = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):

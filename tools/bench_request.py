@@ -211,14 +211,23 @@ README_END = "<!-- request:end -->"
 def machine_label(machine: dict) -> str:
     """``"AMD EPYC (torch CPU capability AVX2; AVX-512 no, AVX-512 BF16 no, AMX no)"``: the CPU's name and the
     vector ISA its kernels can use (the name alone does not tell hosts apart); the name alone for files written
-    before the ISA was recorded."""
+    before the ISA was recorded, "flags unknown" where ``/proc/cpuinfo`` could not be read."""
     if "torch_cpu_capability" not in machine:
         return machine["cpu"]
-    flags = machine.get("avx512_amx_flags", [])
+    flags = machine.get("avx512_amx_flags")
+    if flags is None:
+        return f"{machine['cpu']} (torch CPU capability {machine['torch_cpu_capability']}; flags unknown)"
     has = {name: any(f.startswith(prefix) for f in flags)
            for name, prefix in (("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx"))}
     isa = ", ".join(f"{name} {'yes' if present else 'no'}" for name, present in has.items())
     return f"{machine['cpu']} (torch CPU capability {machine['torch_cpu_capability']}; {isa})"
+
+
+def machines_label(data: dict) -> str:
+    """The machine(s) a results file's points ran on: each point's own record where it has one (a file can
+    gather points of several runs), else the file's; distinct labels joined by " and "."""
+    labels = [machine_label(p.get("machine", data["machine"])) for p in data.get("points", [])]
+    return " and ".join(dict.fromkeys(labels)) or machine_label(data["machine"])
 
 
 def write_readme(table: str, machine: str, source: str = "results/bench/request.json",
@@ -326,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(previous)
         print(table)
         if args.readme:
-            write_readme(table, machine_label(json.loads(path.read_text())["machine"]),
-                         path.relative_to(ROOT).as_posix())
+            write_readme(table, machines_label(json.loads(path.read_text())),
+                         path.resolve().relative_to(ROOT).as_posix() if path.resolve().is_relative_to(ROOT)
+                         else str(path))
     return 0
 
 

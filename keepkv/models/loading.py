@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686")  # platform.machine() of the CPUs slow_cpu_dtype_reason knows
 log = get_logger(__name__)
 
 
@@ -44,25 +46,23 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def slow_cpu_dtype_reason(dtype: torch.dtype, device: torch.device) -> str | None:
-    """Why ``dtype`` will run slower than float32 on ``device``, or ``None`` (float32, not a CPU, a CPU with the
-    instructions, or a torch that cannot tell).
+    """Why bfloat16 will run slower than float32 on ``device``, or ``None`` (another dtype, not a CPU, not an
+    x86 CPU, an x86 CPU with the instructions, or a torch that cannot tell).
 
-    A CPU computes bfloat16 matrix products natively only with AVX-512 BF16 or AMX, and float16 ones only with
-    AMX-FP16; without them every product goes through conversions and is several times slower than float32 (the
-    measured case: docs/profile.md, the AVX2-only AMD EPYC of 2026-12-07). The cast still halves the weights'
-    memory, so a user may want it anyway: ``load()`` logs this, it does not refuse.
+    An x86 CPU computes bfloat16 matrix products natively only with AVX-512 BF16 or AMX (probed through
+    ``torch.cpu``); without them the products take a slow path, several times slower than float32 (measured on an
+    AVX2-only AMD EPYC: docs/profile.md section 25). Other architectures and float16 were not measured, so they get
+    no reason. The cast still halves the weights' memory, so a user may want it anyway: ``load()`` logs this on the
+    ``"keepkv"`` logger (the command line shows it), it does not refuse.
     """
-    if device.type != "cpu" or dtype == torch.float32:
+    if device.type != "cpu" or dtype != torch.bfloat16 or platform.machine().lower() not in X86_MACHINES:
         return None
-    probes = (("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == torch.bfloat16
-              else ("_is_amx_fp16_supported",))
-    found = [getattr(torch.cpu, probe, None) for probe in probes]
-    if any(probe is None for probe in found) or any(probe() for probe in found):
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is None for probe in probes) or any(probe() for probe in probes):
         return None
-    needs = "AVX-512 BF16 or AMX" if dtype == torch.bfloat16 else "AMX-FP16"
-    return (f"{str(dtype).removeprefix('torch.')} on this CPU (torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, no {needs}) runs its matrix products through conversions, "
-            f"several times slower than float32; pass dtype='float32' unless the halved weight memory matters more")
+    return (f"bfloat16 on this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}, no AVX-512 BF16, "
+            f"no AMX) runs its matrix products on a slow path, several times slower than float32; pass "
+            f"dtype='float32' unless the halved weight memory matters more")
 
 
 def parse_device(device: torch.device | str | None) -> torch.device:
@@ -151,8 +151,9 @@ def load(
         kv_budget: fraction of the prompt kept in the KV cache, in (0, 1], or an absolute number of entries per
             KV head (int >= 1); ``None`` keeps everything.
         method: KV compression method; ``None`` means ``"keepkv"`` when a budget is given, else ``"full"``.
-        dtype: ``float32`` (default), ``bfloat16`` or ``float16``; weights are cast straight into it. On a CPU
-            without the reduced-precision instructions a warning is logged (:func:`slow_cpu_dtype_reason`).
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``; weights are cast straight into it. bfloat16 on
+            an x86 CPU without AVX-512 BF16 or AMX logs a warning on the ``"keepkv"`` logger
+            (:func:`slow_cpu_dtype_reason`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... (default: cuda if available).
         compile: compile the decode step (FlexAttention kernel); ``False`` runs eagerly (dense attention).
         prefill_chunk_size: prompt tokens per prefill forward (bounds activation memory). ``None`` (default):

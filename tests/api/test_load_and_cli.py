@@ -42,27 +42,27 @@ def test_bad_dtype_lists_the_allowed_ones(bad):
         parse_dtype(bad)
 
 
-@pytest.mark.parametrize("dtype,instructions,slow", [
-    (torch.bfloat16, {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, True),
-    (torch.bfloat16, {"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, False),
-    (torch.bfloat16, {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, False),
-    (torch.float16, {"_is_amx_fp16_supported": False}, True),
-    (torch.float16, {"_is_amx_fp16_supported": True}, False),
-    (torch.float32, {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False,
-                     "_is_amx_fp16_supported": False}, False),
+@pytest.mark.parametrize("dtype,avx512_bf16,amx,machine,slow", [
+    (torch.bfloat16, False, False, "x86_64", True),
+    (torch.bfloat16, True, False, "x86_64", False),
+    (torch.bfloat16, False, True, "AMD64", False),
+    (torch.bfloat16, False, False, "aarch64", False),  # torch.cpu's probes read x86 flags: no claim elsewhere
+    (torch.float16, False, False, "x86_64", False),  # not measured: no claim
+    (torch.float32, False, False, "x86_64", False),
 ])
-def test_reduced_precision_on_a_cpu_without_its_instructions_is_flagged(monkeypatch, dtype, instructions, slow):
-    """bfloat16 needs AVX-512 BF16 or AMX, float16 AMX-FP16, else the reason names the dtype and float32; never a
-    reason for float32, another device, or a torch whose probe is missing."""
-    for probe, present in instructions.items():
-        monkeypatch.setattr(torch.cpu, probe, lambda present=present: present, raising=False)
+def test_bfloat16_on_an_x86_cpu_without_its_instructions_is_flagged(monkeypatch, dtype, avx512_bf16, amx, machine,
+                                                                      slow):
+    """bfloat16 on an x86 CPU without AVX-512 BF16 and AMX gets a reason naming float32; nothing for other dtypes,
+    other architectures, another device, or a torch whose probe is missing."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr("keepkv.models.loading.platform.machine", lambda: machine)
     reason = slow_cpu_dtype_reason(dtype, torch.device("cpu"))
     assert (reason is not None) == slow
     if slow:
-        assert str(dtype).removeprefix("torch.") in reason and "dtype='float32'" in reason
+        assert reason.startswith("bfloat16 on this CPU") and "dtype='float32'" in reason
     assert slow_cpu_dtype_reason(dtype, torch.device("meta")) is None
-    for probe in instructions:
-        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     assert slow_cpu_dtype_reason(dtype, torch.device("cpu")) is None
 
 
@@ -70,6 +70,7 @@ def test_load_logs_the_slow_dtype_warning(tiny_folder, monkeypatch, caplog):
     """load() keeps the asked dtype and logs the reason once, on the "keepkv" logger."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr("keepkv.models.loading.platform.machine", lambda: "x86_64")
     with caplog.at_level("WARNING", logger="keepkv"):
         model = load(str(tiny_folder), dtype="bfloat16", device="cpu", compile=False)
     assert model.dtype == torch.bfloat16
