@@ -230,8 +230,7 @@ def machines_label(data: dict) -> str:
     return " and ".join(dict.fromkeys(labels)) or machine_label(data["machine"])
 
 
-def write_readme(table: str, machine: str, source: str = "results/bench/request.json",
-                 readme: Path = ROOT / "README.md") -> None:
+def write_readme(table: str, machine: str, source: str, readme: Path = ROOT / "README.md") -> None:
     """Put ``table`` between the whole-request markers of README's Performance section (added after the
     ``perf:end`` marker the first time; ``tools/perf_report.py`` owns the block before it); ``machine``: the CPU
     the JSON was measured on (``machine_label``); ``source``: the JSON's path in the repository."""
@@ -335,9 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(previous)
         print(table)
         if args.readme:
-            write_readme(table, machines_label(json.loads(path.read_text())),
-                         path.resolve().relative_to(ROOT).as_posix() if path.resolve().is_relative_to(ROOT)
-                         else str(path))
+            source = Path(os.path.relpath(path, ROOT)).as_posix()
+            write_readme(table, machines_label(json.loads(path.read_text())), source)
     return 0
 
 

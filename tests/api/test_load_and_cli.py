@@ -66,13 +66,15 @@ def test_bfloat16_on_an_x86_cpu_without_its_instructions_is_flagged(monkeypatch,
     assert slow_cpu_dtype_reason(dtype, torch.device("cpu")) is None
 
 
-def test_load_logs_the_slow_dtype_warning(tiny_folder, monkeypatch, caplog):
-    """load() keeps the asked dtype and logs the reason once, on the "keepkv" logger."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_load_logs_the_slow_dtype_warning(tiny_folder, monkeypatch, caplog, compile):
+    """load() keeps the asked dtype and logs the reason once, on the "keepkv" logger, compiled (the default) or
+    eager."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr("keepkv.models.loading.platform.machine", lambda: "x86_64")
     with caplog.at_level("WARNING", logger="keepkv"):
-        model = load(str(tiny_folder), dtype="bfloat16", device="cpu", compile=False)
+        model = load(str(tiny_folder), dtype="bfloat16", device="cpu", compile=compile)
     assert model.dtype == torch.bfloat16
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "bfloat16 on this CPU" in r.getMessage()]
     assert len(warned) == 1 and warned[0].name.startswith("keepkv")

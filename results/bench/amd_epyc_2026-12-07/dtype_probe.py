@@ -9,15 +9,14 @@ request (prefill and decode) under ``torch.profiler`` by op (self CPU).
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 from bench_common import machine_facts  # noqa: E402
 from bench_peers import prompt_ids  # noqa: E402
+from bench_request import keepkv_request  # noqa: E402
 
 from keepkv.models import load  # noqa: E402
 
@@ -32,16 +31,10 @@ def main() -> None:
     print(machine_facts(), flush=True)
     models = {dtype: load(args.model, dtype=dtype) for dtype in ("float32", "bfloat16")}
     ids = prompt_ids(models["float32"].tokenizer, args.prompt_tokens)
-    input_ids = torch.tensor([ids])
 
     def request(model) -> tuple[float, float]:
-        """(prefill seconds, seconds per decode step) of one greedy request through the engine."""
-        from keepkv.generate import GenerationStats
-        from keepkv.sampling import SamplingConfig
-        stamps, started = [], time.perf_counter()
-        for _ in model.engine.generate_tokens(input_ids, torch.ones_like(input_ids, dtype=torch.bool),
-                                              args.new_tokens, SamplingConfig(), (), GenerationStats()):
-            stamps.append(time.perf_counter() - started)
+        """(prefill seconds, seconds per decode step) of one greedy request (``bench_request.keepkv_request``)."""
+        stamps = keepkv_request(model, ids, args.new_tokens)["token_seconds"]
         return stamps[0], (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
     for model in models.values():  # warm-up: compiles the decode step
