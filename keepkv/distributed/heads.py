@@ -12,6 +12,8 @@ one *is* the plain op, so the single-process code path is unchanged:
   adds the ranks' sums, and the total is divided by the element count of the whole layer: the mean over every
   KV head of the layer, the same number on every rank (the float32 summation order differs from one process's
   ``mean``: rounding-level differences only);
+- :func:`head_mean_by_position`: the same mean taken token by token (heads matched by position), for KeepKV's
+  ``selection="blend"``, whose heads keep different tokens;
 - :func:`gather_kv_heads` / :func:`local_kv_heads`: the whole layer's tensors (``all_gather`` along axis 1) for a
   decision that couples heads non-linearly (Ada-KV's global top-k of head budgets), and this rank's slice of the
   result;
@@ -82,6 +84,27 @@ def head_mean(x: Tensor, cache: Any, dim: int | Sequence[int], keepdim: bool = T
         count *= x.shape[axis]
     total = funcol.all_reduce(x.sum(dim=dims, keepdim=keepdim), "sum", shard.group_name)
     return total / count
+
+
+def head_mean_by_position(scores: Tensor, positions: Tensor, cache: Any) -> Tensor:
+    """``[batch, kv_heads, capacity]`` -> the same shape: at each slot, the mean over every KV head of the layer of
+    that head's score of the *same token* (the slot holding the same position in that head; 0 for a head that no
+    longer holds it, and 0 for an empty slot, position -1). Once heads have kept different tokens (a per-head
+    selection), slot ``i`` holds a different token in each head and :func:`head_mean` over slots would mix them;
+    while every head holds the same positions in the same slots this equals :func:`head_mean` over axis 1 (up to
+    float rounding). Each head's positions are sorted once and searched (``torch.searchsorted``): no host sync,
+    ``kv_heads**2 * capacity * log(capacity)`` work. With a shard the whole layer's scores and positions are gathered
+    first (:func:`gather_kv_heads`) and this rank's slots answered."""
+    all_scores, all_positions = gather_kv_heads(cache, scores, positions)
+    batch, local_heads, capacity = positions.shape
+    heads = all_scores.shape[KV_HEAD_AXIS]
+    sorted_positions, order = torch.sort(all_positions, dim=-1)
+    sorted_scores = all_scores.gather(-1, order)
+    wanted = positions.reshape(batch, 1, local_heads * capacity).expand(-1, heads, -1).contiguous()
+    index = torch.searchsorted(sorted_positions, wanted).clamp_max(capacity - 1)
+    found = (sorted_positions.gather(-1, index) == wanted) & (wanted >= 0)
+    matched = torch.where(found, sorted_scores.gather(-1, index), 0.0)
+    return (matched.sum(dim=KV_HEAD_AXIS) / heads).reshape(batch, local_heads, capacity)
 
 
 def gather_kv_heads(cache: Any, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -176,7 +176,7 @@ def prompt_digest(*token_lists: Sequence[int]) -> str:
 
 
 OPTIONS_ADDED_LATER: dict[str, dict[str, Any]] = {"keepkv": {"value_norm_power": 0.0, "recent_fraction": 0.0,
-                                                               "value_weighting": "value"}}
+                                                               "value_weighting": "value", "layer_share": 0.5}}
 """Per method, the options added after results were stored, each with the value that behaves as the method did
 before it existed: at that value it is left out of unit keys, so adding an option does not turn every stored unit
 into work to redo (:func:`options_added_later`)."""
@@ -190,7 +190,7 @@ def options_added_later(method: str) -> dict[str, Any]:
 
 SELECTION_ONLY_OPTIONS = ("selection", "score_normalization", "last_query_weight", "agnostic_last_query_weight",
                           "kernel_size", "value_norm_power", "layer_budgets", "cosine_decay", "pyramid_beta",
-                          "recent_fraction", "value_weighting")
+                          "recent_fraction", "value_weighting", "layer_share")
 """KeepKV's options that only its own selection reads (its scores and its layer budgets): in a composition
 ``X+keepkv`` the selector ``X`` chooses and budgets (``keepkv.cache.compose.Selected``), so they change nothing."""
 

@@ -36,6 +36,7 @@ BUDGET = 0.1
 CASES = {  # name -> (method, kv_budget, method options)
     "full": (None, None, {}),
     "keepkv": ("keepkv", BUDGET, {}),
+    "keepkv@blend": ("keepkv", BUDGET, {"selection": "blend"}),  # heads matched by position across the ranks
     "snapkv": ("snapkv", BUDGET, {}),
     "tova": ("tova", BUDGET, {}),
     "adakv-snapkv": ("adakv-snapkv", BUDGET, {}),

@@ -237,6 +237,26 @@ def test_keepkvs_value_weighting_added_later_keys_and_labels_only_when_not_the_v
         "resolved_options"])) == "keepkv:minnorm@value_weighting=output"
 
 
+def test_keepkvs_layer_share_added_later_keys_and_labels_only_away_from_its_default():
+    """``layer_share`` (added later with ``selection="blend"``, default 0.5): stored KeepKV rows without it keep
+    their unit keys and labels; ``selection=blend`` names itself, and another share is a unit of its own."""
+    from keepkv.eval import report
+
+    plain = unit_key("tasks", "M", MethodConfig.parse("keepkv"), 0.2, "g")
+    resolved = MethodConfig.parse("keepkv").row_fields()["resolved_options"]
+    stored = _row(method="keepkv", variant="minnorm",
+                  resolved_options={k: v for k, v in resolved.items() if k != "layer_share"})
+    assert report.label(stored) == "keepkv:minnorm"
+    blend = MethodConfig.parse("keepkv@selection=blend")
+    other = MethodConfig.parse("keepkv@selection=blend@layer_share=0.8")
+    keys = {unit_key("tasks", "M", config, 0.2, "g") for config in (blend, other)}
+    assert len(keys | {plain}) == 3
+    assert report.label(_row(method="keepkv", variant="minnorm", resolved_options=blend.row_fields()[
+        "resolved_options"])) == "keepkv:minnorm@selection=blend"
+    assert report.label(_row(method="keepkv", variant="minnorm", resolved_options=other.row_fields()[
+        "resolved_options"])) == "keepkv:minnorm@layer_share=0.8@selection=blend"
+
+
 def test_a_configuration_that_merges_nothing_is_labelled_without_the_merge_options():
     """Without merging (``similarity_threshold=1.0``) the merge reference, its EMA decay and the dominance guard
     are never read, so a run under the EMA reference and one under today's reference share one label (the

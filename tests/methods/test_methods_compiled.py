@@ -50,13 +50,14 @@ SPECS: dict[str, tuple[str, dict]] = {
     "keepkv@once": ("keepkv", dict(COMMON, prefill_compression="once")),  # a manager option, not the method's
     "keepkv@recent": ("keepkv", dict(COMMON, recent_fraction=0.5)),
     "keepkv@output": ("keepkv", dict(COMMON, value_weighting="output")),  # reads each layer's o_proj
+    "keepkv@blend": ("keepkv", dict(COMMON, selection="blend", value_weighting="output")),
 }
 # the default run: every method and option spec (what users run is compiled); the bfloat16 run is marked slow.
 # Specs whose cache has the capacity and flags of an earlier spec reuse its decode graph (a few seconds each);
 # a new capacity or cache flag compiles one more decode graph
 DEFAULT_SPECS = tuple(SPECS)
 EAGER_PARITY = ("full", "streamingllm", "pyramidkv", "snapkv@pyramid", "d2o", "keepkv@once", "keepkv@output",
-                "keepkv@attention_only", "keepkv@recent")
+                "keepkv@attention_only", "keepkv@recent", "keepkv@blend")
 TEXT_REPEAT = 8
 
 

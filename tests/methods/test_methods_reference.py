@@ -602,19 +602,21 @@ def max_pooled(scores: dict[int, float], protected: set[int], kernel: int) -> di
     return {pos: max(plain[p] for p in plain if abs(p - pos) <= reach) for pos in plain}
 
 
-@pytest.mark.parametrize("selection", ["layer", "head"])
+@pytest.mark.parametrize("selection", ["layer", "head", "blend"])
 @pytest.mark.parametrize("normalization", ["per-token", "total"])
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("last_query_weight", [0.0, 0.6])
 def test_keepkv_selection_and_score_normalization(selection, normalization, kernel, last_query_weight):
     """No merging (``similarity_threshold=1``): the kept set is sinks + recent window + the top scores, ranked per
-    KV head (``head``) or by the mean over the layer's KV heads (``layer``: every head keeps the same positions);
+    KV head (``head``), by the mean over the layer's KV heads (``layer``: every head keeps the same positions) or
+    by ``(1 - beta)`` times the head's own score plus ``beta`` times that mean (``blend``, ``beta = 0.3``);
     ``per-token`` divides an entry's attention by its votes (entries standing for several tokens lose rank);
     ``kernel_size`` max-pools each head's scores along the positions first; ``last_query_weight`` mixes in the
     newest query's attention. Attention only (``value_norm_power=0``; the value weighting has its own test)."""
+    share = 0.3
     method = make_method("keepkv", selection=selection, score_normalization=normalization, similarity_threshold=1.0,
                          sinks=2, window=6, kernel_size=kernel, last_query_weight=last_query_weight,
-                         value_norm_power=0.0)
+                         value_norm_power=0.0, **({"layer_share": share} if selection == "blend" else {}))
     cache, queries = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
     votes = torch.randint(1, 6, cache.log_votes.shape, generator=torch.Generator().manual_seed(1)).float()
     cache.log_votes.copy_(torch.log(votes))  # as if earlier merges had happened
@@ -623,6 +625,9 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
     scores = [max_pooled(s, {0, 1, *range(24, 30)}, kernel) for s in scores]
     if selection == "layer":
         scores = [{pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}] * 3
+    elif selection == "blend":
+        mean = {pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}
+        scores = [{pos: (1 - share) * s[pos] + share * mean[pos] for pos in s} for s in scores]
     budget = 14
     method.compress(cache, 0, budget)
     protected = {0, 1, *range(24, 30)}
@@ -873,11 +878,64 @@ def test_keepkv_newest_query_scores_are_tovas():
 
 
 def test_keepkv_layer_selection_differs_from_per_head_selection():
-    """The two selections are different rules on the same cache (else the option would be idle)."""
-    kept = {}
-    for selection in ("layer", "head"):
-        method = make_method("keepkv", selection=selection, similarity_threshold=1.0, sinks=2, window=6)
+    """The selections are different rules on the same cache (else the option would be idle): ``layer``, ``head``
+    and ``blend`` at ``beta = 0.5`` keep three different sets; ``blend`` at ``beta = 1`` keeps ``layer``'s set and
+    at ``beta = 0`` ``head``'s (its scores are exactly theirs)."""
+    kept, scores = {}, {}
+    for selection, share in (("layer", 0.5), ("head", 0.5), ("blend", 0.5), ("blend", 1.0), ("blend", 0.0)):
+        method = make_method("keepkv", selection=selection, layer_share=share, similarity_threshold=1.0, sinks=2,
+                             window=6)
         cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
+        scores[selection, share] = method.scores(cache, 0)
         method.compress(cache, 0, 14)
-        kept[selection] = [kept_positions(cache, 0, h) for h in range(3)]
-    assert kept["layer"] != kept["head"]
+        kept[selection, share] = [kept_positions(cache, 0, h) for h in range(3)]
+    assert kept["layer", 0.5] != kept["head", 0.5]
+    assert kept["blend", 0.5] not in (kept["layer", 0.5], kept["head", 0.5])
+    torch.testing.assert_close(scores["blend", 1.0], scores["layer", 0.5], rtol=1e-6, atol=0.0)
+    assert kept["blend", 1.0] == kept["layer", 0.5]
+    assert torch.equal(scores["blend", 0.0], scores["head", 0.5]) and kept["blend", 0.0] == kept["head", 0.5]
+
+
+@pytest.mark.parametrize("share", [0.3, 0.7])
+def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(share):
+    """After a per-head compression slot ``i`` holds a different token in each KV head; ``selection="blend"``
+    then mixes each head's own score of a token with the layer's mean score *of that token* (a head that no longer
+    holds it counts 0), not with the mean of whatever the heads hold in slot ``i``. Checked against a dictionary
+    reference keyed by position, on a cache whose heads were compressed apart (and whose slots are then shuffled,
+    so no order of slots is assumed)."""
+    from keepkv.distributed.heads import head_mean, head_mean_by_position
+
+    splitter = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6)
+    cache, _ = filled_cache(splitter, kv_heads=3, group=2, tokens=30, capacity=36, seed=4)
+    splitter.compress(cache, 0, 20)
+    heads_positions = [set(cache.positions[0, h][cache.positions[0, h] >= 0].tolist()) for h in range(3)]
+    assert len(set(map(frozenset, heads_positions))) > 1  # the heads hold different tokens now
+    shuffle = torch.randperm(36, generator=torch.Generator().manual_seed(5))
+    for name in ("keys", "values", "log_votes", "positions"):
+        getattr(cache, name).copy_(getattr(cache, name)[:, :, shuffle])
+    own = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6).scores(cache, 0)
+    blend = make_method("keepkv", selection="blend", layer_share=share, similarity_threshold=1.0, sinks=2,
+                        window=6).scores(cache, 0)
+    positions = cache.positions[0].tolist()
+    by_position = [{p: float(own[0, h, i]) for i, p in enumerate(positions[h]) if p >= 0} for h in range(3)]
+    for h in range(3):
+        for i, p in enumerate(positions[h]):
+            layer = sum(heads.get(p, 0.0) for heads in by_position) / 3 if p >= 0 else 0.0
+            assert float(blend[0, h, i]) == pytest.approx((1 - share) * float(own[0, h, i]) + share * layer,
+                                                          rel=1e-5, abs=1e-9), (h, i, p)
+    slot_mean = head_mean(own, cache, dim=1)  # what matching by slot would give: another number
+    assert not torch.allclose(head_mean_by_position(own, cache.positions, cache), slot_mean.expand_as(own))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(selection="blend", layer_share=1.5), "layer_share must be a number in \\[0, 1\\]"),
+    (dict(selection="blend", layer_share=-0.1), "layer_share must be a number in \\[0, 1\\]"),
+    (dict(selection="blend", layer_share=float("nan")), "option layer_share must be a finite number"),
+    (dict(selection="blend", layer_share="half"), "layer_share must be"),
+    (dict(selection="layer", layer_share=0.3), "layer_share is read only with selection='blend'"),
+    (dict(selection="head", layer_share=0.3), "layer_share is read only with selection='blend'"),
+    (dict(selection="mixed"), "unknown selection 'mixed'; allowed: layer, head, blend"),
+])
+def test_keepkv_refuses_a_layer_share_it_would_not_read_or_outside_zero_to_one(options, message):
+    with pytest.raises(KeepKVError, match=message):
+        make_method("keepkv", **options)

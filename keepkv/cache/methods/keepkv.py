@@ -10,7 +10,9 @@ At each compression of a layer, per batch row and KV head (KeepKV spec §3):
    cache and, by default, times ``||v_i||_1`` (``value_norm_power``, VATP's value weighting). By default
    (``selection="layer"``) the ranking is the mean of that score over the layer's KV heads, so every head keeps
    the same tokens: a fact that spans several tokens (a 7-digit number) is kept or lost whole, where per-head
-   ranking (``selection="head"``, the paper's) keeps different pieces of it in different heads.
+   ranking (``selection="head"``, the paper's) keeps different pieces of it in different heads;
+   ``selection="blend"`` ranks each head by ``(1 - beta)`` times its own score plus ``beta`` times the layer's mean
+   score of the same token (``layer_share``).
 2. **Matching**: each evicted key ``k_e`` goes to ``c* = argmax_{c in C} cos(k_e, k_c)``; it is merged only if
    that cosine exceeds ``similarity_threshold`` (``T = 0.8``), otherwise it is simply evicted.
 3. **Merging**: all evicted entries sharing a target are merged into it in one N-way step
@@ -58,15 +60,16 @@ from keepkv.cache.methods.criticalkv import (
 )
 from keepkv.cache.policy import CompressionMethod, recent_entries
 from keepkv.checks import is_real
-from keepkv.distributed.heads import head_mean
+from keepkv.distributed.heads import head_mean, head_mean_by_position
 from keepkv.errors import KeepKVError
 from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept, merge_into_kept_compiled
 from keepkv.ops.scores import cosine_match, ema_log_scores, log_mean_exp, pool_along_slots
 
 REFERENCES = ("ema", "last")
-SELECTIONS = ("layer", "head")
+SELECTIONS = ("layer", "head", "blend")
 SCORE_NORMALIZATIONS = ("per-token", "total")
 VALUE_WEIGHTINGS = ("value", "output")
+LAYER_SHARE_DEFAULT = 0.5  # selection="blend"'s beta when not given
 OUTPUT_WEIGHTING = "keepkv (value_weighting='output')"  # the name its refusals give
 
 
@@ -81,8 +84,18 @@ class KeepKV(CompressionMethod):
       for it, zip and minnorm alike). ``ema``: the paper's predicted scores set the weights (and zip's scale);
       minnorm's key targets still come from the newest queries (a mix, kept to reproduce the paper);
     - ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32);
-    - ``selection`` (layer | head): ``layer`` ranks every KV head of a layer by the mean of their scores, so all
-      heads keep the same tokens (as TOVA does); ``head`` ranks each KV head separately (the paper's);
+    - ``selection`` (layer | head | blend): ``layer`` ranks every KV head of a layer by the mean of their scores, so
+      all heads keep the same tokens (as TOVA does); ``head`` ranks each KV head separately (the paper's);
+      ``blend`` ranks KV head ``h`` by ``(1 - beta) score_h + beta mean_h' score_h'`` with ``beta = layer_share``
+      (0.5), where ``mean_h' score_h'`` is the layer's mean score of the same token (heads matched by position, a
+      head that no longer holds the token counting 0: :func:`keepkv.distributed.heads.head_mean_by_position`): a
+      token the whole layer ranks high gains rank in every head (a needle is kept whole, as with ``layer``) while
+      a token one head alone needs (one digit of a value a head reads) keeps most of its rank in that head (as
+      with ``head``). The blend is of the scores as computed, not normalised per head, so a head
+      whose own scores are small next to the layer mean ranks close to the layer order. ``beta = 0`` is ``head``
+      exactly and ``beta = 1`` ranks as ``layer`` does (the same means up to float rounding);
+    - ``layer_share`` (``beta`` in [0, 1], 0.5): the layer mean's share of ``selection="blend"``; read only by it
+      (another value with another selection is refused);
     - ``last_query_weight`` (``lambda``, 0): the selection score is ``(1 - lambda)`` times the window mean
       above plus ``lambda`` times the attention of the newest query alone (TOVA's score, averaged over the
       group's query heads); the protected window stays. ``lambda = 1`` ranks by the newest query only;
@@ -136,6 +149,7 @@ class KeepKV(CompressionMethod):
     reference: str = "last"
     alpha: float = 0.9
     selection: str = "layer"
+    layer_share: float = LAYER_SHARE_DEFAULT
     score_normalization: str = "total"
     last_query_weight: float = 0.0
     agnostic_last_query_weight: float = 1.0
@@ -170,6 +184,13 @@ class KeepKV(CompressionMethod):
             raise KeepKVError(f"keepkv: alpha must lie in (0, 1), got {self.alpha}")
         if self.selection not in SELECTIONS:
             raise KeepKVError(f"keepkv: unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
+        if not is_real(self.layer_share) or not 0.0 <= float(self.layer_share) <= 1.0:
+            raise KeepKVError(f"keepkv: layer_share must be a number in [0, 1] (the layer mean's share of "
+                              f"selection='blend'), got {self.layer_share!r}")
+        if self.selection != "blend" and float(self.layer_share) != LAYER_SHARE_DEFAULT:
+            ranks = "every head by the layer mean" if self.selection == "layer" else "each head alone"
+            raise KeepKVError(f"keepkv: layer_share is read only with selection='blend' (selection="
+                              f"{self.selection!r} ranks {ranks}); pass selection='blend' with it")
         if self.score_normalization not in SCORE_NORMALIZATIONS:
             raise KeepKVError(f"keepkv: unknown score_normalization {self.score_normalization!r}; allowed: "
                               f"{', '.join(SCORE_NORMALIZATIONS)}")
@@ -249,7 +270,9 @@ class KeepKV(CompressionMethod):
         along the cache with ``kernel_size > 1`` over the live slots outside ``protected`` (default: the sinks and
         the window, :meth:`protected_mask` without a budget; a compression passes its own); times
         ``||v_i||_1 ** value_norm_power`` (each head's own values; empty slots score 0) when that power is not 0;
-        then, with ``selection="layer"``, the mean over the layer's KV heads (the same for every head). With
+        then, with ``selection="layer"``, the mean over the layer's KV heads (the same for every head), with
+        ``selection="blend"`` ``(1 - layer_share)`` times the head's own score plus ``layer_share`` times that mean
+        taken token by token (heads matched by position). With
         ``value_weighting="output"`` every step up to the weighting is taken per query head of the group, the
         weight is ``||v_i W_O^g||_1 ** value_norm_power`` (``layer``'s ``o_proj``) and the group mean comes after it."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
@@ -288,6 +311,9 @@ class KeepKV(CompressionMethod):
             scores = torch.where(live, scores * value_norms.pow(float(self.value_norm_power)), 0.0)
         if self.selection == "layer":
             scores = head_mean(scores, cache, dim=1).expand_as(scores)  # over every rank's heads under TP
+        elif self.selection == "blend":  # heads hold different tokens after a blended compression: match by position
+            share = float(self.layer_share)
+            scores = (1.0 - share) * scores + share * head_mean_by_position(scores, cache.positions, cache)
         return scores
 
     def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor | None:
