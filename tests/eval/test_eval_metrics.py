@@ -243,6 +243,7 @@ def test_keepkvs_layer_share_added_later_keys_and_labels_only_away_from_its_defa
     from keepkv.eval import report
 
     plain = unit_key("tasks", "M", MethodConfig.parse("keepkv"), 0.2, "g")
+    assert "layer_share" not in plain  # the key a row stored before the option existed has
     resolved = MethodConfig.parse("keepkv").row_fields()["resolved_options"]
     stored = _row(method="keepkv", variant="minnorm",
                   resolved_options={k: v for k, v in resolved.items() if k != "layer_share"})
@@ -251,6 +252,7 @@ def test_keepkvs_layer_share_added_later_keys_and_labels_only_away_from_its_defa
     other = MethodConfig.parse("keepkv@selection=blend@layer_share=0.8")
     keys = {unit_key("tasks", "M", config, 0.2, "g") for config in (blend, other)}
     assert len(keys | {plain}) == 3
+    assert "layer_share" not in unit_key("tasks", "M", blend, 0.2, "g")  # at its default, as added later
     assert report.label(_row(method="keepkv", variant="minnorm", resolved_options=blend.row_fields()[
         "resolved_options"])) == "keepkv:minnorm@selection=blend"
     assert report.label(_row(method="keepkv", variant="minnorm", resolved_options=other.row_fields()[

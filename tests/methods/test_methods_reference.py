@@ -902,7 +902,8 @@ def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(
     then mixes each head's own score of a token with the layer's mean score *of that token* (a head that no longer
     holds it counts 0), not with the mean of whatever the heads hold in slot ``i``. Checked against a dictionary
     reference keyed by position, on a cache whose heads were compressed apart (and whose slots are then shuffled,
-    so no order of slots is assumed)."""
+    so no order of slots is assumed), whose empty slots hold position 0 as padding slots do (they count for
+    nothing, and position 0's sink is still found)."""
     from keepkv.distributed.heads import head_mean, head_mean_by_position
 
     splitter = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6)
@@ -910,13 +911,15 @@ def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(
     splitter.compress(cache, 0, 20)
     heads_positions = [set(cache.positions[0, h][cache.positions[0, h] >= 0].tolist()) for h in range(3)]
     assert len(set(map(frozenset, heads_positions))) > 1  # the heads hold different tokens now
+    assert not torch.isfinite(cache.log_votes[:, :, 20:]).any()
+    cache.positions[:, :, 20:] = 0  # empty slots holding a live token's position, as padding slots do until packed
     shuffle = torch.randperm(36, generator=torch.Generator().manual_seed(5))
     for name in ("keys", "values", "log_votes", "positions"):
         getattr(cache, name).copy_(getattr(cache, name)[:, :, shuffle])
     own = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6).scores(cache, 0)
     blend = make_method("keepkv", selection="blend", layer_share=share, similarity_threshold=1.0, sinks=2,
                         window=6).scores(cache, 0)
-    positions = cache.positions[0].tolist()
+    positions = cache.positions[0].masked_fill(~torch.isfinite(cache.log_votes[0]), -1).tolist()
     by_position = [{p: float(own[0, h, i]) for i, p in enumerate(positions[h]) if p >= 0} for h in range(3)]
     for h in range(3):
         for i, p in enumerate(positions[h]):
@@ -931,7 +934,8 @@ def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(
     (dict(selection="blend", layer_share=1.5), "layer_share must be a number in \\[0, 1\\]"),
     (dict(selection="blend", layer_share=-0.1), "layer_share must be a number in \\[0, 1\\]"),
     (dict(selection="blend", layer_share=float("nan")), "option layer_share must be a finite number"),
-    (dict(selection="blend", layer_share="half"), "layer_share must be"),
+    (dict(selection="blend", layer_share="half"), "option layer_share must be a finite number"),
+    (dict(selection="blend", layer_share=True), "option layer_share must be a finite number"),
     (dict(selection="layer", layer_share=0.3), "layer_share is read only with selection='blend'"),
     (dict(selection="head", layer_share=0.3), "layer_share is read only with selection='blend'"),
     (dict(selection="mixed"), "unknown selection 'mixed'; allowed: layer, head, blend"),

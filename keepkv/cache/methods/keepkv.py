@@ -89,11 +89,14 @@ class KeepKV(CompressionMethod):
       ``blend`` ranks KV head ``h`` by ``(1 - beta) score_h + beta mean_h' score_h'`` with ``beta = layer_share``
       (0.5), where ``mean_h' score_h'`` is the layer's mean score of the same token (heads matched by position, a
       head that no longer holds the token counting 0: :func:`keepkv.distributed.heads.head_mean_by_position`): a
-      token the whole layer ranks high gains rank in every head (a needle is kept whole, as with ``layer``) while
-      a token one head alone needs (one digit of a value a head reads) keeps most of its rank in that head (as
-      with ``head``). The blend is of the scores as computed, not normalised per head, so a head
-      whose own scores are small next to the layer mean ranks close to the layer order. ``beta = 0`` is ``head``
-      exactly and ``beta = 1`` ranks as ``layer`` does (the same means up to float rounding);
+      token the whole layer ranks high gains rank in every head (so a needle tends to be kept in every head, as
+      with ``layer``; nothing guarantees it for ``beta < 1``) while a token one head alone needs (one digit of a
+      value a head reads) keeps most of its rank in that head (as with ``head``). The head's own score is also one
+      of the mean's terms, so its weight is ``1 - beta + beta / kv_heads``. The blend is of the scores as computed,
+      not normalised per head, so a head whose own scores are small next to the layer mean ranks close to the
+      layer order. ``beta = 0`` is ``head`` exactly; ``beta = 1`` gives every head the layer's mean, as ``layer``
+      does while the heads hold the same tokens in the same slots (which ``layer`` keeps true), up to float
+      rounding (a sum divided by the head count against ``mean``: near-ties may break differently);
     - ``layer_share`` (``beta`` in [0, 1], 0.5): the layer mean's share of ``selection="blend"``; read only by it
       (another value with another selection is refused);
     - ``last_query_weight`` (``lambda``, 0): the selection score is ``(1 - lambda)`` times the window mean
@@ -184,7 +187,7 @@ class KeepKV(CompressionMethod):
             raise KeepKVError(f"keepkv: alpha must lie in (0, 1), got {self.alpha}")
         if self.selection not in SELECTIONS:
             raise KeepKVError(f"keepkv: unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
-        if not is_real(self.layer_share) or not 0.0 <= float(self.layer_share) <= 1.0:
+        if not 0.0 <= float(self.layer_share) <= 1.0:  # a non-number is refused by CompressionMethod already
             raise KeepKVError(f"keepkv: layer_share must be a number in [0, 1] (the layer mean's share of "
                               f"selection='blend'), got {self.layer_share!r}")
         if self.selection != "blend" and float(self.layer_share) != LAYER_SHARE_DEFAULT:
@@ -313,7 +316,8 @@ class KeepKV(CompressionMethod):
             scores = head_mean(scores, cache, dim=1).expand_as(scores)  # over every rank's heads under TP
         elif self.selection == "blend":  # heads hold different tokens after a blended compression: match by position
             share = float(self.layer_share)
-            scores = (1.0 - share) * scores + share * head_mean_by_position(scores, cache.positions, cache)
+            live_positions = cache.positions.masked_fill(~live, -1)  # a padding slot keeps its position until packed
+            scores = (1.0 - share) * scores + share * head_mean_by_position(scores, live_positions, cache)
         return scores
 
     def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor | None:
