@@ -293,6 +293,7 @@ def test_bench_command_is_registered_and_checks_its_input():
      "max_evicted_weight": 0.5, "last_query_weight": 0.5, "value_norm_power": 0.0},  # every non-default option
     # of the quality study at once
     {"selection": "head", "value_weighting": "output"},  # reads each layer's own o_proj weight
+    {"selection": "blend", "layer_share": 0.3},  # heads matched by position (sort + searchsorted) in the graph
 ])
 def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(options):
     """KeepKV's compiled compression (select + merge + compact in one graph) gives the eager result on every
