@@ -86,17 +86,19 @@ def head_mean(x: Tensor, cache: Any, dim: int | Sequence[int], keepdim: bool = T
     return total / count
 
 
-def head_mean_by_position(scores: Tensor, positions: Tensor, cache: Any) -> Tensor:
+def head_mean_by_position(scores: Tensor, cache: Any) -> Tensor:
     """``[batch, kv_heads, capacity]`` -> the same shape: at each slot, the mean over every KV head of the layer of
     that head's score of the *same token* (the slot holding the same position in that head; 0 for a head that no
-    longer holds it, and 0 for an empty slot, which the caller marks with position -1: a padding slot keeps its
-    position until the cache is packed). The live positions of a head must be unique (each token is written once
-    and a merge keeps the kept entry's position). Once heads have kept different tokens (a per-head
+    longer holds it, and 0 at an empty slot). Positions and liveness are read from ``cache`` (a slot is live when
+    its log-vote is finite; an empty slot is excluded whatever position it still holds, as a padding slot keeps
+    its position until the cache is packed). The live positions of a head must be unique (each token is written
+    once and a merge keeps the kept entry's position). Once heads have kept different tokens (a per-head
     selection), slot ``i`` holds a different token in each head and :func:`head_mean` over slots would mix them;
     while every head holds the same positions in the same slots this equals :func:`head_mean` over axis 1 (up to
     float rounding). Each head's positions are sorted once and searched (``torch.searchsorted``): no host sync,
     ``kv_heads**2 * capacity * log(capacity)`` work. With a shard the whole layer's scores and positions are gathered
     first (:func:`gather_kv_heads`) and this rank's slots answered."""
+    positions = cache.positions.masked_fill(~torch.isfinite(cache.log_votes), -1)
     all_scores, all_positions = gather_kv_heads(cache, scores, positions)
     batch, local_heads, capacity = positions.shape
     heads = all_scores.shape[KV_HEAD_AXIS]

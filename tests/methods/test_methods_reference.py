@@ -927,7 +927,7 @@ def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(
             assert float(blend[0, h, i]) == pytest.approx((1 - share) * float(own[0, h, i]) + share * layer,
                                                           rel=1e-5, abs=1e-9), (h, i, p)
     slot_mean = head_mean(own, cache, dim=1)  # what matching by slot would give: another number
-    assert not torch.allclose(head_mean_by_position(own, cache.positions, cache), slot_mean.expand_as(own))
+    assert not torch.allclose(head_mean_by_position(own, cache), slot_mean.expand_as(own))
 
 
 @pytest.mark.parametrize("options, message", [

@@ -12,7 +12,8 @@ At each compression of a layer, per batch row and KV head (KeepKV spec §3):
    the same tokens: a fact that spans several tokens (a 7-digit number) is kept or lost whole, where per-head
    ranking (``selection="head"``, the paper's) keeps different pieces of it in different heads;
    ``selection="blend"`` ranks each head by ``(1 - beta)`` times its own score plus ``beta`` times the layer's mean
-   score of the same token (``layer_share``).
+   score of the same token (``layer_share``), and ``selection="floor"`` gives the ``layer_share`` of each head's
+   free budget to the layer's top tokens by that mean and the rest to the head's own ranking.
 2. **Matching**: each evicted key ``k_e`` goes to ``c* = argmax_{c in C} cos(k_e, k_c)``; it is merged only if
    that cosine exceeds ``similarity_threshold`` (``T = 0.8``), otherwise it is simply evicted.
 3. **Merging**: all evicted entries sharing a target are merged into it in one N-way step
@@ -66,7 +67,7 @@ from keepkv.ops.merge import MERGE_VARIANTS, MergeStats, merge_into_kept, merge_
 from keepkv.ops.scores import cosine_match, ema_log_scores, log_mean_exp, pool_along_slots
 
 REFERENCES = ("ema", "last")
-SELECTIONS = ("layer", "head", "blend")
+SELECTIONS = ("layer", "head", "blend", "floor")
 SCORE_NORMALIZATIONS = ("per-token", "total")
 VALUE_WEIGHTINGS = ("value", "output")
 LAYER_SHARE_DEFAULT = 0.5  # selection="blend"'s beta when not given
@@ -96,9 +97,15 @@ class KeepKV(CompressionMethod):
       not normalised per head, so a head whose own scores are small next to the layer mean ranks close to the
       layer order. ``beta = 0`` is ``head`` exactly; ``beta = 1`` gives every head the layer's mean, as ``layer``
       does while the heads hold the same tokens in the same slots (which ``layer`` keeps true), up to float
-      rounding (a sum divided by the head count against ``mean``: near-ties may break differently);
-    - ``layer_share`` (``beta`` in [0, 1], 0.5): the layer mean's share of ``selection="blend"``; read only by it
-      (another value with another selection is refused);
+      rounding (a sum divided by the head count against ``mean``: near-ties may break differently); ``floor``
+      splits the budget instead of the score: each KV head first keeps its ``floor(layer_share * free)`` tokens of
+      highest layer mean (the same position-matched mean; ``free`` is the budget minus the protected entries),
+      so the tokens the whole layer ranks highest are kept in every head that still holds them, then fills the
+      rest of its budget by its own score (:meth:`keep_priority`). ``layer_share = 0`` is ``head``; ``1`` keeps
+      ``layer``'s set while the heads hold the same tokens (near-ties aside);
+    - ``layer_share`` (``beta`` in [0, 1], 0.5): the layer mean's share of ``selection="blend"``'s score, the
+      layer's share of the free budget with ``selection="floor"``; read only by those two (another value with
+      another selection is refused);
     - ``last_query_weight`` (``lambda``, 0): the selection score is ``(1 - lambda)`` times the window mean
       above plus ``lambda`` times the attention of the newest query alone (TOVA's score, averaged over the
       group's query heads); the protected window stays. ``lambda = 1`` ranks by the newest query only;
@@ -189,11 +196,12 @@ class KeepKV(CompressionMethod):
             raise KeepKVError(f"keepkv: unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
         if not 0.0 <= float(self.layer_share) <= 1.0:  # a non-number is refused by CompressionMethod already
             raise KeepKVError(f"keepkv: layer_share must be a number in [0, 1] (the layer mean's share of "
-                              f"selection='blend'), got {self.layer_share!r}")
-        if self.selection != "blend" and float(self.layer_share) != LAYER_SHARE_DEFAULT:
+                              f"selection='blend', the layer's share of the budget with 'floor'), "
+                              f"got {self.layer_share!r}")
+        if self.selection not in ("blend", "floor") and float(self.layer_share) != LAYER_SHARE_DEFAULT:
             ranks = "every head by the layer mean" if self.selection == "layer" else "each head alone"
             raise KeepKVError(f"keepkv: layer_share is read only with selection='blend' (selection="
-                              f"{self.selection!r} ranks {ranks}); pass selection='blend' with it")
+                              f"{self.selection!r} ranks {ranks}); pass selection='blend' or 'floor' with it")
         if self.score_normalization not in SCORE_NORMALIZATIONS:
             raise KeepKVError(f"keepkv: unknown score_normalization {self.score_normalization!r}; allowed: "
                               f"{', '.join(SCORE_NORMALIZATIONS)}")
@@ -316,9 +324,31 @@ class KeepKV(CompressionMethod):
             scores = head_mean(scores, cache, dim=1).expand_as(scores)  # over every rank's heads under TP
         elif self.selection == "blend":  # heads hold different tokens after a blended compression: match by position
             share = float(self.layer_share)
-            live_positions = cache.positions.masked_fill(~live, -1)  # a padding slot keeps its position until packed
-            scores = (1.0 - share) * scores + share * head_mean_by_position(scores, live_positions, cache)
-        return scores
+            scores = (1.0 - share) * scores + share * head_mean_by_position(scores, cache)
+        return scores  # selection="floor": each head's own scores; keep_priority adds the layer's floor
+
+    def keep_priority(self, cache: CompressedLayerCache, layer: int, budget: int, protected: Tensor,
+                      live: Tensor) -> Tensor:
+        """The shared ranking (``+inf`` protected, ``-inf`` empty, else :meth:`ranking_scores`); with
+        ``selection="floor"`` each head's ``floor(layer_share * free)`` live unprotected slots of highest *layer*
+        score (the layer's mean score of the same token, heads matched by position:
+        :func:`keepkv.distributed.heads.head_mean_by_position`) rank above all its other unprotected slots
+        (at ``float32`` max, below the protected ``+inf``), where ``free`` is the head's ``budget`` minus its
+        protected entries; the rest of the budget is then filled by the head's own score. Since the floor never
+        exceeds the free budget every floor slot is kept. Ties of the layer score break by slot order."""
+        ranking = super().keep_priority(cache, layer, budget, protected, live)
+        if self.selection != "floor":
+            return ranking
+        candidates = live & ~protected
+        own = torch.where(candidates, ranking, 0.0)
+        layer_scores = torch.where(candidates, head_mean_by_position(own, cache), -float("inf"))
+        order = torch.sort(layer_scores, dim=-1, descending=True, stable=True).indices
+        slot_rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                                     .expand_as(order))
+        free = (budget - protected.sum(dim=-1, keepdim=True)).clamp_min(0)
+        floor_size = torch.floor(free * float(self.layer_share) + 1e-6)  # the share of the free budget
+        in_floor = candidates & (slot_rank < floor_size)
+        return torch.where(in_floor, torch.finfo(torch.float32).max, ranking)
 
     def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor | None:
         """``[batch, kv_heads, capacity]`` float32 predicted ``ln s_i`` (the EMA), or ``None`` for
