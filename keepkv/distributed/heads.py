@@ -13,7 +13,7 @@ one *is* the plain op, so the single-process code path is unchanged:
   KV head of the layer, the same number on every rank (the float32 summation order differs from one process's
   ``mean``: rounding-level differences only);
 - :func:`head_mean_by_position`: the same mean taken token by token (heads matched by position), for KeepKV's
-  ``selection="blend"``, whose heads keep different tokens;
+  ``selection="blend"`` and ``"floor"``, whose heads keep different tokens;
 - :func:`gather_kv_heads` / :func:`local_kv_heads`: the whole layer's tensors (``all_gather`` along axis 1) for a
   decision that couples heads non-linearly (Ada-KV's global top-k of head budgets), and this rank's slice of the
   result;

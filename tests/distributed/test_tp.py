@@ -37,6 +37,7 @@ CASES = {  # name -> (method, kv_budget, method options)
     "full": (None, None, {}),
     "keepkv": ("keepkv", BUDGET, {}),
     "keepkv@blend": ("keepkv", BUDGET, {"selection": "blend"}),  # heads matched by position across the ranks
+    "keepkv@floor": ("keepkv", BUDGET, {"selection": "floor"}),  # the same match, then each head's budget split
     "snapkv": ("snapkv", BUDGET, {}),
     "tova": ("tova", BUDGET, {}),
     "adakv-snapkv": ("adakv-snapkv", BUDGET, {}),

@@ -12,7 +12,8 @@ Properties:
 - votes: vote-carrying methods (KeepKV and ``X+keepkv``) keep ``sum p = tokens seen - entries dropped without a
   merge``; every other method leaves every live entry at one vote.
 
-Adding a method = one file + one registry line + one row in ``MATRIX`` below (a test fails until the row exists).
+Adding a method = one file + one registry line + one row in ``MATRIX`` below (a test fails until the row exists);
+an option that changes which entries a method keeps gets a row in ``OPTION_ROWS``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ def small_options(name: str) -> dict:
     return {key: value for key, value in SMALL_OPTIONS.items() if key in accepted}
 
 
-MATRIX: dict[str, dict] = {**{name: small_options(name) for name in METHODS}, **VARIANTS}
+# rows of one method with a non-default option whose selection the properties must hold for too: name -> method
+OPTION_ROWS: dict[str, tuple[str, dict]] = {
+    "keepkv@blend": ("keepkv", dict(sinks=2, window=3, selection="blend")),  # heads matched by position
+    "keepkv@floor": ("keepkv", dict(sinks=2, window=3, selection="floor")),  # and the budget split per head
+}
+MATRIX: dict[str, dict] = {**{name: small_options(name) for name in METHODS}, **VARIANTS,
+                           **{name: options for name, (_, options) in OPTION_ROWS.items()}}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -79,8 +86,14 @@ def _one_thread(one_thread):
     """Every test of this file runs on one thread (conftest.one_thread)."""
 
 
+def matrix_method(name: str, **overrides):
+    """The method of ``MATRIX`` row ``name`` with its options (and ``overrides``)."""
+    method_name = OPTION_ROWS[name][0] if name in OPTION_ROWS else name
+    return make_method(method_name, **{**MATRIX[name], **overrides})
+
+
 def build_method(name: str, layers: int = 1, heads: int = 4, head_dim: int = 8, seed: int = 0):
-    method = make_method(name, **MATRIX[name])
+    method = matrix_method(name)
     target = getattr(method, "selector", method)
     if hasattr(target, "bind_output_projections"):
         generator = torch.Generator().manual_seed(seed)
@@ -198,7 +211,7 @@ def test_every_registered_method_has_a_matrix_row_that_can_compress_a_tiny_cache
     tokens) have entries to evict."""
     assert [name for name in MATRIX if name in METHODS] == list(METHODS)
     for name in MATRIX:
-        assert make_method(name, **MATRIX[name]).protected_entries <= 8, name
+        assert matrix_method(name).protected_entries <= 8, name
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
@@ -245,14 +258,14 @@ def test_cache_level_properties(name, case):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", sorted(set(MATRIX) - {"keepkv"}))
+@pytest.mark.parametrize("name", sorted(set(MATRIX) - {"keepkv", *OPTION_ROWS}))
 def test_full_budget_is_the_full_cache(name):
     resolved, method = resolve_method(name, 1.0, {})
     assert method.keeps_everything and resolved == name
 
 
 def run_generation(name: str, network, seed: int = 0, decode_slack: int = 3, max_new: int = 8):
-    method = make_method(name, **{**MATRIX[name], "window": 4})
+    method = matrix_method(name, window=4)
     manager = CacheManager(network.config, torch.float32, torch.device("cpu"), method, kv_budget=12,
                            decode_slack=decode_slack)
     manager.bind_network(network)  # what GenerationEngine will do (CriticalKV reads o_proj)

@@ -602,21 +602,22 @@ def max_pooled(scores: dict[int, float], protected: set[int], kernel: int) -> di
     return {pos: max(plain[p] for p in plain if abs(p - pos) <= reach) for pos in plain}
 
 
-@pytest.mark.parametrize("selection", ["layer", "head", "blend"])
+@pytest.mark.parametrize("selection", ["layer", "head", "blend", "floor"])
 @pytest.mark.parametrize("normalization", ["per-token", "total"])
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("last_query_weight", [0.0, 0.6])
 def test_keepkv_selection_and_score_normalization(selection, normalization, kernel, last_query_weight):
     """No merging (``similarity_threshold=1``): the kept set is sinks + recent window + the top scores, ranked per
     KV head (``head``), by the mean over the layer's KV heads (``layer``: every head keeps the same positions) or
-    by ``(1 - beta)`` times the head's own score plus ``beta`` times that mean (``blend``, ``beta = 0.3``);
-    ``per-token`` divides an entry's attention by its votes (entries standing for several tokens lose rank);
+    by ``(1 - beta)`` times the head's own score plus ``beta`` times that mean (``blend``, ``beta = 0.3``), or
+    (``floor``, share 0.5) the ``floor(0.5 * free)`` tokens of highest layer mean first, then the rest of the free
+    budget by the head's own score; ``per-token`` divides an entry's attention by its votes (entries standing for several tokens lose rank);
     ``kernel_size`` max-pools each head's scores along the positions first; ``last_query_weight`` mixes in the
     newest query's attention. Attention only (``value_norm_power=0``; the value weighting has its own test)."""
-    share = 0.3
+    share = {"blend": 0.3, "floor": 0.5}.get(selection)
     method = make_method("keepkv", selection=selection, score_normalization=normalization, similarity_threshold=1.0,
                          sinks=2, window=6, kernel_size=kernel, last_query_weight=last_query_weight,
-                         value_norm_power=0.0, **({"layer_share": share} if selection == "blend" else {}))
+                         value_norm_power=0.0, **({"layer_share": share} if share is not None else {}))
     cache, queries = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
     votes = torch.randint(1, 6, cache.log_votes.shape, generator=torch.Generator().manual_seed(1)).float()
     cache.log_votes.copy_(torch.log(votes))  # as if earlier merges had happened
@@ -629,12 +630,17 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
         mean = {pos: sum(s[pos] for s in scores) / 3 for pos in scores[0]}
         scores = [{pos: (1 - share) * s[pos] + share * mean[pos] for pos in s} for s in scores]
     budget = 14
-    method.compress(cache, 0, budget)
     protected = {0, 1, *range(24, 30)}
+    floor = set()
+    if selection == "floor":
+        mean = {pos: sum(s[pos] for s in scores) / 3 for pos in scores[0] if pos not in protected}
+        floor = top_positions(mean, math.floor(share * (budget - len(protected))))
+        assert len(floor) == 3
+    method.compress(cache, 0, budget)
     kept = [kept_positions(cache, 0, h) for h in range(3)]
     for h in range(3):
-        candidates = {pos: s for pos, s in scores[h].items() if pos not in protected}
-        assert kept[h] == protected | top_positions(candidates, budget - len(protected)), h
+        candidates = {pos: s for pos, s in scores[h].items() if pos not in protected | floor}
+        assert kept[h] == protected | floor | top_positions(candidates, budget - len(protected | floor)), h
     if selection == "layer":
         assert kept[0] == kept[1] == kept[2]
 
@@ -880,9 +886,11 @@ def test_keepkv_newest_query_scores_are_tovas():
 def test_keepkv_layer_selection_differs_from_per_head_selection():
     """The selections are different rules on the same cache (else the option would be idle): ``layer``, ``head``
     and ``blend`` at ``beta = 0.5`` keep three different sets; ``blend`` at ``beta = 1`` keeps ``layer``'s set and
-    at ``beta = 0`` ``head``'s (its scores are exactly theirs)."""
+    at ``beta = 0`` ``head``'s (its scores are exactly theirs). ``floor`` at share 0.5 keeps a fourth set, at share
+    1 ``layer``'s and at share 0 ``head``'s."""
     kept, scores = {}, {}
-    for selection, share in (("layer", 0.5), ("head", 0.5), ("blend", 0.5), ("blend", 1.0), ("blend", 0.0)):
+    for selection, share in (("layer", 0.5), ("head", 0.5), ("blend", 0.5), ("blend", 1.0), ("blend", 0.0),
+                             ("floor", 0.5), ("floor", 1.0), ("floor", 0.0)):
         method = make_method("keepkv", selection=selection, layer_share=share, similarity_threshold=1.0, sinks=2,
                              window=6)
         cache, _ = filled_cache(method, kv_heads=3, group=2, tokens=30, seed=4)
@@ -894,6 +902,8 @@ def test_keepkv_layer_selection_differs_from_per_head_selection():
     torch.testing.assert_close(scores["blend", 1.0], scores["layer", 0.5], rtol=1e-6, atol=0.0)
     assert kept["blend", 1.0] == kept["layer", 0.5]
     assert torch.equal(scores["blend", 0.0], scores["head", 0.5]) and kept["blend", 0.0] == kept["head", 0.5]
+    assert kept["floor", 0.5] not in (kept["layer", 0.5], kept["head", 0.5], kept["blend", 0.5])
+    assert kept["floor", 1.0] == kept["layer", 0.5] and kept["floor", 0.0] == kept["head", 0.5]
 
 
 @pytest.mark.parametrize("share", [0.3, 0.7])
@@ -930,15 +940,58 @@ def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(
     assert not torch.allclose(head_mean_by_position(own, cache), slot_mean.expand_as(own))
 
 
+def test_keepkv_floor_keeps_the_layer_top_tokens_in_every_head_that_holds_them():
+    """``selection="floor"`` on a cache whose heads were compressed apart (then shuffled, empty slots holding
+    position 0 as padding slots do): each head keeps its protected entries, then its ``floor(share * free)``
+    unprotected tokens of highest layer mean (the position-matched mean of the heads' own scores, a head that no
+    longer holds a token counting 0), then the rest of its budget by its own score; checked against a dictionary
+    reference keyed by position. A token every head still holds and the layer ranks first is kept in every head.
+    The empty slots hold the positions of live unprotected tokens of their own head (as stale padding can): they
+    must count for nothing."""
+    splitter = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6)
+    cache, _ = filled_cache(splitter, kv_heads=3, group=2, tokens=30, capacity=36, seed=4)
+    splitter.compress(cache, 0, 20)
+    assert not torch.isfinite(cache.log_votes[:, :, 20:]).any()
+    for h in range(3):
+        candidates = [p for p in cache.positions[0, h, :20].tolist() if 2 <= p < 24]
+        cache.positions[0, h, 20:] = torch.tensor([candidates[i % len(candidates)] for i in range(16)])
+    shuffle = torch.randperm(36, generator=torch.Generator().manual_seed(5))
+    for name in ("keys", "values", "log_votes", "positions"):
+        getattr(cache, name).copy_(getattr(cache, name)[:, :, shuffle])
+    budget, share = 14, 0.6
+    floor = make_method("keepkv", selection="floor", layer_share=share, similarity_threshold=1.0, sinks=2, window=6)
+    protected_mask = floor.protected_mask(cache, budget)
+    own = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2,
+                      window=6).ranking_scores(cache, 0, protected_mask)
+    positions = cache.positions[0].masked_fill(~torch.isfinite(cache.log_votes[0]), -1).tolist()
+    protected = [{p for i, p in enumerate(positions[h]) if protected_mask[0, h, i]} for h in range(3)]
+    by_position = [{p: float(own[0, h, i]) for i, p in enumerate(positions[h]) if p >= 0 and p not in protected[h]}
+                   for h in range(3)]
+    layer = {p: sum(heads.get(p, 0.0) for heads in by_position) / 3 for heads in by_position for p in heads}
+    expected, own_only = [], []
+    for h in range(3):
+        free = budget - len(protected[h])
+        floor_set = top_positions({p: layer[p] for p in by_position[h]}, math.floor(share * free))
+        rest = {p: s for p, s in by_position[h].items() if p not in floor_set}
+        expected.append(protected[h] | floor_set | top_positions(rest, free - len(floor_set)))
+        own_only.append(protected[h] | top_positions(by_position[h], free))
+    assert expected != own_only  # the floor changes what this cache keeps
+    floor.compress(cache, 0, budget)
+    assert [kept_positions(cache, 0, h) for h in range(3)] == expected
+    shared_top = max((p for p in layer if all(p in heads for heads in by_position)), key=layer.get)
+    assert all(shared_top in kept_positions(cache, 0, h) for h in range(3))
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(selection="blend", layer_share=1.5), "layer_share must be a number in \\[0, 1\\]"),
     (dict(selection="blend", layer_share=-0.1), "layer_share must be a number in \\[0, 1\\]"),
     (dict(selection="blend", layer_share=float("nan")), "option layer_share must be a finite number"),
     (dict(selection="blend", layer_share="half"), "option layer_share must be a finite number"),
     (dict(selection="blend", layer_share=True), "option layer_share must be a finite number"),
-    (dict(selection="layer", layer_share=0.3), "layer_share is read only with selection='blend'"),
-    (dict(selection="head", layer_share=0.3), "layer_share is read only with selection='blend'"),
-    (dict(selection="mixed"), "unknown selection 'mixed'; allowed: layer, head, blend"),
+    (dict(selection="floor", layer_share=1.01), "layer_share must be a number in \\[0, 1\\]"),
+    (dict(selection="layer", layer_share=0.3), "layer_share is read only with selection='blend' or 'floor'"),
+    (dict(selection="head", layer_share=0.3), "layer_share is read only with selection='blend' or 'floor'"),
+    (dict(selection="mixed"), "unknown selection 'mixed'; allowed: layer, head, blend, floor"),
 ])
 def test_keepkv_refuses_a_layer_share_it_would_not_read_or_outside_zero_to_one(options, message):
     with pytest.raises(KeepKVError, match=message):

@@ -294,6 +294,7 @@ def test_bench_command_is_registered_and_checks_its_input():
     # of the quality study at once
     {"selection": "head", "value_weighting": "output"},  # reads each layer's own o_proj weight
     {"selection": "blend", "layer_share": 0.3},  # heads matched by position (sort + searchsorted) in the graph
+    {"selection": "floor", "layer_share": 0.3},  # the same match, then the budget split by rank in the graph
 ])
 def test_whole_compression_compiles_once_for_every_layer_and_equals_eager(options):
     """KeepKV's compiled compression (select + merge + compact in one graph) gives the eager result on every

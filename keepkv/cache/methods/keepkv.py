@@ -70,7 +70,8 @@ REFERENCES = ("ema", "last")
 SELECTIONS = ("layer", "head", "blend", "floor")
 SCORE_NORMALIZATIONS = ("per-token", "total")
 VALUE_WEIGHTINGS = ("value", "output")
-LAYER_SHARE_DEFAULT = 0.5  # selection="blend"'s beta when not given
+LAYER_SHARE_DEFAULT = 0.5  # selection="blend"'s beta and "floor"'s share of the budget when not given
+FLOOR_SHARE_STEPS = 10_000  # "floor" reads layer_share rounded to a multiple of 1 / FLOOR_SHARE_STEPS
 OUTPUT_WEIGHTING = "keepkv (value_weighting='output')"  # the name its refusals give
 
 
@@ -85,7 +86,7 @@ class KeepKV(CompressionMethod):
       for it, zip and minnorm alike). ``ema``: the paper's predicted scores set the weights (and zip's scale);
       minnorm's key targets still come from the newest queries (a mix, kept to reproduce the paper);
     - ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32);
-    - ``selection`` (layer | head | blend): ``layer`` ranks every KV head of a layer by the mean of their scores, so
+    - ``selection`` (layer | head | blend | floor): ``layer`` ranks every KV head of a layer by the mean of their scores, so
       all heads keep the same tokens (as TOVA does); ``head`` ranks each KV head separately (the paper's);
       ``blend`` ranks KV head ``h`` by ``(1 - beta) score_h + beta mean_h' score_h'`` with ``beta = layer_share``
       (0.5), where ``mean_h' score_h'`` is the layer's mean score of the same token (heads matched by position, a
@@ -100,9 +101,11 @@ class KeepKV(CompressionMethod):
       rounding (a sum divided by the head count against ``mean``: near-ties may break differently); ``floor``
       splits the budget instead of the score: each KV head first keeps its ``floor(layer_share * free)`` tokens of
       highest layer mean (the same position-matched mean; ``free`` is the budget minus the protected entries),
-      so the tokens the whole layer ranks highest are kept in every head that still holds them, then fills the
-      rest of its budget by its own score (:meth:`keep_priority`). ``layer_share = 0`` is ``head``; ``1`` keeps
-      ``layer``'s set while the heads hold the same tokens (near-ties aside);
+      so the layer's top tokens are kept in every head that still holds them, then fills the
+      rest of its budget by its own score (:meth:`keep_priority`). Only those ``floor(layer_share * free)`` tokens
+      are guaranteed (none when that is below 1; the share is rounded to a multiple of ``1 / FLOOR_SHARE_STEPS``,
+      so the count is exact integer arithmetic). ``layer_share = 0`` is ``head``;
+      ``1`` keeps ``layer``'s set while the heads hold the same tokens (near-ties aside);
     - ``layer_share`` (``beta`` in [0, 1], 0.5): the layer mean's share of ``selection="blend"``'s score, the
       layer's share of the free budget with ``selection="floor"``; read only by those two (another value with
       another selection is refused);
@@ -200,8 +203,8 @@ class KeepKV(CompressionMethod):
                               f"got {self.layer_share!r}")
         if self.selection not in ("blend", "floor") and float(self.layer_share) != LAYER_SHARE_DEFAULT:
             ranks = "every head by the layer mean" if self.selection == "layer" else "each head alone"
-            raise KeepKVError(f"keepkv: layer_share is read only with selection='blend' (selection="
-                              f"{self.selection!r} ranks {ranks}); pass selection='blend' or 'floor' with it")
+            raise KeepKVError(f"keepkv: layer_share is read only with selection='blend' or 'floor' (selection="
+                              f"{self.selection!r} ranks {ranks}); pass one of those with it")
         if self.score_normalization not in SCORE_NORMALIZATIONS:
             raise KeepKVError(f"keepkv: unknown score_normalization {self.score_normalization!r}; allowed: "
                               f"{', '.join(SCORE_NORMALIZATIONS)}")
@@ -283,7 +286,8 @@ class KeepKV(CompressionMethod):
         ``||v_i||_1 ** value_norm_power`` (each head's own values; empty slots score 0) when that power is not 0;
         then, with ``selection="layer"``, the mean over the layer's KV heads (the same for every head), with
         ``selection="blend"`` ``(1 - layer_share)`` times the head's own score plus ``layer_share`` times that mean
-        taken token by token (heads matched by position). With
+        taken token by token (heads matched by position); with ``selection="head"`` or ``"floor"`` the head's own
+        score (``floor`` adds the layer's share of the budget in :meth:`keep_priority`). With
         ``value_weighting="output"`` every step up to the weighting is taken per query head of the group, the
         weight is ``||v_i W_O^g||_1 ** value_norm_power`` (``layer``'s ``o_proj``) and the group mean comes after it."""
         attention = cache.window_attention()  # [B, Hkv, G, w, C]
@@ -333,9 +337,9 @@ class KeepKV(CompressionMethod):
         ``selection="floor"`` each head's ``floor(layer_share * free)`` live unprotected slots of highest *layer*
         score (the layer's mean score of the same token, heads matched by position:
         :func:`keepkv.distributed.heads.head_mean_by_position`) rank above all its other unprotected slots
-        (at ``float32`` max, below the protected ``+inf``), where ``free`` is the head's ``budget`` minus its
-        protected entries; the rest of the budget is then filled by the head's own score. Since the floor never
-        exceeds the free budget every floor slot is kept. Ties of the layer score break by slot order."""
+        (at ``+inf``, as the protected ones), where ``free`` is the head's ``budget`` minus its protected entries;
+        the rest of the budget is then filled by the head's own score. Protected plus floor entries never exceed
+        the budget, so every floor slot is kept. Ties of the layer score break by slot order."""
         ranking = super().keep_priority(cache, layer, budget, protected, live)
         if self.selection != "floor":
             return ranking
@@ -343,12 +347,13 @@ class KeepKV(CompressionMethod):
         own = torch.where(candidates, ranking, 0.0)
         layer_scores = torch.where(candidates, head_mean_by_position(own, cache), -float("inf"))
         order = torch.sort(layer_scores, dim=-1, descending=True, stable=True).indices
-        slot_rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                                     .expand_as(order))
+        slot_rank = order.argsort(dim=-1)  # each slot's place in its head's layer order
+        # every head has this one budget (KeepKV plans no per-head budgets): protected + floor <= budget
         free = (budget - protected.sum(dim=-1, keepdim=True)).clamp_min(0)
-        floor_size = torch.floor(free * float(self.layer_share) + 1e-6)  # the share of the free budget
+        share = round(float(self.layer_share) * FLOOR_SHARE_STEPS)  # layer_share in steps of 1 / FLOOR_SHARE_STEPS
+        floor_size = free * share // FLOOR_SHARE_STEPS  # floor(layer_share * free) in integers, exact
         in_floor = candidates & (slot_rank < floor_size)
-        return torch.where(in_floor, torch.finfo(torch.float32).max, ranking)
+        return torch.where(in_floor, float("inf"), ranking)  # kept like the protected entries
 
     def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor | None:
         """``[batch, kv_heads, capacity]`` float32 predicted ``ln s_i`` (the EMA), or ``None`` for
