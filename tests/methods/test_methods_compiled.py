@@ -51,8 +51,7 @@ SPECS: dict[str, tuple[str, dict]] = {
     "keepkv@recent": ("keepkv", dict(COMMON, recent_fraction=0.5)),
     "keepkv@output": ("keepkv", dict(COMMON, value_weighting="output")),  # reads each layer's o_proj
     "keepkv@blend": ("keepkv", dict(COMMON, selection="blend", value_weighting="output")),
-    "keepkv@floor": ("keepkv", dict(COMMON, selection="floor", value_weighting="output")),  # the budget split in
-    # keep_priority
+    "keepkv@floor": ("keepkv", dict(COMMON, selection="floor", value_weighting="output")),  # split budget
 }
 # the default run: every method and option spec (what users run is compiled); the bfloat16 run is marked slow.
 # Specs whose cache has the capacity and flags of an earlier spec reuse its decode graph (a few seconds each);

@@ -73,8 +73,8 @@ def small_options(name: str) -> dict:
 
 # rows of one method with a non-default option whose selection the properties must hold for too: name -> method
 OPTION_ROWS: dict[str, tuple[str, dict]] = {
-    "keepkv@blend": ("keepkv", dict(sinks=2, window=3, selection="blend")),  # heads matched by position
-    "keepkv@floor": ("keepkv", dict(sinks=2, window=3, selection="floor")),  # and the budget split per head
+    "keepkv@blend": ("keepkv", {**OWN_OPTIONS["keepkv"], "selection": "blend"}),  # heads matched by position
+    "keepkv@floor": ("keepkv", {**OWN_OPTIONS["keepkv"], "selection": "floor"}),  # and the budget split per head
 }
 MATRIX: dict[str, dict] = {**{name: small_options(name) for name in METHODS}, **VARIANTS,
                            **{name: options for name, (_, options) in OPTION_ROWS.items()}}

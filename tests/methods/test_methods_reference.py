@@ -10,6 +10,7 @@ values - D2O's threshold EMA and similarity-weighted merge.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -611,9 +612,10 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
     KV head (``head``), by the mean over the layer's KV heads (``layer``: every head keeps the same positions) or
     by ``(1 - beta)`` times the head's own score plus ``beta`` times that mean (``blend``, ``beta = 0.3``), or
     (``floor``, share 0.5) the ``floor(0.5 * free)`` tokens of highest layer mean first, then the rest of the free
-    budget by the head's own score; ``per-token`` divides an entry's attention by its votes (entries standing for several tokens lose rank);
-    ``kernel_size`` max-pools each head's scores along the positions first; ``last_query_weight`` mixes in the
-    newest query's attention. Attention only (``value_norm_power=0``; the value weighting has its own test)."""
+    budget by the head's own score; ``per-token`` divides an entry's attention by its votes (entries standing for
+    several tokens lose rank); ``kernel_size`` max-pools each head's scores along the positions first;
+    ``last_query_weight`` mixes in the newest query's attention. Attention only (``value_norm_power=0``; the value
+    weighting has its own test)."""
     share = {"blend": 0.3, "floor": 0.5}.get(selection)
     method = make_method("keepkv", selection=selection, score_normalization=normalization, similarity_threshold=1.0,
                          sinks=2, window=6, kernel_size=kernel, last_query_weight=last_query_weight,
@@ -634,7 +636,7 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
     floor = set()
     if selection == "floor":
         mean = {pos: sum(s[pos] for s in scores) / 3 for pos in scores[0] if pos not in protected}
-        floor = top_positions(mean, math.floor(share * (budget - len(protected))))
+        floor = top_positions(mean, math.floor(Fraction(str(share)) * (budget - len(protected))))
         assert len(floor) == 3
     method.compress(cache, 0, budget)
     kept = [kept_positions(cache, 0, h) for h in range(3)]
@@ -941,8 +943,8 @@ def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(
 
 
 def test_keepkv_floor_keeps_the_layer_top_tokens_in_every_head_that_holds_them():
-    """``selection="floor"`` on a cache whose heads were compressed apart (then shuffled, empty slots holding
-    position 0 as padding slots do): each head keeps its protected entries, then its ``floor(share * free)``
+    """``selection="floor"`` on a cache whose heads were compressed apart (then shuffled, empty slots holding stale
+    positions as padding slots do): each head keeps its protected entries, then its ``floor(share * free)``
     unprotected tokens of highest layer mean (the position-matched mean of the heads' own scores, a head that no
     longer holds a token counting 0), then the rest of its budget by its own score; checked against a dictionary
     reference keyed by position. A token every head still holds and the layer ranks first is kept in every head.
@@ -971,11 +973,17 @@ def test_keepkv_floor_keeps_the_layer_top_tokens_in_every_head_that_holds_them()
     expected, own_only = [], []
     for h in range(3):
         free = budget - len(protected[h])
-        floor_set = top_positions({p: layer[p] for p in by_position[h]}, math.floor(share * free))
+        floor_set = top_positions({p: layer[p] for p in by_position[h]}, math.floor(Fraction(str(share)) * free))
         rest = {p: s for p, s in by_position[h].items() if p not in floor_set}
         expected.append(protected[h] | floor_set | top_positions(rest, free - len(floor_set)))
         own_only.append(protected[h] | top_positions(by_position[h], free))
     assert expected != own_only  # the floor changes what this cache keeps
+    slot_mean = own.mean(dim=1)[0]  # what matching heads by slot would rank by: another floor on this cache
+    by_slot = [protected[h] | top_positions({p: float(slot_mean[i]) for i, p in enumerate(positions[h])
+                                             if p >= 0 and p not in protected[h]},
+                                            math.floor(Fraction(str(share)) * (budget - len(protected[h]))))
+               for h in range(3)]
+    assert any(not by_slot[h] <= expected[h] for h in range(3))
     floor.compress(cache, 0, budget)
     assert [kept_positions(cache, 0, h) for h in range(3)] == expected
     shared_top = max((p for p in layer if all(p in heads for heads in by_position)), key=layer.get)

@@ -86,8 +86,8 @@ class KeepKV(CompressionMethod):
       for it, zip and minnorm alike). ``ema``: the paper's predicted scores set the weights (and zip's scale);
       minnorm's key targets still come from the newest queries (a mix, kept to reproduce the paper);
     - ``alpha`` (EMA decay, 0.9), ``sinks`` (4), ``window`` (32);
-    - ``selection`` (layer | head | blend | floor): ``layer`` ranks every KV head of a layer by the mean of their scores, so
-      all heads keep the same tokens (as TOVA does); ``head`` ranks each KV head separately (the paper's);
+    - ``selection`` (layer | head | blend | floor): ``layer`` ranks every KV head of a layer by the mean of their
+      scores, so all heads keep the same tokens (as TOVA does); ``head`` ranks each KV head separately (the paper's);
       ``blend`` ranks KV head ``h`` by ``(1 - beta) score_h + beta mean_h' score_h'`` with ``beta = layer_share``
       (0.5), where ``mean_h' score_h'`` is the layer's mean score of the same token (heads matched by position, a
       head that no longer holds the token counting 0: :func:`keepkv.distributed.heads.head_mean_by_position`): a
@@ -100,12 +100,12 @@ class KeepKV(CompressionMethod):
       does while the heads hold the same tokens in the same slots (which ``layer`` keeps true), up to float
       rounding (a sum divided by the head count against ``mean``: near-ties may break differently); ``floor``
       splits the budget instead of the score: each KV head first keeps its ``floor(layer_share * free)`` tokens of
-      highest layer mean (the same position-matched mean; ``free`` is the budget minus the protected entries),
-      so the layer's top tokens are kept in every head that still holds them, then fills the
-      rest of its budget by its own score (:meth:`keep_priority`). Only those ``floor(layer_share * free)`` tokens
-      are guaranteed (none when that is below 1; the share is rounded to a multiple of ``1 / FLOOR_SHARE_STEPS``,
-      so the count is exact integer arithmetic). ``layer_share = 0`` is ``head``;
-      ``1`` keeps ``layer``'s set while the heads hold the same tokens (near-ties aside);
+      highest layer mean (the same position-matched mean; ``free`` is the budget minus the protected entries), so
+      the layer's top tokens are kept in every head that still holds them, then fills the rest of its budget by
+      its own score (:meth:`floor_slots`). Only those ``floor(layer_share * free)`` tokens are guaranteed (none
+      when that is below 1; the share is rounded to a multiple of ``1 / FLOOR_SHARE_STEPS``, so the count is exact
+      integer arithmetic). ``layer_share = 0`` is ``head``; ``1`` keeps ``layer``'s set while the heads hold the
+      same tokens (near-ties aside);
     - ``layer_share`` (``beta`` in [0, 1], 0.5): the layer mean's share of ``selection="blend"``'s score, the
       layer's share of the free budget with ``selection="floor"``; read only by those two (another value with
       another selection is refused);
@@ -334,26 +334,32 @@ class KeepKV(CompressionMethod):
     def keep_priority(self, cache: CompressedLayerCache, layer: int, budget: int, protected: Tensor,
                       live: Tensor) -> Tensor:
         """The shared ranking (``+inf`` protected, ``-inf`` empty, else :meth:`ranking_scores`); with
-        ``selection="floor"`` each head's ``floor(layer_share * free)`` live unprotected slots of highest *layer*
-        score (the layer's mean score of the same token, heads matched by position:
-        :func:`keepkv.distributed.heads.head_mean_by_position`) rank above all its other unprotected slots
-        (at ``+inf``, as the protected ones), where ``free`` is the head's ``budget`` minus its protected entries;
-        the rest of the budget is then filled by the head's own score. Protected plus floor entries never exceed
-        the budget, so every floor slot is kept. Ties of the layer score break by slot order."""
+        ``selection="floor"`` the head's :meth:`floor_slots` rank at ``+inf`` too, above all its other unprotected
+        slots, and the rest of the budget is filled by the head's own score. Protected plus floor entries never
+        exceed the budget, so every floor slot is kept."""
         ranking = super().keep_priority(cache, layer, budget, protected, live)
         if self.selection != "floor":
             return ranking
+        return torch.where(self.floor_slots(cache, budget, protected, live, ranking), float("inf"), ranking)
+
+    def floor_slots(self, cache: CompressedLayerCache, budget: int, protected: Tensor, live: Tensor,
+                    ranking: Tensor) -> Tensor:
+        """``[batch, kv_heads, capacity]`` bool: each head's ``floor(layer_share * free)`` live unprotected slots of
+        highest *layer* score, the layer's mean of the heads' own scores (``ranking``) of the same token, heads
+        matched by position (:func:`keepkv.distributed.heads.head_mean_by_position`); ``free`` is ``budget`` minus
+        the head's protected entries (every head of KeepKV has the one budget: no per-head budgets). The count is
+        integer arithmetic (``layer_share`` in steps of ``1 / FLOOR_SHARE_STEPS``); ties of the layer score break
+        by slot order."""
         candidates = live & ~protected
         own = torch.where(candidates, ranking, 0.0)
         layer_scores = torch.where(candidates, head_mean_by_position(own, cache), -float("inf"))
         order = torch.sort(layer_scores, dim=-1, descending=True, stable=True).indices
-        slot_rank = order.argsort(dim=-1)  # each slot's place in its head's layer order
-        # every head has this one budget (KeepKV plans no per-head budgets): protected + floor <= budget
+        places = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        slot_rank = torch.empty_like(order).scatter_(-1, order, places)  # each slot's place in the layer order
         free = (budget - protected.sum(dim=-1, keepdim=True)).clamp_min(0)
-        share = round(float(self.layer_share) * FLOOR_SHARE_STEPS)  # layer_share in steps of 1 / FLOOR_SHARE_STEPS
-        floor_size = free * share // FLOOR_SHARE_STEPS  # floor(layer_share * free) in integers, exact
-        in_floor = candidates & (slot_rank < floor_size)
-        return torch.where(in_floor, float("inf"), ranking)  # kept like the protected entries
+        share_steps = round(float(self.layer_share) * FLOOR_SHARE_STEPS)
+        floor_size = free * share_steps // FLOOR_SHARE_STEPS  # floor(layer_share * free), exact
+        return candidates & (slot_rank < floor_size)
 
     def reference_log_scores(self, cache: CompressedLayerCache) -> Tensor | None:
         """``[batch, kv_heads, capacity]`` float32 predicted ``ln s_i`` (the EMA), or ``None`` for
