@@ -636,7 +636,7 @@ def test_keepkv_selection_and_score_normalization(selection, normalization, kern
     floor = set()
     if selection == "floor":
         mean = {pos: sum(s[pos] for s in scores) / 3 for pos in scores[0] if pos not in protected}
-        floor = top_positions(mean, math.floor(Fraction(str(share)) * (budget - len(protected))))
+        floor = top_positions(mean, floor_count(share, budget - len(protected)))
         assert len(floor) == 3
     method.compress(cache, 0, budget)
     kept = [kept_positions(cache, 0, h) for h in range(3)]
@@ -908,6 +908,31 @@ def test_keepkv_layer_selection_differs_from_per_head_selection():
     assert kept["floor", 1.0] == kept["layer", 0.5] and kept["floor", 0.0] == kept["head", 0.5]
 
 
+def diverged_cache(stale_live_positions: bool):
+    """A 3-KV-head cache (30 tokens, 36 slots) compressed per head to 20 entries, so its heads hold different
+    tokens, then shuffled along the slots (no order of slots assumed). Its 16 empty slots keep stale positions, as
+    padding slots do until packed: position 0 (a live sink), or with ``stale_live_positions`` the positions of live
+    unprotected tokens of their own head."""
+    splitter = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6)
+    cache, _ = filled_cache(splitter, kv_heads=3, group=2, tokens=30, capacity=36, seed=4)
+    splitter.compress(cache, 0, 20)
+    heads_positions = [set(cache.positions[0, h][cache.positions[0, h] >= 0].tolist()) for h in range(3)]
+    assert len(set(map(frozenset, heads_positions))) > 1  # the heads hold different tokens now
+    assert not torch.isfinite(cache.log_votes[:, :, 20:]).any()
+    for h in range(3):
+        live = [p for p in cache.positions[0, h, :20].tolist() if 2 <= p < 24] if stale_live_positions else [0]
+        cache.positions[0, h, 20:] = torch.tensor([live[i % len(live)] for i in range(16)])
+    shuffle = torch.randperm(36, generator=torch.Generator().manual_seed(5))
+    for name in ("keys", "values", "log_votes", "positions"):
+        getattr(cache, name).copy_(getattr(cache, name)[:, :, shuffle])
+    return cache
+
+
+def floor_count(share: float, free: int) -> int:
+    """``floor(share * free)`` exactly (the share read as its decimal)."""
+    return math.floor(Fraction(str(share)) * free)
+
+
 @pytest.mark.parametrize("share", [0.3, 0.7])
 def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(share):
     """After a per-head compression slot ``i`` holds a different token in each KV head; ``selection="blend"``
@@ -918,16 +943,7 @@ def test_keepkv_blend_matches_heads_by_position_once_they_hold_different_tokens(
     nothing, and position 0's sink is still found)."""
     from keepkv.distributed.heads import head_mean, head_mean_by_position
 
-    splitter = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6)
-    cache, _ = filled_cache(splitter, kv_heads=3, group=2, tokens=30, capacity=36, seed=4)
-    splitter.compress(cache, 0, 20)
-    heads_positions = [set(cache.positions[0, h][cache.positions[0, h] >= 0].tolist()) for h in range(3)]
-    assert len(set(map(frozenset, heads_positions))) > 1  # the heads hold different tokens now
-    assert not torch.isfinite(cache.log_votes[:, :, 20:]).any()
-    cache.positions[:, :, 20:] = 0  # empty slots holding a live token's position, as padding slots do until packed
-    shuffle = torch.randperm(36, generator=torch.Generator().manual_seed(5))
-    for name in ("keys", "values", "log_votes", "positions"):
-        getattr(cache, name).copy_(getattr(cache, name)[:, :, shuffle])
+    cache = diverged_cache(stale_live_positions=False)
     own = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6).scores(cache, 0)
     blend = make_method("keepkv", selection="blend", layer_share=share, similarity_threshold=1.0, sinks=2,
                         window=6).scores(cache, 0)
@@ -950,16 +966,7 @@ def test_keepkv_floor_keeps_the_layer_top_tokens_in_every_head_that_holds_them()
     reference keyed by position. A token every head still holds and the layer ranks first is kept in every head.
     The empty slots hold the positions of live unprotected tokens of their own head (as stale padding can): they
     must count for nothing."""
-    splitter = make_method("keepkv", selection="head", similarity_threshold=1.0, sinks=2, window=6)
-    cache, _ = filled_cache(splitter, kv_heads=3, group=2, tokens=30, capacity=36, seed=4)
-    splitter.compress(cache, 0, 20)
-    assert not torch.isfinite(cache.log_votes[:, :, 20:]).any()
-    for h in range(3):
-        candidates = [p for p in cache.positions[0, h, :20].tolist() if 2 <= p < 24]
-        cache.positions[0, h, 20:] = torch.tensor([candidates[i % len(candidates)] for i in range(16)])
-    shuffle = torch.randperm(36, generator=torch.Generator().manual_seed(5))
-    for name in ("keys", "values", "log_votes", "positions"):
-        getattr(cache, name).copy_(getattr(cache, name)[:, :, shuffle])
+    cache = diverged_cache(stale_live_positions=True)
     budget, share = 14, 0.6
     floor = make_method("keepkv", selection="floor", layer_share=share, similarity_threshold=1.0, sinks=2, window=6)
     protected_mask = floor.protected_mask(cache, budget)
@@ -973,7 +980,7 @@ def test_keepkv_floor_keeps_the_layer_top_tokens_in_every_head_that_holds_them()
     expected, own_only = [], []
     for h in range(3):
         free = budget - len(protected[h])
-        floor_set = top_positions({p: layer[p] for p in by_position[h]}, math.floor(Fraction(str(share)) * free))
+        floor_set = top_positions({p: layer[p] for p in by_position[h]}, floor_count(share, free))
         rest = {p: s for p, s in by_position[h].items() if p not in floor_set}
         expected.append(protected[h] | floor_set | top_positions(rest, free - len(floor_set)))
         own_only.append(protected[h] | top_positions(by_position[h], free))
@@ -981,7 +988,7 @@ def test_keepkv_floor_keeps_the_layer_top_tokens_in_every_head_that_holds_them()
     slot_mean = own.mean(dim=1)[0]  # what matching heads by slot would rank by: another floor on this cache
     by_slot = [protected[h] | top_positions({p: float(slot_mean[i]) for i, p in enumerate(positions[h])
                                              if p >= 0 and p not in protected[h]},
-                                            math.floor(Fraction(str(share)) * (budget - len(protected[h]))))
+                                            floor_count(share, budget - len(protected[h])))
                for h in range(3)]
     assert any(not by_slot[h] <= expected[h] for h in range(3))
     floor.compress(cache, 0, budget)

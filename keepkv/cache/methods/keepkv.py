@@ -68,6 +68,7 @@ from keepkv.ops.scores import cosine_match, ema_log_scores, log_mean_exp, pool_a
 
 REFERENCES = ("ema", "last")
 SELECTIONS = ("layer", "head", "blend", "floor")
+SHARE_SELECTIONS = ("blend", "floor")  # the selections that read layer_share
 SCORE_NORMALIZATIONS = ("per-token", "total")
 VALUE_WEIGHTINGS = ("value", "output")
 LAYER_SHARE_DEFAULT = 0.5  # selection="blend"'s beta and "floor"'s share of the budget when not given
@@ -201,7 +202,7 @@ class KeepKV(CompressionMethod):
             raise KeepKVError(f"keepkv: layer_share must be a number in [0, 1] (the layer mean's share of "
                               f"selection='blend', the layer's share of the budget with 'floor'), "
                               f"got {self.layer_share!r}")
-        if self.selection not in ("blend", "floor") and float(self.layer_share) != LAYER_SHARE_DEFAULT:
+        if self.selection not in SHARE_SELECTIONS and float(self.layer_share) != LAYER_SHARE_DEFAULT:
             ranks = "every head by the layer mean" if self.selection == "layer" else "each head alone"
             raise KeepKVError(f"keepkv: layer_share is read only with selection='blend' or 'floor' (selection="
                               f"{self.selection!r} ranks {ranks}); pass one of those with it")
